@@ -1,0 +1,130 @@
+"""The routing contract: what a policy is handed, what it returns, and the Policy protocol.
+
+Everything here is pure and synchronous. A policy never does I/O, never awaits and never reads a clock it
+was not handed; the proxy builds an immutable snapshot of the candidate workers and passes it in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+READY = "ready"
+DRAINING = "draining"
+EJECTED = "ejected"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """The facts of one request that routing may look at."""
+
+    model: str
+    session_key: str | None = None
+    #: chained hashes of the prompt's fixed-size text blocks (see balancer.prefix.block_hashes)
+    prefix_hashes: tuple[int, ...] = ()
+    #: the worker this session is pinned to, looked up by the proxy in the registry before choosing
+    pinned_worker: str | None = None
+    #: rough prompt size in tokens (words); used by policies that weigh prefill cost
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """An immutable snapshot of one worker, as the registry sees it at decision time."""
+
+    id: str
+    models: frozenset[str]
+    state: str = READY
+    #: requests this proxy fleet has routed to the worker and not yet released
+    in_flight: int = 0
+    #: the worker's own report (heartbeat or /metrics): requests running and waiting in the engine
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    #: relative speed (LMDeploy's node speed); 1.0 when unknown
+    speed: float = 1.0
+    #: the most recent observed end-to-end latencies in seconds, oldest first (LMDeploy keeps 15)
+    latencies: tuple[float, ...] = ()
+    role: int = 1
+
+    @property
+    def load(self) -> int:
+        """The load figure every load-aware policy uses: routed-in-flight plus reported waiting."""
+        return self.in_flight + self.waiting
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy's answer: which worker, and why (the reason is shown in X-Turbofleet-Route and logs)."""
+
+    worker_id: str
+    reason: str
+    #: when set, the proxy stores session_key -> worker_id as the session's pin
+    pin: bool = False
+    #: the prefix blocks the policy expects the worker to hold already (for metrics and index upkeep)
+    matched_blocks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to a routed request; fed back to the policy after the response ends."""
+
+    worker_id: str
+    prefix_hashes: tuple[int, ...] = ()
+    ok: bool = True
+    latency_s: float | None = None
+    ttft_s: float | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class RoutingError(Exception):
+    """Raised by `route` when no decision can be made; the proxy maps it to an HTTP status."""
+
+    status: int
+    message: str
+    code: str = field(default="")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UnknownModel(RoutingError):
+    """No registered worker serves the model at all (404)."""
+
+
+class NoHealthyWorker(RoutingError):
+    """Workers serve the model but none can take a request now (503)."""
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A routing policy. `choose` gets a non-empty list of eligible workers (right model, ready)."""
+
+    name: str
+
+    def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision: ...
+
+    def observe(self, outcome: Outcome) -> None:
+        """Learn from a finished request (latency history, prefix index); may do nothing."""
+
+    def forget(self, worker_id: str) -> None:
+        """Drop whatever is kept about a worker that left the fleet; may do nothing."""
+
+
+def eligible(model: str, workers: Sequence[WorkerView]) -> list[WorkerView]:
+    """Workers that serve `model` and are ready. Raises UnknownModel / NoHealthyWorker when empty."""
+    serving = [w for w in workers if model in w.models]
+    if not serving:
+        raise UnknownModel(404, f"The model `{model}` does not exist.", "model_not_found")
+    ready = [w for w in serving if w.state == READY]
+    if not ready:
+        raise NoHealthyWorker(503, f"No healthy worker serves the model `{model}` right now.", "no_worker")
+    return ready
+
+
+def route(policy: Policy, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
+    """Filter by model and health, then let the policy choose among what is left."""
+    return policy.choose(request, eligible(request.model, workers))

@@ -1,0 +1,3 @@
+"""turbofleet: a request-distribution proxy for LMDeploy fleets."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from turbofleet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""The `turbofleet` command: parses arguments and hands them to the room that owns the subcommand.
+
+This is the only module that knows every room. Each room exposes `add_arguments(parser)` and `run(args) -> int`
+in its `main` module; imports are lazy so `turbofleet proxy` never loads the simulator or the bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> (module with add_arguments/run, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "proxy": ("proxy.main", "run the routing proxy"),
+    "sim-worker": ("worker.sim.main", "run a simulated LMDeploy api_server"),
+    "worker": ("worker.main", "run the agent beside an LMDeploy api_server"),
+    "up": ("turbofleet.up", "start a proxy and N simulated workers on localhost"),
+    "bench": ("bench.main", "replay workloads against routers and compare them"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turbofleet", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(sp)
+        sp.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else sys.argv[1:])
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

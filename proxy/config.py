@@ -1,0 +1,150 @@
+"""Proxy settings, built once in `main()` from flags and `TURBOFLEET_*` environment variables, then frozen.
+
+Precedence: command-line flag > environment variable > default. Nothing else in the proxy reads os.environ.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Settings(BaseModel):
+    """Everything the proxy can be told. Times are in seconds, sizes in bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    policy: str = "kv_aware"
+    #: None or "memory" for the in-process registry; "redis://HOST:PORT/DB" for the shared one
+    registry: str | None = None
+    registry_prefix: str = "turbofleet"
+    replica_id: str | None = None
+    #: static workers registered at start (their models are read from /v1/models)
+    workers: tuple[str, ...] = ()
+
+    # security: client keys for /v1/*, an admin token for /nodes/* writes and /admin/*
+    api_keys: tuple[str, ...] = ()
+    admin_token: str | None = None
+    #: sent upstream as `Authorization: Bearer ...` when set; otherwise the client's header is forwarded
+    worker_api_key: str | None = None
+
+    # limits
+    max_body_bytes: int = 32 * 1024 * 1024
+    #: requests the proxy accepts at once; beyond it clients get 429 (0: unlimited)
+    max_concurrency: int = 0
+
+    # timeouts
+    connect_timeout: float = 3.0
+    #: time to the first response byte: base plus an allowance per prompt token (long prompts prefill longer)
+    first_byte_timeout: float = 60.0
+    first_byte_timeout_per_token: float = 0.002
+    #: longest silence between two chunks of a streaming response
+    idle_timeout: float = 60.0
+    #: whole-response cap for non-streaming requests (LMDeploy answers only when generation is done)
+    request_timeout: float = 600.0
+
+    # retries
+    max_tries: int = 3
+    #: retries may be at most this fraction of requests in flight (Envoy's retry budget), but always
+    #: at least `retry_min_concurrency` at once
+    retry_budget: float = 0.2
+    retry_min_concurrency: int = 3
+
+    # sessions
+    pin_ttl: float = 1800.0
+
+    # health
+    health_interval: float = 5.0
+    health_timeout: float = 2.0
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 2
+    eject_consecutive_failures: int = 5
+    eject_base_s: float = 30.0
+    eject_max_s: float = 300.0
+    #: never eject more than this fraction of a model's workers (at least one always stays)
+    eject_max_fraction: float = 0.5
+    #: a worker registered by an agent is gone after this long without a heartbeat
+    heartbeat_ttl: float = 15.0
+
+    # shutdown
+    shutdown_grace: float = 30.0
+
+    # upstream connection pool
+    pool_size: int = 1000
+    pool_per_host: int = 0
+
+    log_level: str = "info"
+    access_log: bool = False
+    policy_options: dict[str, Any] = Field(default_factory=dict)
+
+
+#: flag name -> (type, help); types drive both argparse and env parsing
+_FLAGS: dict[str, tuple[type, str]] = {
+    "policy": (str, "routing policy (kv_aware, least_queue, round_robin, random, min_expected_latency, "
+                    "min_observed_latency)"),
+    "registry": (str, "memory (default) or redis://HOST:PORT/DB to share the fleet between replicas"),
+    "registry_prefix": (str, "prefix of every Redis key"),
+    "replica_id": (str, "this replica's id in the shared registry (default: host-pid)"),
+    "admin_token": (str, "token required for /nodes/* writes and /admin/*"),
+    "worker_api_key": (str, "API key sent to workers"),
+    "max_body_bytes": (int, "largest request body accepted (413 beyond)"),
+    "max_concurrency": (int, "requests accepted at once, 429 beyond (0: unlimited)"),
+    "connect_timeout": (float, "seconds to connect to a worker"),
+    "first_byte_timeout": (float, "seconds to the first response byte (base)"),
+    "first_byte_timeout_per_token": (float, "extra first-byte allowance per prompt token"),
+    "idle_timeout": (float, "longest gap between streamed chunks"),
+    "request_timeout": (float, "cap for a whole non-streaming response"),
+    "max_tries": (int, "tries per request, on different workers"),
+    "retry_budget": (float, "retries at most this fraction of requests in flight"),
+    "pin_ttl": (float, "seconds a session pin lives without use"),
+    "health_interval": (float, "seconds between active health checks"),
+    "health_timeout": (float, "timeout of one health check"),
+    "unhealthy_threshold": (int, "failed checks before a worker is ejected"),
+    "healthy_threshold": (int, "passed checks before an ejected worker returns"),
+    "eject_consecutive_failures": (int, "consecutive request failures that eject a worker"),
+    "eject_base_s": (float, "first ejection time; grows with repeat ejections"),
+    "eject_max_s": (float, "longest ejection"),
+    "heartbeat_ttl": (float, "agent-registered worker is gone after this long without a heartbeat"),
+    "shutdown_grace": (float, "seconds to finish in-flight requests on SIGTERM"),
+    "log_level": (str, "debug, info, warning, error"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `turbofleet proxy`; every one defaults to TURBOFLEET_<NAME> or the built-in default."""
+    parser.add_argument("--host", default=None, help="listen address (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
+    parser.add_argument("--worker", dest="workers", action="append", default=None, metavar="URL",
+                        help="register a worker at start (repeatable)")
+    parser.add_argument("--api-keys", nargs="*", default=None, metavar="KEY", help="keys accepted on /v1/*")
+    parser.add_argument("--access-log", action="store_true", default=None, help="log every request")
+    for name, (typ, help_text) in _FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
+
+
+def build_settings(args: argparse.Namespace | None, environ: Mapping[str, str]) -> Settings:
+    """Merge flags over `TURBOFLEET_*` variables over defaults."""
+    values: dict[str, Any] = {}
+    fields = Settings.model_fields
+    for name, field in fields.items():
+        env = environ.get("TURBOFLEET_" + name.upper())
+        if env is None or name == "policy_options":
+            continue
+        ann = field.annotation
+        if name in ("workers", "api_keys"):
+            values[name] = tuple(x for x in env.replace(",", " ").split() if x)
+        elif ann is bool:
+            values[name] = env.lower() in ("1", "true", "yes", "on")
+        else:
+            values[name] = env
+    if args is not None:
+        for name in fields:
+            v = getattr(args, name, None)
+            if v is not None:
+                values[name] = tuple(v) if isinstance(v, list) else v
+    return Settings(**values)

@@ -1,0 +1,24 @@
+"""Typed application state keys (aiohttp `web.AppKey`): the only way handlers reach shared objects."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from balancer.policy import Policy
+
+from .config import Settings
+from .health import HealthChecker, Outliers
+from .metrics import Metrics
+from .registry.base import Registry
+from .relay import Relay
+
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY = web.AppKey("registry", Registry)  # type: ignore[type-abstract]
+POLICY = web.AppKey("policy", Policy)  # type: ignore[type-abstract]
+METRICS = web.AppKey("metrics", Metrics)
+OUTLIERS = web.AppKey("outliers", Outliers)
+HEALTH = web.AppKey("health", HealthChecker)
+CLIENT = web.AppKey("client", aiohttp.ClientSession)
+RELAY = web.AppKey("relay", Relay)
+STARTED = web.AppKey("started", float)

@@ -1,0 +1,146 @@
+"""The OpenAI-compatible routes: parse what routing needs, hand the body through unchanged.
+
+The body is parsed once, for the model, `stream`, the session key and the prompt text (whose block hashes
+feed prefix-aware routing). The bytes sent upstream are the client's own bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from balancer.prefix import block_hashes
+
+from balancer.policy import READY
+
+from .errors import BadRequest, PayloadTooLarge
+from .keys import OUTLIERS, REGISTRY, RELAY, SETTINGS
+from .relay import Facts
+
+#: rough characters per token, for the first-byte allowance and cost estimates before usage is known
+CHARS_PER_TOKEN = 4
+SESSION_HEADER = "X-Session-ID"
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The raw body, bounded by max_body_bytes (413 beyond, checked before reading when announced)."""
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds the limit of {limit}.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.") from e
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise BadRequest("The request body is empty; a JSON object is required.")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"The request body is not valid JSON: {e}.") from e
+    if not isinstance(data, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return data
+
+
+def prompt_text(data: dict[str, Any]) -> str:
+    """The prompt as one string: chat messages in order (so a longer history extends a shorter one)."""
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        parts: list[str] = []
+        for m in messages:
+            if not isinstance(m, dict):
+                continue
+            content = m.get("content")
+            if isinstance(content, list):  # multi-part content: keep the text parts
+                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            parts.append(f"<|{m.get('role', '')}|> {content if content is not None else ''} ")
+        return "".join(parts)
+    for key in ("prompt", "input"):
+        value = data.get(key)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            return " ".join(value)
+    return ""
+
+
+def session_key(request: web.Request, data: dict[str, Any]) -> str | None:
+    """The session: the X-Session-ID header, else the body's session_id, else its user."""
+    header = request.headers.get(SESSION_HEADER)
+    if header:
+        return header
+    for key in ("session_id", "user"):
+        value = data.get(key)
+        if value is not None and value != "" and value != -1:
+            return f"{key}:{value}"
+    return None
+
+
+def facts_of(request: web.Request, data: dict[str, Any], *, require: tuple[str, ...] = (),
+             default_model: str | None = None) -> Facts:
+    model = data.get("model", default_model)
+    if not isinstance(model, str) or not model:
+        raise BadRequest("The `model` field is required and must be a string.", param="model")
+    for field in require:
+        if field not in data:
+            raise BadRequest(f"The `{field}` field is required.", param=field)
+    if "messages" in require and not isinstance(data["messages"], list):
+        raise BadRequest("`messages` must be a list.", param="messages")
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("`stream` must be a boolean.", param="stream")
+    text = prompt_text(data)
+    stream_options = data.get("stream_options")
+    return Facts(
+        model=model,
+        stream=stream,
+        session_key=session_key(request, data),
+        prefix_hashes=block_hashes(text),
+        prompt_tokens=len(text) // CHARS_PER_TOKEN,
+        include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
+    )
+
+
+def _inference(path: str, require: tuple[str, ...] = ()) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await read_body(request)
+        data = parse_json_object(body)
+        # LMDeploy's own routes (/generate, ...) may omit the model: a fleet of one model still routes them
+        default = None
+        if not require and "model" not in data:
+            served = served_models(request.app)
+            default = served[0] if len(served) == 1 else None
+        facts = facts_of(request, data, require=require, default_model=default)
+        return await request.app[RELAY].forward(request, path, body, facts)
+
+    handler.__name__ = "forward_" + path.strip("/").replace("/", "_")
+    return handler
+
+
+def served_models(app: web.Application) -> list[str]:
+    """Models served by at least one ready, non-ejected worker."""
+    views = app[OUTLIERS].apply(app[REGISTRY].snapshot())
+    return sorted({m for v in views if v.state == READY for m in v.models})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The deduplicated union of models served by ready workers, in OpenAI's list format."""
+    names = served_models(request.app)
+    return web.json_response({
+        "object": "list",
+        "data": [{"id": n, "object": "model", "created": 0, "owned_by": "turbofleet", "root": n, "parent": None}
+                 for n in names],
+    })
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", _inference("/v1/chat/completions", ("messages",)))
+    app.router.add_post("/v1/completions", _inference("/v1/completions", ("prompt",)))
+    # LMDeploy's other inference routes, passed through and routed by the body's model
+    for path in ("/generate", "/v1/responses", "/v1/embeddings", "/v1/encode", "/v1/messages", "/pooling"):
+        app.router.add_post(path, _inference(path))
+    app.router.add_get("/v1/models", list_models)

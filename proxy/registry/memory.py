@@ -1,0 +1,130 @@
+"""The default registry: plain dicts in this process. Nothing to install, nothing shared."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from balancer.policy import WorkerView
+
+from .base import STATES, LoadReport, WorkerRecord, now, to_view
+
+#: pins kept at most (LRU beyond that); a pin unused for `pin_ttl` seconds is forgotten
+MAX_PINS = 1_000_000
+
+
+class MemoryRegistry:
+    """Workers, in-flight counts and session pins of a single proxy process."""
+
+    def __init__(self, pin_ttl: float = 1800.0) -> None:
+        self._workers: dict[str, WorkerRecord] = {}
+        self._in_flight: dict[str, int] = {}
+        self._pins: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._pin_ttl = pin_ttl
+        self._views: tuple[WorkerView, ...] | None = None
+        self._views_at = 0.0
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _dirty(self) -> None:
+        self._views = None
+
+    def snapshot(self) -> Sequence[WorkerView]:
+        t = now()
+        # liveness depends on the clock: rebuild at least once a second even when nothing changed
+        if self._views is None or t - self._views_at > 1.0:
+            self._views = tuple(to_view(r, self._in_flight.get(u, 0), t) for u, r in self._workers.items())
+            self._views_at = t
+        return self._views
+
+    def records(self) -> Sequence[WorkerRecord]:
+        return tuple(self._workers.values())
+
+    def get(self, url: str) -> WorkerRecord | None:
+        return self._workers.get(url)
+
+    def in_flight(self, url: str) -> int:
+        return self._in_flight.get(url, 0)
+
+    async def upsert(self, record: WorkerRecord) -> WorkerRecord:
+        old = self._workers.get(record.url)
+        t = now()
+        rec = record.with_(
+            registered_at=old.registered_at if old else t,
+            last_heartbeat=t,
+        )
+        self._workers[rec.url] = rec
+        self._dirty()
+        return rec
+
+    async def remove(self, url: str) -> bool:
+        found = self._workers.pop(url, None) is not None
+        self._dirty()
+        return found
+
+    async def set_state(self, url: str, state: str) -> bool:
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}")
+        rec = self._workers.get(url)
+        if rec is None:
+            return False
+        if rec.state != state:
+            self._workers[url] = rec.with_(state=state)
+            self._dirty()
+        return True
+
+    async def heartbeat(self, url: str, load: LoadReport) -> bool:
+        rec = self._workers.get(url)
+        if rec is None:
+            return False
+        self._workers[url] = rec.with_(
+            last_heartbeat=now(),
+            running=load.running,
+            waiting=load.waiting,
+            kv_usage=load.kv_usage,
+            prefix_hit_rate=load.prefix_hit_rate,
+        )
+        self._dirty()
+        return True
+
+    async def acquire(self, url: str, session_key: str | None = None, pin: bool = False) -> None:
+        self._in_flight[url] = self._in_flight.get(url, 0) + 1
+        if pin and session_key is not None:
+            self._set_pin(session_key, url)
+        self._dirty()
+
+    async def release(self, url: str, session_key: str | None = None) -> None:
+        left = self._in_flight.get(url, 0) - 1
+        if left > 0:
+            self._in_flight[url] = left
+        else:
+            self._in_flight.pop(url, None)
+        if session_key is not None and session_key in self._pins:
+            pinned, _ = self._pins[session_key]
+            self._set_pin(session_key, pinned)
+        self._dirty()
+
+    def _set_pin(self, key: str, url: str) -> None:
+        self._pins[key] = (url, time.monotonic() + self._pin_ttl)
+        self._pins.move_to_end(key)
+        while len(self._pins) > MAX_PINS:
+            self._pins.popitem(last=False)
+
+    async def get_pin(self, session_key: str) -> str | None:
+        entry = self._pins.get(session_key)
+        if entry is None:
+            return None
+        url, expires = entry
+        if time.monotonic() > expires:
+            del self._pins[session_key]
+            return None
+        return url
+
+    def health(self) -> dict[str, Any]:
+        return {"backend": "memory", "reachable": True, "stale_s": 0.0}

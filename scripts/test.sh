@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install what the tests need (a virtualenv with turbofleet[test], Debian's redis-server) and run the whole suite.
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test]'
+bash scripts/install-redis.sh
+.venv/bin/ruff check proxy balancer worker bench turbofleet tests
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+# pytest exits 5 when no test ran: that is a failure here, not a pass
+if [ "$rc" -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi
+exit "$rc"

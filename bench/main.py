@@ -1,0 +1,179 @@
+"""`turbofleet bench`: replay a workload against a URL, compare routers on a simulated fleet, or measure router
+overhead against instant backends.
+
+  turbofleet bench WORKLOAD --url URL [--model M] [workload options] [--json OUT] [--plot DIR]
+  turbofleet bench compare WORKLOAD [workload options] --workers N --routers SPEC,SPEC,...
+  turbofleet bench overhead --workers 2 --routers turbofleet,lmdeploy,sglang,vllm [--stream]
+
+WORKLOAD is multiround | shared-prefix | random | trace FILE. Defaults are sized for a 2-core box running four
+simulated workers, a router and this client at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_COMPARE_ROUTERS = "turbofleet:kv_aware,turbofleet:least_queue,turbofleet:round_robin,lmdeploy,sglang,vllm"
+DEFAULT_OVERHEAD_ROUTERS = "turbofleet,lmdeploy,sglang,vllm"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__
+    parser.add_argument(
+        "what",
+        nargs="+",
+        metavar="WORKLOAD",
+        help="multiround | shared-prefix | random | trace FILE | compare WORKLOAD.. | overhead",
+    )
+    g = parser.add_argument_group("target and output")
+    g.add_argument("--url", help="OpenAI-compatible base URL (a router or one worker)")
+    g.add_argument("--model", help="model name (default: the first of URL/v1/models; compare: sim-model)")
+    g.add_argument("--json", metavar="OUT", help="write the summary (and per-router summaries) as JSON")
+    g.add_argument("--plot", metavar="DIR", help="write ttft_cdf.png and throughput.png into DIR")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s (default 600)")
+    g.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+
+    g = parser.add_argument_group("arrivals")
+    g.add_argument(
+        "--arrival",
+        choices=("poisson", "closed", "trace"),
+        help="poisson (needs --rate), closed (--concurrency slots) or trace timestamps; default: "
+        "trace for trace, poisson when --rate is given, else closed; multiround: users in "
+        "parallel, --rate makes users arrive as a Poisson process",
+    )
+    g.add_argument("--rate", type=float, help="requests/s (users/s for multiround) for poisson arrivals")
+    g.add_argument("--concurrency", type=int, default=16, help="closed-loop slots (default 16)")
+
+    g = parser.add_argument_group("multiround (also: --system-tokens, --question-tokens)")
+    g.add_argument("--users", type=int, default=32, help="concurrent users (default 32)")
+    g.add_argument("--rounds", type=int, default=6, help="rounds per user (default 6)")
+    g.add_argument(
+        "--first-doc-tokens",
+        type=int,
+        default=1000,
+        help="per-user document opening each conversation, 0 to disable (default 1000)",
+    )
+    g.add_argument("--answer-tokens", type=int, default=100, help="max_tokens per answer (default 100)")
+    g.add_argument(
+        "--think-time",
+        type=float,
+        default=1.0,
+        help="mean seconds between an answer and the next question, exponential (default 1.0)",
+    )
+    g.add_argument("--no-session-header", action="store_true", help="do not send X-Session-ID: user-K")
+
+    g = parser.add_argument_group("shared-prefix / random")
+    g.add_argument("--groups", type=int, default=16, help="shared-prefix groups (default 16)")
+    g.add_argument("--prompts-per-group", type=int, default=12, help="prompts per group (default 12)")
+    g.add_argument("--system-tokens", type=int, default=1000, help="shared system prompt tokens (default 1000)")
+    g.add_argument("--question-tokens", type=int, default=50, help="question tokens (default 50)")
+    g.add_argument("--output-tokens", type=int, default=100, help="max_tokens (default 100)")
+    g.add_argument("--input-tokens", type=int, default=500, help="random: prompt tokens (default 500)")
+    g.add_argument("--num-requests", type=int, default=200, help="random: requests (default 200)")
+
+    g = parser.add_argument_group("trace")
+    g.add_argument("--trace-file", help="Mooncake jsonl (or give it after `trace`)")
+    g.add_argument(
+        "--time-scale", type=float, default=1.0, help="multiply trace timestamps (0.1 replays 10x faster; default 1)"
+    )
+    g.add_argument("--max-requests", type=int, default=300, help="first N trace requests (default 300)")
+    g.add_argument(
+        "--token-scale",
+        type=float,
+        default=0.1,
+        help="shrink input/output lengths and the 512-token blocks alike (default 0.1)",
+    )
+
+    g = parser.add_argument_group("compare / overhead")
+    g.add_argument("--workers", type=int, default=4, help="simulated workers (default 4; overhead: 2)")
+    g.add_argument(
+        "--routers",
+        help=f"comma list of router specs (compare default: {DEFAULT_COMPARE_ROUTERS}; "
+        f"overhead default: {DEFAULT_OVERHEAD_ROUTERS}); a spec is NAME[:POLICY], "
+        "NAME in turbofleet, turbofleet-x2, lmdeploy, sglang, vllm, ideal",
+    )
+    g.add_argument("--sim-args", default="", help='extra sim-worker flags, quoted: "--max-batch 8 ..."')
+    g.add_argument(
+        "--ideal-pinning",
+        action="store_true",
+        help="also run the client-side pseudo-router: session -> worker hash(session) %% N",
+    )
+    g.add_argument("--redis", help="redis://H:P/DB for turbofleet-x2 (default: start a redis-server)")
+    g.add_argument("--peers-venv", help="venv holding peer routers (default: .venv-peers, then PATH)")
+    g.add_argument("--log-dir", help="keep process logs here (default: a temp dir, removed)")
+    g.add_argument("--connections", type=int, default=64, help="overhead: concurrent connections (default 64)")
+    g.add_argument("--duration", type=float, default=10.0, help="overhead: seconds per router (default 10)")
+    g.add_argument("--stream", action="store_true", help="overhead: 100 SSE chunks (~16 KB) per response")
+    g.add_argument(
+        "--pin-cores", action="store_true", help="overhead: router on core 0 (taskset), load generator on core 1"
+    )
+    g.add_argument(
+        "--backend",
+        choices=("auto", "nginx", "sim"),
+        default="auto",
+        help="overhead: instant backend (auto: nginx when installed)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    what = list(args.what)
+    if what[0] == "compare":
+        from bench.compare import run_compare
+
+        return run_compare(args, what[1:])
+    if what[0] == "overhead":
+        from bench.overhead import run_overhead
+
+        return run_overhead(args)
+    return asyncio.run(_single(args, what))
+
+
+async def _single(args: argparse.Namespace, what: list[str]) -> int:
+    import sys
+
+    from bench import report
+    from bench.output import detect_model, write_json
+    from bench.plan import PlanError, build_plan, execute
+    from bench.runner import RunOptions, Targets
+    from bench.stats import summarize
+
+    if not args.url:
+        print("bench: --url is required (or use `bench compare`)", file=sys.stderr)
+        return 2
+    try:
+        plan = build_plan(args, what)
+    except (PlanError, OSError) as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    model = args.model or await detect_model(args.url)
+    if not model:
+        print(f"bench: no --model and {args.url}/v1/models named none", file=sys.stderr)
+        return 2
+    print(plan.describe(), file=sys.stderr)
+    opts = RunOptions(
+        model=model, concurrency=args.concurrency, timeout=args.timeout, progress=not args.quiet and sys.stderr.isatty()
+    )
+    results = await execute(plan, Targets([args.url]), opts)
+    summary = {"workload": plan.name, "url": args.url, "model": model, **summarize(results), **plan.meta}
+    print(report.single(summary))
+    if args.json:
+        write_json(args.json, {**summary, "config": vars(args) | {"what": what}})
+    if args.plot:
+        from bench.plots import plot_runs
+
+        for path in plot_runs({args.url: results}, args.plot, plan.name):
+            print(f"wrote {path}", file=sys.stderr)
+    if summary["ok"] == 0:
+        first = next((r for r in results if r.error), None)
+        print(
+            f"bench: every request failed ({first.error}: {first.error_detail})"
+            if first
+            else "bench: nothing was sent",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

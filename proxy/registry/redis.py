@@ -1,0 +1,528 @@
+"""The shared registry in Redis: several proxy replicas, one fleet.
+
+Each replica routes from a local `Mirror` and never waits on Redis to route:
+- fleet writes (upsert, remove, state, heartbeat) are Lua scripts that also bump a version and publish the
+  change; every replica applies the message to its mirror (the change feed), and re-reads the whole fleet
+  when the feed reconnects or a version never arrived;
+- in-flight counts are per replica: `inflight:{id}` holds this replica's exact counts, `replica:{id}` its
+  lease. A background writer sends the changes acquire/release make (absolute values, so any retry or
+  reconnect simply rewrites them); a background reader fetches the other live replicas' counts every
+  SYNC_INTERVAL in one round trip. A crashed replica's counts stop counting when its lease expires;
+- session pins are keys with a sliding TTL, cached locally and kept fresh through the feed.
+
+While Redis is unreachable the breaker is open: acquire/release/get_pin act locally, admin writes raise
+RegistryUnavailable, and one background task probes Redis with backoff. On reconnect the replica rewrites its
+in-flight hash from its exact local counts, renews its lease, reseeds Redis if it lost its data, and re-reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from balancer.policy import WorkerView
+
+from . import keys as K
+from . import scripts
+from .base import STATES, LoadReport, RegistryUnavailable, WorkerRecord, now
+from .mirror import (
+    Mirror,
+    PinCache,
+    decode_record,
+    encode_fields,
+    pairs,
+    parse_message,
+    pin_message,
+    record_fields,
+    sum_counts,
+)
+
+log = logging.getLogger("turbofleet.registry")
+
+#: what a lost, refused, reset or hung connection raises (TimeoutError: our own per-call limit)
+_IO_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class RedisRegistry:
+    """The Registry protocol over Redis; see the module docstring for the design."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = K.DEFAULT_PREFIX,
+        pin_ttl: float = 1800.0,
+        replica_id: str | None = None,
+        lease_ttl: float = K.LEASE_TTL,
+        lease_refresh: float = K.LEASE_REFRESH,
+        sync_interval: float = K.SYNC_INTERVAL,
+        resync_interval: float = K.RESYNC_INTERVAL,
+        op_timeout: float = K.OP_TIMEOUT,
+    ) -> None:
+        conn = parse_url(url)  # raises ValueError on a malformed URL, before anything starts
+        self._url = url
+        self._where = f"{conn.get('host', 'localhost')}:{conn.get('port', 6379)}/{conn.get('db', 0)}"
+        self.keys = K.Keys(prefix, int(conn.get("db", 0) or 0))
+        self.replica_id = replica_id or default_replica_id()
+        self._pin_ttl = pin_ttl
+        self._lease_ttl = lease_ttl
+        self._lease_refresh = min(lease_refresh, lease_ttl / 3)
+        self._sync_interval = sync_interval
+        self._resync_interval = resync_interval
+        self._op_timeout = op_timeout
+        self._mirror = Mirror()
+        self._pins = PinCache(K.LOCAL_PINS)
+        # writes waiting for the writer task: worker urls whose count changed, pins to set, pins to slide
+        self._dirty: set[str] = set()
+        self._pin_sets: dict[str, tuple[str, bool]] = {}
+        self._touches: set[str] = set()
+        self._rewrite = True  # next flush rewrites the whole in-flight hash and renews the lease
+        self._lease_due = 0.0
+        self._resync_due = False
+        self._resync_at = 0.0
+        self._prev_remote_version = 0
+        self._offset = 0.0  # Redis' clock minus ours
+        self._live_replicas = 0
+        self._up = False
+        self._feed_up = False
+        self._started_at = now()
+        self._last_ok = 0.0
+        self._down_since = 0.0
+        self._redis: Redis | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._feed_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._up_evt = asyncio.Event()
+        self._subscribed = asyncio.Event()
+
+    # --- lifecycle ---
+    async def start(self) -> None:
+        """Connect, announce this replica and read the fleet. Never raises for an unreachable Redis: the
+        replica then starts empty and degraded, and keeps trying in the background."""
+        self._redis = Redis.from_url(
+            self._url,
+            decode_responses=True,
+            socket_timeout=self._op_timeout,
+            socket_connect_timeout=self._op_timeout,
+            retry=Retry(NoBackoff(), 0),  # no hidden retries: the breaker decides when to try again
+            client_name=f"turbofleet-{self.replica_id}",
+        )
+        r = self._redis
+        self._s_upsert: AsyncScript = r.register_script(scripts.UPSERT)
+        self._s_patch: AsyncScript = r.register_script(scripts.PATCH)
+        self._s_remove: AsyncScript = r.register_script(scripts.REMOVE)
+        self._s_read_fleet: AsyncScript = r.register_script(scripts.READ_FLEET)
+        self._s_seed: AsyncScript = r.register_script(scripts.SEED)
+        self._s_read_load: AsyncScript = r.register_script(scripts.READ_LOAD)
+        if await self._connect():
+            await self._flush()
+            await self._poll()
+        else:
+            log.warning("registry: redis at %s unreachable at start; starting empty, retrying", self._where)
+        self._tasks = [asyncio.create_task(self._writer()), asyncio.create_task(self._sync())]
+        self._restart_feed()
+        if self._up:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._op_timeout):
+                    await self._subscribed.wait()
+
+    async def close(self) -> None:
+        """Stop the background tasks and withdraw this replica's lease and counts."""
+        tasks = [*self._tasks, *([self._feed_task] if self._feed_task else [])]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks, self._feed_task = [], None
+        if self._redis is None:
+            return
+        if self._up:
+            with contextlib.suppress(*_IO_ERRORS):
+                async with asyncio.timeout(self._op_timeout):
+                    pipe = self._redis.pipeline(transaction=True)
+                    pipe.delete(self.keys.inflight(self.replica_id), self.keys.lease(self.replica_id))
+                    pipe.srem(self.keys.replicas, self.replica_id)
+                    await pipe.execute()
+        with contextlib.suppress(*_IO_ERRORS):
+            async with asyncio.timeout(self._op_timeout):
+                await self._redis.aclose()
+        self._redis = None
+        self._up = False
+
+    # --- reads: local ---
+    def snapshot(self) -> Sequence[WorkerView]:
+        return self._mirror.snapshot(now() + self._offset)
+
+    def records(self) -> Sequence[WorkerRecord]:
+        return tuple(self._mirror.records.values())
+
+    def get(self, url: str) -> WorkerRecord | None:
+        return self._mirror.records.get(url)
+
+    def in_flight(self, url: str) -> int:
+        return self._mirror.in_flight(url)
+
+    def local_in_flight(self, url: str) -> int:
+        """This replica's own share of `in_flight(url)`."""
+        return self._mirror.local.get(url, 0)
+
+    # --- fleet writes: one script call each ---
+    async def upsert(self, record: WorkerRecord) -> WorkerRecord:
+        k = self.keys
+        reply = await self._call(
+            self._s_upsert,
+            [k.workers, k.worker(record.url), k.version],
+            [record.url, k.channel, *record_fields(record)],
+        )
+        rec, version = decode_record(pairs(reply))
+        self._mirror.put(rec, version)
+        return rec
+
+    async def remove(self, url: str) -> bool:
+        k = self.keys
+        version = int(await self._call(self._s_remove, [k.workers, k.worker(url), k.version], [url, k.channel]))
+        if version:
+            self._mirror.delete(url, version)
+        return version > 0
+
+    async def set_state(self, url: str, state: str) -> bool:
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}")
+        return await self._patch(url, False, {"state": state})
+
+    async def heartbeat(self, url: str, load: LoadReport) -> bool:
+        fields = {
+            "running": load.running,
+            "waiting": load.waiting,
+            "kv_usage": load.kv_usage,
+            "prefix_hit_rate": load.prefix_hit_rate,
+        }
+        return await self._patch(url, True, fields)
+
+    async def _patch(self, url: str, stamp: bool, fields: dict[str, Any]) -> bool:
+        k = self.keys
+        reply = await self._call(
+            self._s_patch,
+            [k.worker(url), k.version],
+            [url, k.channel, "1" if stamp else "0", *encode_fields(fields)],
+        )
+        if reply is None:
+            return False
+        rec, version = decode_record(pairs(reply))
+        self._mirror.put(rec, version)
+        return True
+
+    async def _call(self, script: AsyncScript, keys: list[str], args: list[str]) -> Any:
+        if not self._up:
+            raise RegistryUnavailable(f"registry store (redis {self._where}) is unreachable")
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                return await script(keys=keys, args=args)
+        except _IO_ERRORS as e:
+            self._down(e)
+            raise RegistryUnavailable(f"registry store (redis {self._where}) is unreachable: {e!r}") from e
+
+    # --- the request path: local first, Redis in the background ---
+    async def acquire(self, url: str, session_key: str | None = None, pin: bool = False) -> None:
+        self._mirror.acquire(url)  # before any await: no request on this loop can pick in between
+        self._dirty.add(url)
+        if pin and session_key is not None:
+            changed = self._pins.peek(session_key) != url
+            self._pins.put(session_key, url, time.monotonic() + self._pin_ttl)
+            self._queue_pin(session_key, url, changed)
+        self._wake.set()
+
+    async def release(self, url: str, session_key: str | None = None) -> None:
+        self._mirror.release(url)
+        self._dirty.add(url)
+        if session_key is not None:
+            pinned = self._pins.peek(session_key)
+            if pinned is not None:
+                self._pins.put(session_key, pinned, time.monotonic() + self._pin_ttl)
+                if len(self._touches) < K.LOCAL_PINS:
+                    self._touches.add(session_key)
+        self._wake.set()
+
+    def _queue_pin(self, key: str, url: str, publish: bool) -> None:
+        prev = self._pin_sets.get(key)
+        if prev is None and len(self._pin_sets) >= K.LOCAL_PINS:
+            return  # Redis has been away long: the local cache still routes this session
+        self._pin_sets[key] = (url, publish or (prev is not None and prev[1]))
+
+    async def get_pin(self, session_key: str) -> str | None:
+        t = time.monotonic()
+        hit, url = self._pins.lookup(session_key, t)
+        if hit or not self._up or self._redis is None:
+            return url
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.get(self.keys.pin(session_key))
+                pipe.pttl(self.keys.pin(session_key))
+                found, pttl = await pipe.execute()
+        except _IO_ERRORS as e:
+            self._down(e)
+            return None
+        hit, newer = self._pins.lookup(session_key, time.monotonic())
+        if hit:
+            return newer  # pinned on this replica while we were asking
+        if found is None:
+            self._pins.put(session_key, None, t + K.PIN_MISS_TTL)
+            return None
+        ttl = int(pttl) / 1000 if int(pttl) > 0 else self._pin_ttl
+        self._pins.put(session_key, str(found), t + ttl)
+        return str(found)
+
+    # --- observability ---
+    def health(self) -> dict[str, Any]:
+        t = now()
+        return {
+            "backend": "redis",
+            "reachable": self._up,
+            "stale_s": round(t - (self._last_ok or self._started_at), 3),
+            "last_ok": self._last_ok or None,
+            "down_since": None if self._up else (self._down_since or self._started_at),
+            "feed": self._feed_up,
+            "replica_id": self.replica_id,
+            "replicas": self._live_replicas,
+            "pending_writes": len(self._dirty) + len(self._pin_sets) + len(self._touches),
+        }
+
+    # --- breaker ---
+    def _down(self, err: BaseException) -> None:
+        if self._up:
+            self._up = False
+            self._up_evt.clear()
+            self._down_since = now()
+            log.warning("registry: redis at %s unreachable (%r); routing from the local snapshot", self._where, err)
+
+    def _set_up(self) -> None:
+        was_down = not self._up
+        self._up = True
+        self._up_evt.set()
+        self._last_ok = now()
+        self._rewrite = True
+        self._wake.set()
+        if was_down and self._down_since:
+            log.warning("registry: redis at %s reachable again; reconciling", self._where)
+            self._restart_feed()  # its connection may be half-dead without having noticed
+
+    async def _connect(self) -> bool:
+        """Probe Redis; on success reseed/re-read the fleet and close the breaker. Never raises."""
+        assert self._redis is not None
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                await self._redis.ping()
+            await self._resync()
+        except _IO_ERRORS as e:
+            log.debug("registry: redis probe failed: %r", e)
+            return False
+        self._set_up()
+        return True
+
+    # --- background tasks ---
+    async def _writer(self) -> None:
+        """Sends this replica's in-flight changes, pins and lease renewals, in that order, one pipeline at a
+        time: a single writer keeps an older absolute count from landing after a newer one."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._up:
+                await self._up_evt.wait()
+                continue
+            wait = self._lease_due - loop.time()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+            self._wake.clear()
+            if self._up:
+                await self._flush()
+
+    async def _flush(self) -> None:
+        assert self._redis is not None
+        loop = asyncio.get_running_loop()
+        k, me = self.keys, self.replica_id
+        full = self._rewrite or loop.time() >= self._lease_due
+        dirty, self._dirty = self._dirty, set()
+        pin_sets, self._pin_sets = self._pin_sets, {}
+        touches, self._touches = self._touches, set()
+        if not (full or dirty or pin_sets or touches):
+            return
+        pin_ms = max(1, int(self._pin_ttl * 1000))
+        # MULTI on a full rewrite: other replicas' READ_LOAD must never see our hash between DEL and refill
+        pipe = self._redis.pipeline(transaction=full)
+        if full:
+            counts = dict(self._mirror.local)
+            pipe.delete(k.inflight(me))
+            if counts:
+                pipe.hset(k.inflight(me), mapping=counts)  # type: ignore[arg-type]
+            pipe.set(k.lease(me), json.dumps({"pid": os.getpid(), "at": now()}), px=int(self._lease_ttl * 1000))
+            pipe.sadd(k.replicas, me)
+        else:
+            for url in dirty:
+                n = self._mirror.local.get(url, 0)
+                if n > 0:
+                    pipe.hset(k.inflight(me), url, n)
+                else:
+                    pipe.hdel(k.inflight(me), url)
+        for key, (url, publish) in pin_sets.items():
+            pipe.set(k.pin(key), url, px=pin_ms)
+            if publish:
+                pipe.publish(k.channel, pin_message(key, url))
+        for key in touches:
+            pipe.pexpire(k.pin(key), pin_ms)
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                await pipe.execute()
+        except _IO_ERRORS as e:
+            # keep everything for the next try; after a reconnect a full rewrite covers the counts anyway
+            self._dirty |= dirty
+            for key, val in pin_sets.items():
+                self._pin_sets.setdefault(key, val)
+            self._touches |= touches
+            self._rewrite = self._rewrite or full
+            self._down(e)
+            return
+        if full:
+            self._rewrite = False
+            self._lease_due = loop.time() + self._lease_refresh
+
+    async def _sync(self) -> None:
+        """Reads the other replicas' load every sync interval; while the breaker is open, probes Redis."""
+        loop = asyncio.get_running_loop()
+        backoff = K.RECONNECT_MIN
+        while True:
+            if not self._up:
+                if await self._connect():
+                    backoff = K.RECONNECT_MIN
+                else:
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, K.RECONNECT_MAX)
+                    continue
+            await self._poll()
+            if self._up and (self._resync_due or loop.time() >= self._resync_at):
+                try:
+                    await self._resync()
+                except _IO_ERRORS as e:
+                    self._down(e)
+            await asyncio.sleep(self._sync_interval)
+
+    async def _poll(self) -> None:
+        assert self._redis is not None
+        k = self.keys
+        t0 = now()
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                reply = await self._s_read_load(
+                    keys=[k.replicas, k.version, k.epoch],
+                    args=[k.lease_prefix, k.inflight_prefix, self.replica_id],
+                )
+        except _IO_ERRORS as e:
+            self._down(e)
+            return
+        t1 = now()
+        clock, version, epoch, flat, live = reply
+        self._offset = int(clock[0]) + int(clock[1]) / 1e6 - (t0 + t1) / 2
+        self._mirror.set_others(sum_counts(pairs(h) for h in flat[1::2]))
+        self._live_replicas = int(live)
+        version, m = int(version), self._mirror
+        # re-read the fleet when Redis lost its data, or when a write seen one poll ago never reached us
+        if epoch != m.epoch or version < m.base or self._prev_remote_version > m.seen:
+            self._resync_due = True
+        self._prev_remote_version = version
+        self._last_ok = now()
+
+    async def _resync(self) -> None:
+        """Re-read the whole fleet; when Redis has no data set (first start, restart without persistence),
+        seed it from the local mirror first. Raises on I/O errors."""
+        assert self._redis is not None
+        loop = asyncio.get_running_loop()
+        k = self.keys
+        self._resync_due = False
+        async with asyncio.timeout(self._op_timeout):
+            epoch, version, flat = await self._s_read_fleet(
+                keys=[k.workers, k.version, k.epoch], args=[k.worker_prefix]
+            )
+        if not epoch:
+            recs = [[u, encode_fields(r.to_dict())] for u, r in self._mirror.records.items()]
+            async with asyncio.timeout(self._op_timeout):
+                seeded = await self._s_seed(
+                    keys=[k.epoch, k.workers, k.version], args=[secrets.token_hex(8), k.worker_prefix, json.dumps(recs)]
+                )
+                epoch, version, flat = await self._s_read_fleet(
+                    keys=[k.workers, k.version, k.epoch], args=[k.worker_prefix]
+                )
+            if seeded and recs:
+                log.warning("registry: redis at %s had no fleet; seeded it with %d workers", self._where, len(recs))
+        records = [decode_record(pairs(h)) for h in flat[1::2]]
+        self._mirror.load(str(epoch), int(version), records)
+        self._prev_remote_version = 0
+        self._resync_at = loop.time() + self._resync_interval
+
+    def _restart_feed(self) -> None:
+        if self._feed_task is not None:
+            self._feed_task.cancel()
+        self._feed_task = asyncio.create_task(self._feed())
+
+    async def _feed(self) -> None:
+        """Applies change-feed messages to the mirror; resubscribes with backoff when the connection drops."""
+        assert self._redis is not None
+        backoff = K.RECONNECT_MIN
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                async with asyncio.timeout(self._op_timeout):
+                    await pubsub.subscribe(self.keys.channel)
+                    while (msg := await pubsub.get_message(timeout=self._op_timeout)) is None or (
+                        msg["type"] != "subscribe"
+                    ):
+                        pass
+                # anything published while we were not subscribed is lost: re-read, forget cached pins
+                self._feed_up = True
+                self._subscribed.set()
+                self._pins.clear()
+                self._resync_due = True
+                backoff = K.RECONNECT_MIN
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if msg is not None and msg["type"] == "message":
+                        self._apply(str(msg["data"]))
+            except _IO_ERRORS as e:
+                log.debug("registry: change feed lost: %r", e)
+            finally:
+                self._feed_up = False
+                self._subscribed.clear()
+                with contextlib.suppress(*_IO_ERRORS):
+                    async with asyncio.timeout(self._op_timeout):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, K.RECONNECT_MAX)
+
+    def _apply(self, data: str) -> None:
+        change = parse_message(data)
+        if change is None:
+            log.debug("registry: ignoring malformed feed message %.200r", data)
+        elif change.op == "put" and change.record is not None:
+            self._mirror.put(change.record, change.version)
+        elif change.op == "del":
+            self._mirror.delete(change.url, change.version)
+        elif change.op == "pin":
+            self._pins.put(change.session_key, change.url, time.monotonic() + self._pin_ttl)

@@ -14,8 +14,8 @@ from .registry.base import Registry
 from .relay import Relay
 
 SETTINGS = web.AppKey("settings", Settings)
-REGISTRY = web.AppKey("registry", Registry)  # type: ignore[type-abstract]
-POLICY = web.AppKey("policy", Policy)  # type: ignore[type-abstract]
+REGISTRY = web.AppKey("registry", Registry)
+POLICY = web.AppKey("policy", Policy)
 METRICS = web.AppKey("metrics", Metrics)
 OUTLIERS = web.AppKey("outliers", Outliers)
 HEALTH = web.AppKey("health", HealthChecker)

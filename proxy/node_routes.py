@@ -63,7 +63,7 @@ def normalize_url(raw: Any, request: web.Request) -> str:
         netloc = f"{with_port}:{parts.port}" if parts.port else with_port
         log.info("worker registered %s; using its source address %s instead", raw, netloc)
         parts = parts._replace(netloc=netloc)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+    return str(urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", "")))
 
 
 async def discover_models(app: web.Application, url: str) -> tuple[str, ...]:

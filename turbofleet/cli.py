@@ -21,18 +21,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="turbofleet", description=__doc__.splitlines()[0] if __doc__ else None)
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s room is imported (all of them when None, e.g. for docs)."""
+    parser = argparse.ArgumentParser(prog="turbofleet", description="A request-distribution proxy for LMDeploy fleets.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(sp)
+        if command is None or name == command:
+            importlib.import_module(module).add_arguments(sp)
         sp.set_defaults(_module=module)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(argv) if argv is not None else sys.argv[1:])
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(command if command in COMMANDS else "").parse_args(argv)
     return int(importlib.import_module(args._module).run(args) or 0)
 
 

@@ -7,7 +7,7 @@ was not handed; the proxy builds an immutable snapshot of the candidate workers 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 READY = "ready"
@@ -114,17 +114,37 @@ class Policy(Protocol):
         """Drop whatever is kept about a worker that left the fleet; may do nothing."""
 
 
+#: the reason a policy gives when the session's pinned worker is not among the eligible workers; `route`,
+#: which sees the whole fleet, replaces it with the specific cause (gone, not ready, other models)
+PIN_UNAVAILABLE = "re-pin: pinned worker unavailable"
+
+
 def eligible(model: str, workers: Sequence[WorkerView]) -> list[WorkerView]:
     """Workers that serve `model` and are ready. Raises UnknownModel / NoHealthyWorker when empty."""
-    serving = [w for w in workers if model in w.models]
-    if not serving:
+    # one pass on the hot path; the error cases look again, more slowly, to tell 404 from 503
+    ready = [w for w in workers if w.state == READY and model in w.models]
+    if ready:
+        return ready
+    if not any(model in w.models for w in workers):
         raise UnknownModel(404, f"The model `{model}` does not exist.", "model_not_found")
-    ready = [w for w in serving if w.state == READY]
-    if not ready:
-        raise NoHealthyWorker(503, f"No healthy worker serves the model `{model}` right now.", "no_worker")
-    return ready
+    raise NoHealthyWorker(503, f"No healthy worker serves the model `{model}` right now.", "no_worker")
 
 
 def route(policy: Policy, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
     """Filter by model and health, then let the policy choose among what is left."""
-    return policy.choose(request, eligible(request.model, workers))
+    decision = policy.choose(request, eligible(request.model, workers))
+    if request.pinned_worker is not None and decision.reason.startswith(PIN_UNAVAILABLE):
+        why = unavailable_because(request.pinned_worker, request.model, workers)
+        rest = decision.reason[len(PIN_UNAVAILABLE) :]
+        decision = replace(decision, reason=f"re-pin: pinned worker {why}{rest}")
+    return decision
+
+
+def unavailable_because(worker_id: str, model: str, workers: Sequence[WorkerView]) -> str:
+    """Why a worker is not eligible for `model`: "gone", "not serving <model>" or "not ready (<state>)"."""
+    for w in workers:
+        if w.id == worker_id:
+            if model not in w.models:
+                return f"not serving {model}"
+            return f"not ready ({w.state})" if w.state != READY else "unavailable"
+    return "gone"

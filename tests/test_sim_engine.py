@@ -1,0 +1,177 @@
+"""The simulated engine in-process: batching, prefill cost, prefix cache reuse, cancellation, abort."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from worker.sim.cache import PrefixCache
+from worker.sim.config import EngineConfig
+from worker.sim.engine import Engine, Seq
+from worker.sim.stats import SimStats
+from worker.sim.tokens import VOCAB, output_words, tokenize
+
+FAST = EngineConfig(
+    max_batch=4, prefill_ms_per_token=0.0, decode_ms_base=2.0, decode_ms_per_seq=0.0, block_size=16, cache_blocks=256
+)
+
+
+@pytest.fixture
+async def make_engine() -> AsyncIterator[object]:
+    engines: list[Engine] = []
+
+    def make(cfg: EngineConfig = FAST) -> Engine:
+        e = Engine(cfg, PrefixCache(cfg.block_size, cfg.cache_blocks, cfg.prefix_cache), SimStats())
+        e.start()
+        engines.append(e)
+        return e
+
+    yield make
+    for e in engines:
+        await e.stop()
+
+
+def prompt(n: int, tag: str = "p") -> list[str]:
+    return [f"{tag}{i}" for i in range(n)]
+
+
+def seq_for(engine: Engine, toks: list[str], max_tokens: int, **kw: object) -> Seq:
+    return engine.new_seq(toks, output_words(" ".join(toks), max_tokens), **kw)  # type: ignore[arg-type]
+
+
+async def until(pred: Callable[[], bool], within: float = 5.0) -> None:
+    async with asyncio.timeout(within):
+        while not pred():  # noqa: ASYNC110 - polling engine state the test does not own an event for
+            await asyncio.sleep(0.002)
+
+
+async def test_batch_limit_queues_the_rest(make_engine) -> None:
+    e = make_engine(dataclasses.replace(FAST, max_batch=2))
+    seqs = [seq_for(e, prompt(5, f"s{i}"), 30) for i in range(5)]
+    for s in seqs:
+        e.submit(s)
+    await until(lambda: len(e.running) == 2)
+    assert len(e.waiting) == 3
+    for s in seqs:
+        await s.wait_until(s.max_tokens)
+    assert all(s.finish_reason == "length" and s.emitted == 30 for s in seqs)
+    assert e.stats.completed == 5 and e.stats.generation_tokens == 150 and not e.running and not e.waiting
+
+
+async def test_tokens_arrive_one_per_step(make_engine) -> None:
+    cfg = dataclasses.replace(FAST, decode_ms_base=20.0)
+    e = make_engine(cfg)
+    s = seq_for(e, prompt(3), 10)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    e.submit(s)
+    await s.wait_until(10)
+    elapsed = loop.time() - t0
+    assert 0.19 <= elapsed < 0.6  # 10 steps of 20 ms
+
+
+async def test_prefix_cache_skips_prefill(make_engine) -> None:
+    cfg = dataclasses.replace(FAST, prefill_ms_per_token=1.0, block_size=16)
+    e = make_engine(cfg)
+    loop = asyncio.get_running_loop()
+    toks = prompt(200)
+
+    async def ttft() -> tuple[float, int]:
+        s = seq_for(e, toks, 2)
+        t0 = loop.time()
+        e.submit(s)
+        await s.wait_until(1)
+        return loop.time() - t0, s.cached_tokens
+
+    cold, cached0 = await ttft()
+    warm, cached1 = await ttft()
+    assert cached0 == 0 and cached1 == 192  # 12 full blocks of 16; the last 8 tokens are computed
+    assert cold >= 0.2 and warm < cold - 0.1
+
+
+async def test_answer_is_cached_for_the_next_round(make_engine) -> None:
+    e = make_engine(dataclasses.replace(FAST, block_size=8))
+    toks = prompt(20)
+    s1 = seq_for(e, toks, 30)
+    e.submit(s1)
+    await s1.wait_until(30)
+    round2 = toks + [VOCAB[w] for w in s1.words] + tokenize("<|user|> next question <|assistant|>")
+    s2 = seq_for(e, round2, 1)
+    e.submit(s2)
+    await s2.wait_until(1)
+    assert s2.cached_tokens == 48  # (20 + 30) // 8 = 6 full blocks, prompt and answer
+
+
+async def test_max_prefill_tokens_limits_admission(make_engine) -> None:
+    cfg = dataclasses.replace(FAST, prefill_ms_per_token=0.5, max_prefill_tokens=150, max_batch=8)
+    e = make_engine(cfg)
+    seqs = [seq_for(e, prompt(100, f"x{i}"), 5) for i in range(3)]
+    for s in seqs:
+        e.submit(s)
+    await until(lambda: len(e.running) > 0)
+    assert len(e.running) == 2 and len(e.waiting) == 1  # 100 < 150 admits a second, 200 stops the step
+    for s in seqs:
+        await s.wait_until(5)
+
+
+async def test_cancel_leaves_the_batch_at_once(make_engine) -> None:
+    e = make_engine(dataclasses.replace(FAST, decode_ms_base=5.0))
+    s = seq_for(e, prompt(4), 10_000)
+    other = seq_for(e, prompt(4, "o"), 10_000)
+    e.submit(s)
+    e.submit(other)
+    await s.wait_until(3)
+    e.cancel(s, asyncio.get_running_loop().time())
+    assert s not in e.running and s.finished and e.stats.cancelled == 1
+    emitted = s.emitted
+    await other.wait_until(other.emitted + 3)
+    assert s.emitted == emitted
+    rec = e.stats.recent_cancelled[-1]
+    assert rec["stop_delay_ms"] < 100 and rec["tokens_emitted"] == emitted
+    e.cancel(other)
+    e.cancel(other)  # idempotent
+    assert e.stats.cancelled == 2
+
+
+async def test_closed_transport_is_noticed_by_the_engine(make_engine) -> None:
+    class Transport:
+        closing = False
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+    tr = Transport()
+    e = make_engine()
+    s = seq_for(e, prompt(4), 10_000, transport=tr)
+    e.submit(s)
+    await s.wait_until(2)
+    tr.closing = True
+    await until(lambda: s.finished)
+    assert s.finish_reason == "cancelled" and e.stats.recent_cancelled[-1]["detected_by"] == "transport_closed"
+
+
+async def test_abort_by_session(make_engine) -> None:
+    e = make_engine()
+    a = seq_for(e, prompt(4), 10_000, session_id=7)
+    b = seq_for(e, prompt(4, "b"), 20, session_id=8)
+    e.submit(a)
+    e.submit(b)
+    await a.wait_until(2)
+    assert e.abort(7) == 1 and a.finish_reason == "abort"
+    await b.wait_until(20)
+    assert b.finish_reason == "length" and e.stats.aborted == 1
+
+
+async def test_slow_marks_slow_down_steps_while_present(make_engine) -> None:
+    e = make_engine(dataclasses.replace(FAST, decode_ms_base=10.0))
+    loop = asyncio.get_running_loop()
+    s = seq_for(e, prompt(4), 10, slow=4.0)
+    t0 = loop.time()
+    e.submit(s)
+    assert e.slow_factor() == 4.0
+    await s.wait_until(10)
+    assert loop.time() - t0 >= 0.35  # 10 steps of 40 ms
+    assert e.slow_factor() == 1.0

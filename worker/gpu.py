@@ -1,0 +1,84 @@
+"""GPU facts for the registration: device names, count, total and free memory, read through torch.
+
+Torch is never a dependency: `collect()` imports it lazily and returns {} on any failure (no torch, no CUDA,
+a broken driver). The agent calls `gpu_facts()`, which runs `collect()` in a short-lived subprocess, because
+`torch.cuda.mem_get_info` creates a CUDA context (hundreds of MB per device) that a long-lived agent would
+otherwise hold beside the server it supervises, and importing torch takes seconds of CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("turbofleet.worker.gpu")
+
+_MIB = 1024 * 1024
+
+
+def collect() -> dict[str, Any]:
+    """{"count", "devices": [{"index", "name", "total_mib", "free_mib"}], "total_mib", "free_mib"} or {}."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {}
+        devices = []
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            devices.append(
+                {
+                    "index": i,
+                    "name": str(torch.cuda.get_device_name(i)),
+                    "total_mib": int(total // _MIB),
+                    "free_mib": int(free // _MIB),
+                }
+            )
+    except Exception as e:  # torch may fail in any way on a box without a usable GPU
+        log.debug("no GPU facts: %r", e)
+        return {}
+    if not devices:
+        return {}
+    return {
+        "count": len(devices),
+        "devices": devices,
+        "total_mib": sum(d["total_mib"] for d in devices),
+        "free_mib": sum(d["free_mib"] for d in devices),
+    }
+
+
+def _probe_code() -> str:
+    root = str(Path(__file__).resolve().parent.parent)  # where `worker` is importable from
+    return (
+        f"import json, sys; sys.path.insert(0, {root!r}); from worker.gpu import collect; print(json.dumps(collect()))"
+    )
+
+
+async def gpu_facts(timeout_s: float = 60.0, python: str | None = None) -> dict[str, Any]:
+    """`collect()` in a subprocess of `python` (this interpreter by default); {} on any failure or timeout."""
+    code = _probe_code()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            python or sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        )
+    except OSError as e:
+        log.warning("could not start the GPU probe: %s", e)
+        return {}
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        log.warning("the GPU probe took over %.0f s; registering without GPU facts", timeout_s)
+        return {}
+    try:
+        facts = json.loads(out.decode().strip().splitlines()[-1]) if out.strip() else {}
+    except (ValueError, IndexError):
+        return {}
+    return facts if isinstance(facts, dict) else {}

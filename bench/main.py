@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     g = parser.add_argument_group("compare / overhead")
-    g.add_argument("--workers", type=int, default=4, help="simulated workers (default 4; overhead: 2)")
+    g.add_argument("--workers", type=int, help="simulated workers (compare default 4; overhead default 2)")
     g.add_argument(
         "--routers",
         help=f"comma list of router specs (compare default: {DEFAULT_COMPARE_ROUTERS}; "

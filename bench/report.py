@@ -15,13 +15,13 @@ def _f(x: Any, digits: int = 1) -> str:
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-align the first column, right-align the rest."""
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], align_left: int = 1) -> str:
+    """Left-align the first `align_left` columns, right-align the rest."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            c.ljust(w) if i < align_left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
@@ -58,7 +58,7 @@ def single(s: Mapping[str, Any]) -> str:
         per = ", ".join(f"{k}: {_f(v, 0) if isinstance(v, float) else v}" for k, v in sorted(s["workers"].items()))
         rows.append(("requests per worker", per))
         rows.append(("imbalance max/mean", _f(s.get("imbalance"), 2)))
-    return table(["metric", "value"], rows)
+    return table(["metric", "value"], rows, align_left=2)
 
 
 def compare(runs: Mapping[str, Mapping[str, Any]]) -> str:

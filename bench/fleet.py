@@ -1,0 +1,148 @@
+"""Child processes for the bench: a fleet of simulated workers, routers, redis, nginx. Started with their own
+process group and output in a log file; stopped with SIGTERM, then SIGKILL, by the ids we started."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from bench.output import parse_prometheus
+
+REQUESTS_METRIC = "lmdeploy:request_success_total"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] = field(repr=False)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, n: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 5.0) -> None:
+        if not self.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)  # the group we created: wrappers and their children
+        try:
+            self.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(5)
+
+
+def spawn(name: str, argv: Sequence[str], log_dir: Path, cpus: str | None = None) -> Child:
+    """Start argv (under `taskset -c cpus` when given) with stdout+stderr in log_dir/name.log."""
+    full = ["taskset", "-c", cpus, *argv] if cpus else list(argv)
+    log = log_dir / f"{name}.log"
+    with open(log, "wb") as fh:
+        popen = subprocess.Popen(
+            full,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    return Child(name, full, log, popen)
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str, child: Child | None, wait_s: float = 60.0) -> None:
+    """Poll GET url until 200; raise RuntimeError (with the log tail) if the process dies or time runs out."""
+    deadline = time.monotonic() + wait_s
+    last = ""
+    while time.monotonic() < deadline:
+        if child is not None and not child.alive():
+            raise RuntimeError(f"{child.name} exited with {child.popen.returncode}:\n{child.tail()}")
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                if resp.status == 200:
+                    return
+                last = f"HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError) as e:
+            last = type(e).__name__
+        await asyncio.sleep(0.1)
+    tail = child.tail() if child else ""
+    raise RuntimeError(f"{url} not ready after {wait_s:.0f}s ({last})\n{tail}")
+
+
+class Fleet:
+    """N simulated LMDeploy api_servers (`turbofleet sim-worker`) on free 127.0.0.1 ports."""
+
+    def __init__(self, n: int, model: str, sim_args: Sequence[str], log_dir: Path, tag: str = "") -> None:
+        self.n, self.model, self.sim_args, self.log_dir, self.tag = n, model, list(sim_args), log_dir, tag
+        self.children: list[Child] = []
+        self.ports: list[int] = []
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{p}" for p in self.ports]
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        self.ports = [free_port() for _ in range(self.n)]
+        for i, port in enumerate(self.ports):
+            argv = [
+                sys.executable,
+                "-m",
+                "turbofleet",
+                "sim-worker",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--model",
+                self.model,
+                *self.sim_args,
+            ]
+            self.children.append(spawn(f"sim{i}{self.tag}", argv, self.log_dir))
+        await asyncio.gather(
+            *(wait_ready(session, f"{u}/health", c) for u, c in zip(self.urls, self.children, strict=True))
+        )
+
+    async def request_counts(self, session: aiohttp.ClientSession) -> dict[str, float]:
+        """Requests each worker has finished so far (LMDeploy's counter on /metrics); {} when unreadable."""
+
+        async def one(url: str) -> float | None:
+            try:
+                async with session.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    if resp.status != 200:
+                        return None
+                    return parse_prometheus(await resp.text()).get(REQUESTS_METRIC)
+            except (aiohttp.ClientError, TimeoutError):
+                return None
+
+        values = await asyncio.gather(*(one(u) for u in self.urls))
+        if any(v is None for v in values):
+            return {}
+        return {u: float(v or 0.0) for u, v in zip(self.urls, values, strict=True)}
+
+    def stop(self) -> None:
+        for c in self.children:
+            c.stop()
+        self.children.clear()

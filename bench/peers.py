@@ -1,0 +1,165 @@
+"""How to launch each router the bench compares: turbofleet (one replica, or two on one Redis), LMDeploy's
+proxy, the SGLang model gateway, the vLLM router, and the client-side "ideal pinning" pseudo-router.
+
+Only command lines and start-up steps live here; compare.py runs them. Peer executables are looked up in a
+peers venv (see bench/install_peers.sh), then on PATH.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KINDS = ("turbofleet", "turbofleet-x2", "lmdeploy", "sglang", "vllm", "ideal")
+DEFAULT_POLICY = {
+    "turbofleet": "kv_aware",
+    "turbofleet-x2": "kv_aware",
+    "lmdeploy": "min_expected_latency",
+    "sglang": "cache_aware",
+    "vllm": "cache_aware",
+    "ideal": "hash",
+}
+EXECUTABLE = {"lmdeploy": "lmdeploy", "sglang": "sglang-router", "vllm": "vllm-router"}
+DEFAULT_PEERS_VENV = ".venv-peers"
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """NAME[:POLICY] from --routers."""
+
+    kind: str
+    policy: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.policy}"
+
+
+def parse_routers(text: str) -> list[RouterSpec]:
+    """'turbofleet:kv_aware,lmdeploy,sglang' -> specs with each kind's default policy filled in."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        kind, _, policy = item.partition(":")
+        kind = kind.strip().lower()
+        if kind not in KINDS:
+            raise ValueError(f"unknown router {kind!r} (one of {', '.join(KINDS)})")
+        out.append(RouterSpec(kind, policy.strip() or DEFAULT_POLICY[kind]))
+    return out
+
+
+def find_executable(name: str, peers_venv: str | None = None, root: Path | None = None) -> str | None:
+    """`name` from the peers venv (given, or ./.venv-peers), else PATH; None when nowhere."""
+    venvs = [Path(peers_venv)] if peers_venv else [(root or Path.cwd()) / DEFAULT_PEERS_VENV]
+    for venv in venvs:
+        candidate = venv / "bin" / name
+        if candidate.is_file():
+            return str(candidate)
+    return shutil.which(name)
+
+
+@dataclass
+class Launch:
+    """What it takes to put one router in front of the workers."""
+
+    argvs: list[list[str]]  # one process per replica; the client alternates between their URLs
+    ports: list[int]
+    ready_path: str  # GET this on every replica until 200
+    register: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # POSTs (path, body) after ready
+    pin_workers: bool = False  # ideal pinning: no process, requests go straight to hash(session) % N
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{p}" for p in self.ports]
+
+
+def build_launch(
+    spec: RouterSpec,
+    workers: list[str],
+    free_port: Callable[[], int],
+    *,
+    peers_venv: str | None = None,
+    redis_url: str | None = None,
+    run_id: str = "bench",
+    python: str = sys.executable,
+) -> Launch:
+    """The command lines for `spec`. Raises LookupError when a peer is not installed."""
+    if spec.kind == "ideal":
+        return Launch(argvs=[], ports=[], ready_path="", pin_workers=True)
+    if spec.kind in ("turbofleet", "turbofleet-x2"):
+        replicas = 2 if spec.kind == "turbofleet-x2" else 1
+        if replicas == 2 and not redis_url:
+            raise LookupError("turbofleet-x2 needs --redis URL or a redis-server on PATH")
+        ports = [free_port() for _ in range(replicas)]
+        argvs = []
+        for i, port in enumerate(ports):
+            argv = [
+                python,
+                "-m",
+                "turbofleet",
+                "proxy",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--policy",
+                spec.policy,
+                "--log-level",
+                "warning",
+            ]
+            for w in workers:
+                argv += ["--worker", w]
+            if redis_url:
+                # A fresh key prefix per run: no pins or prefix index survive from an earlier router's run.
+                argv += ["--registry", redis_url, "--registry-prefix", f"tf-{run_id}", "--replica-id", f"r{i}"]
+            argvs.append(argv)
+        return Launch(argvs=argvs, ports=ports, ready_path="/health")
+    exe = find_executable(EXECUTABLE[spec.kind], peers_venv)
+    if exe is None:
+        raise LookupError(f"{EXECUTABLE[spec.kind]} not installed (bash bench/install_peers.sh)")
+    port = free_port()
+    if spec.kind == "lmdeploy":
+        # --disable-cache-status: otherwise the proxy reloads nodes from an earlier run's status file.
+        argv = [
+            exe,
+            "serve",
+            "proxy",
+            "--server-name",
+            "127.0.0.1",
+            "--server-port",
+            str(port),
+            "--routing-strategy",
+            spec.policy,
+            "--disable-cache-status",
+            "--log-level",
+            "ERROR",
+        ]
+        return Launch(
+            argvs=[argv],
+            ports=[port],
+            ready_path="/nodes/status",
+            register=[("/nodes/add", {"url": w}) for w in workers],
+        )
+    # SGLang gateway and vLLM router take the same core flags; each needs its own Prometheus port.
+    # No `--backend openai` for SGLang: that mode ignores the policy and sends everything to the first worker.
+    head = [exe, "launch"] if spec.kind == "sglang" else [exe]
+    argv = [
+        *head,
+        "--worker-urls",
+        *workers,
+        "--policy",
+        spec.policy,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--prometheus-port",
+        str(free_port()),
+        "--log-level",
+        "warn" if spec.kind == "sglang" else "warning",
+    ]
+    return Launch(argvs=[argv], ports=[port], ready_path="/health")

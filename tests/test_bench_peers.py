@@ -1,0 +1,129 @@
+"""Router specs, peer command lines and the overhead bench's generated files and wrk parsing (no processes)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from bench import overhead
+from bench.peers import RouterSpec, build_launch, find_executable, parse_routers
+
+WORKERS = ["http://127.0.0.1:7001", "http://127.0.0.1:7002"]
+
+
+def ports() -> Callable[[], int]:
+    counter = itertools.count(9000)
+    return lambda: next(counter)
+
+
+def test_parse_routers_defaults_and_errors() -> None:
+    specs = parse_routers("turbofleet:least_queue, lmdeploy,sglang,vllm:round_robin,ideal,turbofleet-x2")
+    assert [s.label for s in specs] == [
+        "turbofleet:least_queue",
+        "lmdeploy:min_expected_latency",
+        "sglang:cache_aware",
+        "vllm:round_robin",
+        "ideal:hash",
+        "turbofleet-x2:kv_aware",
+    ]
+    assert parse_routers("") == []
+    with pytest.raises(ValueError, match="unknown router"):
+        parse_routers("nginx")
+
+
+def test_turbofleet_launch() -> None:
+    launch = build_launch(RouterSpec("turbofleet", "kv_aware"), WORKERS, ports(), python="py")
+    (argv,) = launch.argvs
+    assert argv[:4] == ["py", "-m", "turbofleet", "proxy"]
+    assert argv[argv.index("--port") + 1] == "9000" and argv[argv.index("--policy") + 1] == "kv_aware"
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--worker"] == WORKERS
+    assert "--registry" not in argv and launch.urls == ["http://127.0.0.1:9000"] and launch.ready_path == "/health"
+
+
+def test_turbofleet_x2_shares_redis() -> None:
+    spec = RouterSpec("turbofleet-x2", "kv_aware")
+    with pytest.raises(LookupError):
+        build_launch(spec, WORKERS, ports())
+    launch = build_launch(spec, WORKERS, ports(), redis_url="redis://127.0.0.1:6390/0", run_id="abc")
+    assert len(launch.argvs) == 2 and len(set(launch.urls)) == 2
+    for i, argv in enumerate(launch.argvs):
+        assert argv[argv.index("--registry") + 1] == "redis://127.0.0.1:6390/0"
+        assert argv[argv.index("--registry-prefix") + 1] == "tf-abc"
+        assert argv[argv.index("--replica-id") + 1] == f"r{i}"
+
+
+def test_peer_launches(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for exe in ("lmdeploy", "sglang-router", "vllm-router"):
+        (venv / "bin" / exe).write_text("#!/bin/sh\n")
+    assert find_executable("sglang-router", str(venv)) == str(venv / "bin" / "sglang-router")
+    lm = build_launch(RouterSpec("lmdeploy", "min_expected_latency"), WORKERS, ports(), peers_venv=str(venv))
+    (argv,) = lm.argvs
+    assert argv[1:3] == ["serve", "proxy"] and "--disable-cache-status" in argv
+    assert argv[argv.index("--routing-strategy") + 1] == "min_expected_latency"
+    assert lm.register == [("/nodes/add", {"url": w}) for w in WORKERS]
+    sg = build_launch(RouterSpec("sglang", "cache_aware"), WORKERS, ports(), peers_venv=str(venv))
+    (argv,) = sg.argvs
+    assert argv[1] == "launch" and "--backend" not in argv
+    assert argv[argv.index("--worker-urls") + 1 : argv.index("--worker-urls") + 3] == WORKERS
+    assert argv[argv.index("--prometheus-port") + 1] != argv[argv.index("--port") + 1]
+    vl = build_launch(RouterSpec("vllm", "round_robin"), WORKERS, ports(), peers_venv=str(venv))
+    assert vl.argvs[0][1] == "--worker-urls" and vl.argvs[0][vl.argvs[0].index("--policy") + 1] == "round_robin"
+    ideal = build_launch(RouterSpec("ideal", "hash"), WORKERS, ports())
+    assert ideal.pin_workers and ideal.argvs == []
+
+
+def test_missing_peer_is_a_lookup_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(LookupError, match="not installed"):
+        build_launch(RouterSpec("vllm", "cache_aware"), WORKERS, ports(), peers_venv=str(tmp_path / "none"))
+
+
+WRK_OUT = """Running 10s test @ http://127.0.0.1:8000/v1/chat/completions
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    15.22ms    3.10ms  40.00ms   80.00%
+  Latency Distribution
+     50%   14.50ms
+     75%   16.00ms
+     90%  800.00us
+     99%    1.20s
+  37000 requests in 10.00s, 20.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 5
+Requests/sec:   3700.12
+Transfer/sec:      2.00MB
+"""
+
+
+def test_parse_wrk() -> None:
+    r = overhead.parse_wrk(WRK_OUT)
+    assert r["requests_per_s"] == pytest.approx(3700.12)
+    assert r["p50_ms"] == pytest.approx(14.5) and r["p99_ms"] == pytest.approx(1200.0)
+    assert r["errors"] == 8 and r["requests"] == 37000
+    with pytest.raises(ValueError):
+        overhead.parse_wrk("wrk: connection refused")
+
+
+def test_generated_backend_files(tmp_path: Path) -> None:
+    body = overhead.sse_body("m")
+    events = [e for e in body.split("\n\n") if e]
+    assert len(events) == overhead.STREAM_CHUNKS + 2 and events[-1] == "data: [DONE]"
+    assert 14_000 < len(body) < 20_000
+    first = json.loads(events[0][len("data: ") :])
+    assert first["choices"][0]["delta"]["content"] == "tok0 "
+    assert json.loads(overhead.completion_json("m"))["usage"]["completion_tokens"] == 16
+    conf = overhead.nginx_conf(tmp_path, [7101, 7102], "m", stream=True).read_text()
+    assert "listen 127.0.0.1:7101;" in conf and "listen 127.0.0.1:7102;" in conf
+    assert "text/event-stream" in conf and "error_page 405 =200 $uri;" in conf
+    assert (tmp_path / "static" / "v1" / "chat" / "completions").read_text() == body
+    lua = overhead.wrk_script(tmp_path, {"model": "m", "stream": False}).read_text()
+    assert 'wrk.method = "POST"' in lua and json.loads(json.loads(lua.split("wrk.body = ")[1])) == {
+        "model": "m",
+        "stream": False,
+    }

@@ -32,7 +32,7 @@ log = logging.getLogger("turbofleet.proxy")
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Client API keys guard the inference routes (/v1/*, /generate, ...) when configured."""
     keys = request.app[SETTINGS].api_keys
-    if keys and not request.path.startswith(("/nodes", "/health", "/metrics", "/status")) and request.path != "/":
+    if not request.path.startswith(("/nodes", "/health", "/metrics", "/status")) and request.path != "/":
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not given or not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
             raise Unauthorized("Incorrect or missing API key. Send `Authorization: Bearer <key>`.")
@@ -145,7 +145,9 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}<
 
 def build_app(settings: Settings) -> web.Application:
     """A ready-to-run proxy application for `settings`."""
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=settings.max_body_bytes)
+    # the auth middleware costs a hop on every request: install it only when there are keys to check
+    middlewares = [error_middleware, auth_middleware] if settings.api_keys else [error_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[STARTED] = time.monotonic()

@@ -7,6 +7,7 @@ import logging
 import signal
 
 from aiohttp import web
+from aiohttp.log import access_logger
 
 from .config import SimConfig
 from .register import advertise_url, register
@@ -19,9 +20,10 @@ log = logging.getLogger("turbofleet.sim")
 async def _main(config: SimConfig, access_log: bool) -> int:
     app = build_app(config)
     st = app[STATE]
-    kwargs = {} if access_log else {"access_log": None}
     # handler_cancellation: a client that goes away cancels its handler, which stops its sequence.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=3.0, **kwargs)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, shutdown_timeout=3.0, access_log=access_logger if access_log else None
+    )
     await runner.setup()
     site: web.TCPSite | None = None
     lock = asyncio.Lock()

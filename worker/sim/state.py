@@ -39,11 +39,11 @@ class SimState:
     # Set by main: closes / reopens the main listener for the `refuse` fault.
     set_listening: Callable[[bool], Awaitable[None]] | None = None
     admin_port: int | None = None
-    _bg: set[asyncio.Task[None]] = field(default_factory=set)
+    _bg: set[asyncio.Future[object]] = field(default_factory=set)
 
-    def spawn(self, coro: Awaitable[None]) -> None:
+    def spawn(self, coro: Awaitable[object]) -> None:
         """Run a background task and keep a reference to it until it ends."""
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task: asyncio.Future[object] = asyncio.ensure_future(coro)
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 

@@ -17,14 +17,16 @@ imbalance costs nothing. The cap is also what spreads a long system prompt share
 worker to see it wins the prefix score only until it reaches the cap, then others take requests, learn the
 prefix too, and from then on the prefix scores tie and load decides.
 
-Cost per decision: one pass over the workers' loads (a list comprehension plus sum/min, all the O(workers)
-work there is) and O(matched blocks) in the prefix index; candidates are looked up through a cached
-id -> position map that is verified per lookup and rebuilt only when the fleet changes.
+Cost per decision: one pass over the workers' loads (a list comprehension plus sum/min, the only O(workers)
+work) up to 256 workers, a random sample of 32 beyond that; O(groups x log(blocks)) in the prefix index;
+candidates are looked up through a cached id -> position map, verified per lookup and rebuilt only when the
+fleet changes.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -39,10 +41,16 @@ DEFAULT_QUEUE_TOKENS = 512.0
 LEARN_RATE = 0.05
 #: members of one prefix group scored at most (a group is every worker holding that many blocks)
 GROUP_SCAN = 64
+#: new blocks listed on the chosen worker at decision time (the rest when the response confirms them): enough
+#: for concurrent requests with the same prefix to find it, without paying for a whole long prompt up front
+OPTIMISTIC_BLOCKS = 16
 #: routed requests remembered until their outcome arrives (for the cache-report correction)
 MAX_PENDING = 16384
 #: the id -> position map is rebuilt at least this often, so a stale one cannot linger
 REBUILD_EVERY = 1024
+#: fleets up to this size are surveyed exactly for least load and mean load; larger ones by a sample
+EXACT_LIMIT = 256
+SAMPLE = 32
 
 
 class _Positions:
@@ -100,17 +108,23 @@ class KvAware:
         queue_tokens: float | None = None,
         max_blocks: int = DEFAULT_MAX_BLOCKS,
         index: PrefixIndex | None = None,
+        exact_limit: int = EXACT_LIMIT,
+        sample: int = SAMPLE,
+        seed: int | None = None,
     ) -> None:
         if epsilon < 0 or slack < 0:
             raise ValueError("epsilon and slack must not be negative")
-        if block_chars <= 0 or chars_per_token <= 0:
-            raise ValueError("block_chars and chars_per_token must be positive")
+        if block_chars <= 0 or chars_per_token <= 0 or sample < 1:
+            raise ValueError("block_chars, chars_per_token and sample must be positive")
         self.epsilon = epsilon
         self.slack = slack
         self.index = index if index is not None else PrefixIndex(max_blocks)
         self.tokens_per_block = block_chars / chars_per_token
         self._learn_queue = queue_tokens is None
         self.queue_tokens = DEFAULT_QUEUE_TOKENS if queue_tokens is None else float(queue_tokens)
+        self.exact_limit = exact_limit
+        self.sample = sample
+        self._rng = random.Random(seed)
         self._cursor = 0
         self._positions = _Positions()
         # (worker, last block hash) -> (blocks matched when routed, age of the deepest matched block then)
@@ -120,10 +134,36 @@ class KvAware:
         """The most load a worker may carry after taking a request; `total_load` counts that request."""
         return math.ceil((1.0 + self.epsilon) * total_load / workers) + self.slack
 
+    def _survey(self, workers: Sequence[WorkerView]) -> tuple[int, int, int]:
+        """(index of the least loaded worker, its load, the fleet's total load).
+
+        Exact up to `exact_limit` workers, ties taken in turn. Beyond, one pass over the fleet would be
+        most of the decision's cost, so a random window of `sample` consecutive workers stands in: the least
+        loaded of a sample is nearly as good as the least loaded of all ("power of d choices"), and the
+        sample's mean estimates the fleet's for the load cap.
+        """
+        n = len(workers)
+        if n <= self.exact_limit:
+            loads = [w.in_flight + w.waiting for w in workers]
+            low = min(loads)
+            try:
+                a = loads.index(low, self._cursor)
+            except ValueError:
+                a = loads.index(low)
+            return a, low, sum(loads)
+        k = self.sample
+        start = self._rng.randrange(n)
+        window = workers[start : start + k]
+        if len(window) < k:
+            window = [*window, *workers[: k - len(window)]]
+        loads = [w.in_flight + w.waiting for w in window]
+        low = min(loads)
+        return (start + loads.index(low)) % n, low, round(sum(loads) * n / k)
+
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
-        loads = [w.in_flight + w.waiting for w in workers]
-        n = len(loads)
-        total = sum(loads) + 1
+        n = len(workers)
+        a, low, total = self._survey(workers)
+        total += 1
         cap = self.cap(total, n)
         hashes = request.prefix_hashes
         positions = self._positions
@@ -134,13 +174,14 @@ class KvAware:
             i = positions.lookup(workers, pinned)
             if i < 0:
                 why = PIN_UNAVAILABLE
-            elif loads[i] < cap:
-                m = self.index.match(pinned, hashes) if hashes else 0
-                self._dispatch(pinned, hashes, m)
-                return Decision(pinned, "pin", matched_blocks=m)
             else:
-                why = f"re-pin: pinned worker overloaded load={loads[i]} mean={total / n:.1f}"
-        i, m, capped = self._cheapest(workers, loads, cap, hashes)
+                load = workers[i].in_flight + workers[i].waiting
+                if load < cap:
+                    m = self.index.match(pinned, hashes) if hashes else 0
+                    self._dispatch(pinned, hashes, m)
+                    return Decision(pinned, "pin", matched_blocks=m)
+                why = f"re-pin: pinned worker overloaded load={load} mean={total / n:.1f}"
+        i, m, capped = self._cheapest(workers, a, low, cap, hashes)
         wid = workers[i].id
         self._cursor = i + 1
         self._dispatch(wid, hashes, m)
@@ -157,21 +198,18 @@ class KvAware:
         return Decision(wid, reason, pin=pin, matched_blocks=m)
 
     def _cheapest(
-        self, workers: Sequence[WorkerView], loads: list[int], cap: int, hashes: tuple[int, ...]
+        self, workers: Sequence[WorkerView], a: int, low: int, cap: int, hashes: tuple[int, ...]
     ) -> tuple[int, int, bool]:
-        """(index, matched blocks, whether a deeper match was passed over for the cap)."""
-        low = min(loads)
-        try:
-            a = loads.index(low, self._cursor)
-        except ValueError:
-            a = loads.index(low)
+        """(index, matched blocks, whether a deeper match was passed over for the cap).
+
+        The least loaded worker `a` is the baseline; a worker with a deeper match must beat its cost.
+        """
         if not hashes:
             return a, 0, False
         index = self.index
         groups = index.match_groups(hashes)
         if not groups:
             return a, 0, False
-        # the least loaded worker (in turn) is the baseline; a deeper match must beat its cost
         a_id = workers[a].id
         m_a = index.match(a_id, hashes)
         tpb = self.tokens_per_block
@@ -179,22 +217,22 @@ class KvAware:
         best_i, best_m, best_load = a, m_a, low
         best_cost = qt * low - tpb * m_a
         capped_depth = 0
-        seen = {a_id}
+        seen = index.bit(a_id)
         positions = self._positions
-        for depth, members in groups:
+        for depth, mask in groups:
             # groups come deepest first; no member of this or a shallower group can do better than
             # the least load at this depth
             if depth <= m_a or qt * low - tpb * depth >= best_cost:
                 break
+            todo = mask & ~seen
+            seen |= mask
             scanned = 0
-            for wid in members:
-                if wid in seen:
-                    continue
-                seen.add(wid)
+            for wid in index.members(todo):
                 j = positions.lookup(workers, wid)
                 if j < 0:
                     continue
-                load = loads[j]
+                w = workers[j]
+                load = w.in_flight + w.waiting
                 if load >= cap:
                     capped_depth = max(capped_depth, depth)
                     continue
@@ -202,7 +240,7 @@ class KvAware:
                 if cost < best_cost or (cost == best_cost and load < best_load):
                     best_i, best_m, best_load, best_cost = j, depth, load, cost
                 scanned += 1
-                if load == low or scanned >= GROUP_SCAN:
+                if load <= low or scanned >= GROUP_SCAN:
                     break
         return best_i, best_m, capped_depth > best_m
 
@@ -211,8 +249,10 @@ class KvAware:
         if not hashes:
             return
         index = self.index
-        age = index.age(worker_id, hashes[matched - 1]) if matched else None
-        index.insert(worker_id, hashes, matched)
+        # the age of the deepest matched block teaches the worker's capacity if the worker turns out to
+        # have evicted it; only a confirmed block counts (an optimistic one may simply still be computing)
+        age = index.age(worker_id, hashes[matched - 1], confirmed=True) if matched else None
+        index.insert(worker_id, hashes[: matched + OPTIMISTIC_BLOCKS], matched, confirmed=False)
         pending = self._pending
         pending[(worker_id, hashes[-1])] = (matched, age)
         if len(pending) > MAX_PENDING:

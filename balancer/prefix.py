@@ -10,20 +10,23 @@ process; blake2b is 3x slower. Measured on the dev box: 2k chars ≈ 2 µs, 20k 
 of it the per-block loop, about as much as `json.loads` of the same body.
 
 The index mirrors, approximately, what each worker's prefix cache holds: per worker an LRU of block hashes
-(bounded by a per-worker capacity), plus one map from block hash to the set of workers holding it, so that
-longest-prefix matching across the whole fleet costs O(matched blocks), not O(workers x blocks).
+(bounded by a per-worker capacity), plus one map from block hash to the workers holding it (a bitmask), so that
+longest-prefix matching across the whole fleet costs O(log(blocks)) lookups per distinct match length,
+not O(workers x blocks).
 """
 
 from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Iterable, Iterator, Sequence
 
-#: characters (UTF-8 bytes) per block; ~64 tokens of English, the size of an LMDeploy KV block
-DEFAULT_BLOCK_CHARS = 256
-#: blocks kept per worker: 8192 x 256 chars ≈ 500k tokens of KV; ~400 bytes of index per (worker, block)
-DEFAULT_MAX_BLOCKS = 8192
+#: characters (UTF-8 bytes) per block, ~128 tokens of English (two LMDeploy KV blocks of 64): fine enough
+#: for routing, and half the per-request work and index memory of 256
+DEFAULT_BLOCK_CHARS = 512
+#: blocks kept per worker before any report teaches better: 4096 x 512 chars ≈ 500k tokens of KV cache;
+#: the index costs ~250 bytes per (worker, block)
+DEFAULT_MAX_BLOCKS = 4096
 #: the learned capacity never drops below this
 DEFAULT_MIN_BLOCKS = 64
 
@@ -49,11 +52,13 @@ def block_hashes(text: str, block_chars: int = DEFAULT_BLOCK_CHARS) -> tuple[int
 
 
 class _Blocks:
-    """One worker's blocks: hash -> sequence number of its last touch, least recent first."""
+    """One worker's blocks, least recent first: hash -> sequence number of the last touch, negated while
+    the block is only optimistically listed (routed there, no response yet)."""
 
-    __slots__ = ("capacity", "lru", "seq")
+    __slots__ = ("bit", "capacity", "lru", "seq")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, bit: int, capacity: int) -> None:
+        self.bit = bit
         self.lru: OrderedDict[int, int] = OrderedDict()
         self.seq = 0
         self.capacity = capacity
@@ -66,6 +71,10 @@ class PrefixIndex:
     report back. Each worker's entry is an LRU bounded by a capacity that starts at `max_blocks` and is
     learned from those reports (`correct`): it shrinks when a worker turns out to have evicted blocks the
     index still listed, and grows back when a worker had more than the index listed.
+
+    Holders are kept as one int bitmask per block (a bit per worker), not a set: set algebra becomes int
+    arithmetic, equality is exact and cheap, and the millions of entries a big index holds are ints, which
+    the cyclic garbage collector never has to walk (sets would make every full collection a long pause).
     """
 
     def __init__(self, max_blocks: int = DEFAULT_MAX_BLOCKS, min_blocks: int = DEFAULT_MIN_BLOCKS) -> None:
@@ -74,7 +83,11 @@ class PrefixIndex:
         self.max_blocks = max_blocks
         self.min_blocks = min(min_blocks, max_blocks)
         self._workers: dict[str, _Blocks] = {}
-        self._holders: dict[int, set[str]] = {}
+        #: block hash -> bitmask of the workers holding it (never 0: empty entries are deleted)
+        self._holders: dict[int, int] = {}
+        #: bit -> worker id ("" for a free bit); freed bits are reused, lowest first
+        self._ids: list[str] = []
+        self._free: list[int] = []
 
     # --- reads ---
     def __len__(self) -> int:
@@ -94,13 +107,29 @@ class PrefixIndex:
     def workers(self) -> list[str]:
         return list(self._workers)
 
-    def age(self, worker_id: str, block: int) -> int | None:
-        """Block touches on the worker since `block` was last touched there; None if not listed."""
+    def bit(self, worker_id: str) -> int:
+        """The worker's mask bit (1 << index), 0 when the index lists nothing for it."""
+        wb = self._workers.get(worker_id)
+        return 1 << wb.bit if wb else 0
+
+    def members(self, mask: int) -> Iterator[str]:
+        """The worker ids in a holders mask, lowest bit first."""
+        ids = self._ids
+        while mask:
+            low = mask & -mask
+            yield ids[low.bit_length() - 1]
+            mask ^= low
+
+    def age(self, worker_id: str, block: int, confirmed: bool = False) -> int | None:
+        """Block touches on the worker since `block` was last touched there; None if not listed (or, with
+        `confirmed`, if only listed optimistically, by `insert(..., confirmed=False)`)."""
         wb = self._workers.get(worker_id)
         if wb is None:
             return None
         seq = wb.lru.get(block)
-        return None if seq is None else wb.seq - seq
+        if seq is None or (confirmed and seq < 0):
+            return None
+        return wb.seq - abs(seq)
 
     def match(self, worker_id: str, hashes: Sequence[int]) -> int:
         """Longest prefix of `hashes`, in blocks, that the worker holds.
@@ -121,31 +150,43 @@ class PrefixIndex:
                 hi = mid - 1
         return lo
 
-    def match_groups(self, hashes: Sequence[int]) -> list[tuple[int, Set[str]]]:
-        """Longest-prefix matches across all workers as `(depth, holders)` groups, deepest first.
+    def match_groups(self, hashes: Sequence[int]) -> list[tuple[int, int]]:
+        """Longest-prefix matches across all workers as `(depth, holders mask)` groups, deepest first.
 
         Every worker in a group holds at least `depth` leading blocks; a worker's match is the depth of the
-        first (deepest) group it appears in. Costs O(matched blocks) set-size comparisons and never iterates
-        the holder sets. The sets are the index's own: read them, do not keep them past the next write.
+        first (deepest) group it appears in (see `members`). Holders only shrink along a chain, so the depths
+        where they change are found by bisection: O(groups x log(blocks)) lookups, whatever the fleet size.
         """
         if not hashes:
             return []
-        holders = self._holders
-        prev = holders.get(hashes[0])
-        if not prev:
+        get = self._holders.get
+        first = get(hashes[0], 0)
+        if not first:
             return []
-        groups: list[tuple[int, Set[str]]] = []
-        depth = 1
-        for i in range(1, len(hashes)):
-            cur = holders.get(hashes[i])
-            if not cur:
-                break
-            # a worker left the chain here; equal sizes are taken as the same holders, exact for small sets
-            if len(cur) != len(prev) or (len(cur) <= 8 and cur != prev):
-                groups.append((depth, prev))
-            prev = cur
-            depth += 1
-        groups.append((depth, prev))
+        # the deepest block anyone holds
+        lo, hi = 0, len(hashes) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1
+            if get(hashes[mid]):
+                lo = mid
+            else:
+                hi = mid - 1
+        last = get(hashes[lo], 0)
+        groups: list[tuple[int, int]] = []
+        # intervals [i, j] of block indexes whose ends' holders differ, left (shallow) ones first
+        stack = [(0, first, lo, last)]
+        while stack:
+            i, si, j, sj = stack.pop()
+            if si == sj:
+                continue
+            if j == i + 1:
+                groups.append((i + 1, si))
+                continue
+            mid = (i + j) >> 1
+            sm = get(hashes[mid], 0)
+            stack.append((mid, sm, j, sj))
+            stack.append((i, si, mid, sm))
+        groups.append((lo + 1, last))
         groups.reverse()
         return groups
 
@@ -153,42 +194,46 @@ class PrefixIndex:
         """Longest matched prefix, in blocks, of each worker holding any (only `worker_ids` when given)."""
         only = None if worker_ids is None else set(worker_ids)
         result: dict[str, int] = {}
-        for depth, members in self.match_groups(hashes):
-            for w in members:
-                if w not in result and (only is None or w in only):
+        seen = 0
+        for depth, mask in self.match_groups(hashes):
+            for w in self.members(mask & ~seen):
+                if only is None or w in only:
                     result[w] = depth
+            seen |= mask
         return result
 
     # --- writes ---
-    def insert(self, worker_id: str, hashes: Sequence[int], start: int = 0) -> None:
-        """Record that the worker now holds `hashes` (from block `start` on; the caller knows the rest)."""
+    def insert(self, worker_id: str, hashes: Sequence[int], start: int = 0, confirmed: bool = True) -> None:
+        """Record that the worker holds `hashes` (from block `start` on: the caller knows it holds the rest).
+
+        `confirmed=False` lists them optimistically (routed there, not yet computed); a later confirmed
+        insert (the response came back) confirms them, and an optimistic one never unconfirms a block.
+        """
         if start >= len(hashes):
             return
-        wb = self._workers.get(worker_id)
-        if wb is None:
-            wb = self._workers[worker_id] = _Blocks(self.max_blocks)
+        wb = self._workers.get(worker_id) or self._add_worker(worker_id)
         lru = wb.lru
+        get = lru.get
         move = lru.move_to_end
         holders = self._holders
+        hold = holders.get
+        bit = 1 << wb.bit
         seq = wb.seq
         # deepest first, so that the head of a prompt is the most recent and LRU evicts tails first, as a
         # radix-tree prefix cache does; evicting heads first would break every chain that shares them
         for i in range(len(hashes) - 1, start - 1, -1):
             h = hashes[i]
             seq += 1
-            if h in lru:
+            old = get(h)
+            if old is not None:
                 move(h)
-                lru[h] = seq
+                lru[h] = seq if confirmed or old > 0 else -seq
             else:
-                lru[h] = seq
-                s = holders.get(h)
-                if s is None:
-                    holders[h] = {worker_id}
-                else:
-                    s.add(worker_id)
+                lru[h] = seq if confirmed else -seq
+                holders[h] = hold(h, 0) | bit
         wb.seq = seq
         if len(lru) > wb.capacity:
-            self._trim(worker_id, wb, wb.capacity)
+            self._trim(wb, wb.capacity)
 
     def remove(self, worker_id: str, hashes: Iterable[int]) -> int:
         """Drop blocks from a worker's entry; returns how many were listed."""
@@ -200,7 +245,7 @@ class PrefixIndex:
         for h in hashes:
             if lru.pop(h, None) is not None:
                 dropped += 1
-                self._unhold(h, worker_id)
+                self._unhold(h, ~(1 << wb.bit))
         return dropped
 
     def correct(
@@ -216,9 +261,10 @@ class PrefixIndex:
 
         `predicted_blocks` is what the index matched when the request was routed (default: what it matches
         now). If the worker had fewer blocks, the blocks past the reported point were evicted there: they
-        are dropped, and when `predicted_age` (the age of the deepest predicted block at routing time) is
-        given, the worker's capacity shrinks to that age, since the worker evicted a block that recent. If
-        the worker had more, the index under-estimated it and the capacity grows. Returns the number of
+        are dropped, and when `predicted_age` (the age of the deepest predicted block at routing time, if
+        it was confirmed then) is given, the worker's capacity shrinks towards that age, since the worker
+        evicted a block that recent; at most by half per report, so one odd report cannot wipe the entry.
+        If the worker had more, the index under-estimated it and the capacity grows. Returns the number of
         blocks the index over-claimed (0 when the report agrees or exceeds it).
         """
         n = len(hashes)
@@ -241,9 +287,9 @@ class PrefixIndex:
         over = predicted - reported
         self.remove(worker_id, hashes[reported:predicted])
         if predicted_age is not None:
-            wb.capacity = max(self.min_blocks, min(wb.capacity, predicted_age))
+            wb.capacity = max(self.min_blocks, wb.capacity // 2, min(wb.capacity, predicted_age))
             if len(wb.lru) > wb.capacity:
-                self._trim(worker_id, wb, wb.capacity)
+                self._trim(wb, wb.capacity)
         return over
 
     def forget(self, worker_id: str) -> None:
@@ -251,19 +297,34 @@ class PrefixIndex:
         wb = self._workers.pop(worker_id, None)
         if wb is None:
             return
+        keep = ~(1 << wb.bit)
         for h in wb.lru:
-            self._unhold(h, worker_id)
+            self._unhold(h, keep)
+        self._ids[wb.bit] = ""
+        self._free.append(wb.bit)
+        self._free.sort(reverse=True)
 
     # --- internals ---
-    def _trim(self, worker_id: str, wb: _Blocks, keep: int) -> None:
+    def _add_worker(self, worker_id: str) -> _Blocks:
+        if self._free:
+            bit = self._free.pop()
+            self._ids[bit] = worker_id
+        else:
+            bit = len(self._ids)
+            self._ids.append(worker_id)
+        wb = self._workers[worker_id] = _Blocks(bit, self.max_blocks)
+        return wb
+
+    def _trim(self, wb: _Blocks, keep: int) -> None:
         lru = wb.lru
+        mask = ~(1 << wb.bit)
         while len(lru) > keep:
             h, _ = lru.popitem(last=False)
-            self._unhold(h, worker_id)
+            self._unhold(h, mask)
 
-    def _unhold(self, h: int, worker_id: str) -> None:
-        s = self._holders.get(h)
-        if s is not None:
-            s.discard(worker_id)
-            if not s:
-                del self._holders[h]
+    def _unhold(self, h: int, keep: int) -> None:
+        m = self._holders.get(h, 0) & keep
+        if m:
+            self._holders[h] = m
+        else:
+            self._holders.pop(h, None)

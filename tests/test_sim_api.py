@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.procs import Proc, http_json, start_sim
+from tests.procs import Proc, http_json, start_sim, wait_until
 from worker.sim.tokens import output_text, output_words, render_chat, tokenize
 
 MODEL = "sim-api-model"
@@ -224,3 +224,42 @@ def test_abort_request(sim: Proc) -> None:
     assert status == 200 and body == {"aborted": 0}
     status, _ = http_json("POST", f"{sim.url}/abort_request", {"session_id": "x"})
     assert status == 400
+
+
+def test_lmdeploy_request_checks(sim: Proc, client: openai.OpenAI) -> None:
+    for extra in ({"top_p": 0}, {"top_k": -1}, {"temperature": 3}, {"n": 0}):
+        status, body = http_json("POST", f"{sim.url}/v1/chat/completions", {"model": MODEL, "messages": MSGS, **extra})
+        assert status == 400, (extra, body)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MSGS,
+        max_tokens=100_000,
+        stream=True,  # type: ignore[arg-type]
+        extra_body={"session_id": 99},
+    )
+    with stream:
+        next(iter(stream))
+        status, body = http_json(
+            "POST",
+            f"{sim.url}/v1/chat/completions",
+            {"model": MODEL, "messages": MSGS, "session_id": 99, "max_tokens": 1},
+        )
+        assert status == 400 and "occupied" in body["error"]["message"]
+    wait_until(lambda: http_json("GET", f"{sim.url}/sim/stats")[1]["requests"]["active"] == 0, timeout=5)
+    status, _ = http_json(
+        "POST", f"{sim.url}/v1/chat/completions", {"model": MODEL, "messages": MSGS, "session_id": 99, "max_tokens": 1}
+    )
+    assert status == 200
+
+
+def test_multi_round_conversation_hits_the_previous_answer(client: openai.OpenAI) -> None:
+    history = [{"role": "user", "content": "tell me a long story about caches"}]
+    r1 = client.chat.completions.create(model=MODEL, messages=history, max_tokens=30)  # type: ignore[arg-type]
+    history += [
+        {"role": "assistant", "content": r1.choices[0].message.content or ""},
+        {"role": "user", "content": "and then?"},
+    ]
+    r2 = client.chat.completions.create(model=MODEL, messages=history, max_tokens=3)  # type: ignore[arg-type]
+    assert r1.usage and r2.usage and r2.usage.prompt_tokens_details
+    done = r1.usage.prompt_tokens + 30  # round 1's prompt and answer are round 2's prefix
+    assert r2.usage.prompt_tokens_details.cached_tokens == done // 4 * 4

@@ -129,6 +129,7 @@ class Engine:
         self.running: list[Seq] = []
         self.slow_all = 1.0  # a `slow` fault without a count
         self._slow_marks: dict[float, int] = {}  # factor -> sequences carrying it (a counted `slow` fault)
+        self.sessions: dict[int, Seq] = {}  # explicit session_id (>= 0) -> its active sequence
         self._ids = itertools.count(1)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -162,6 +163,8 @@ class Engine:
     def submit(self, seq: Seq) -> None:
         seq.t_arrival = asyncio.get_running_loop().time()
         self.stats.started += 1
+        if seq.session_id >= 0:
+            self.sessions[seq.session_id] = seq
         if seq.slow != 1.0:
             self._slow_marks[seq.slow] = self._slow_marks.get(seq.slow, 0) + 1
         if seq.max_tokens <= 0:  # nothing to generate
@@ -223,9 +226,15 @@ class Engine:
             with contextlib.suppress(ValueError):
                 self.running.remove(seq)
         seq.state = State.FINISHED
-        self._unmark_slow(seq)
+        self._release(seq)
 
-    def _unmark_slow(self, seq: Seq) -> None:
+    def session_busy(self, session_id: int) -> bool:
+        """Whether a request with this explicit session_id is still active (LMDeploy then refuses another)."""
+        return session_id >= 0 and session_id in self.sessions
+
+    def _release(self, seq: Seq) -> None:
+        if seq.session_id >= 0 and self.sessions.get(seq.session_id) is seq:
+            del self.sessions[seq.session_id]
         if seq.slow != 1.0:
             left = self._slow_marks.get(seq.slow, 0) - 1
             if left > 0:
@@ -330,7 +339,7 @@ class Engine:
             self.cache.insert(seq.hashes + block_hashes(full, bs, start, prev))
         seq.state = State.FINISHED
         seq.finish_reason = reason
-        self._unmark_slow(seq)
+        self._release(seq)
         self.stats.completed += 1
         self.stats.success_by_reason[REASON_FINISH] += 1
         _wake(seq)

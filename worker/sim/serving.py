@@ -67,6 +67,20 @@ def _session_id(body: dict[str, Any]) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else -1
 
 
+def _check_sampling(body: dict[str, Any]) -> None:
+    """LMDeploy's sampling checks (same messages), so a router sees the same 400s as from the real server."""
+    n, top_p, top_k, temp = body.get("n"), body.get("top_p"), body.get("top_k"), body.get("temperature")
+    num = (int, float)
+    if n is not None and (not isinstance(n, int) or n <= 0):
+        raise BadRequest(400, f"The n {n!r} must be a positive int.")
+    if top_p is not None and (not isinstance(top_p, num) or not 0 < top_p <= 1):
+        raise BadRequest(400, f"The top_p {top_p!r} must be in (0, 1].")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        raise BadRequest(400, f"The top_k {top_k!r} cannot be a negative integer.")
+    if temp is not None and (not isinstance(temp, num) or not 0 <= temp <= 2):
+        raise BadRequest(400, f"The temperature {temp!r} must be in [0, 2]")
+
+
 def _include_usage(body: dict[str, Any]) -> bool:
     opts = body.get("stream_options")
     return bool(isinstance(opts, dict) and opts.get("include_usage"))
@@ -87,12 +101,15 @@ async def _serve(request: web.Request, parse: Any, need_model: bool = True) -> w
         return error_response(e.status, e.message)
     except PromptError as e:
         return error_response(400, str(e))
+    if st.engine.session_busy(session_id):
+        return error_response(400, f"The session_id {session_id!r} is occupied.")
     return await generate(request, st, fmt, prompt, max_tokens, stream, session_id, outcome)
 
 
 def _parse_chat(body: dict[str, Any], st: SimState) -> tuple[Format, str, int, bool, int]:
     if "messages" not in body:
         raise BadRequest(400, "The 'messages' field is required")
+    _check_sampling(body)
     prompt = render_chat(body["messages"])
     mt = _max_tokens(body, ("max_completion_tokens", "max_tokens"), st.config.default_max_tokens)
     return (ChatFormat(st.config.model, _include_usage(body)), prompt, mt, bool(body.get("stream")), _session_id(body))
@@ -101,6 +118,7 @@ def _parse_chat(body: dict[str, Any], st: SimState) -> tuple[Format, str, int, b
 def _parse_completion(body: dict[str, Any], st: SimState) -> tuple[Format, str, int, bool, int]:
     if "prompt" not in body:
         raise BadRequest(400, "The 'prompt' field is required")
+    _check_sampling(body)
     prompt = render_completion(body["prompt"])
     mt = _max_tokens(body, ("max_completion_tokens", "max_tokens"), st.config.default_max_tokens)
     return (
@@ -117,6 +135,7 @@ def _parse_generate(body: dict[str, Any], st: SimState) -> tuple[Format, str, in
     ids = body.get("input_ids")
     if (prompt_in is None) == (ids is None):
         raise BadRequest(400, "You must specify exactly one of prompt or input_ids")
+    _check_sampling(body)
     prompt = render_completion(prompt_in if prompt_in is not None else ids)
     mt = _max_tokens(body, ("max_tokens", "request_output_len"), st.config.default_max_tokens)
     fmt = GenerateFormat(st.config.model, len(tokenize(prompt)))

@@ -1,0 +1,260 @@
+"""The proxy's lean HTTP/1.1 client against a real aiohttp server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from proxy.upstream import UpstreamConnectError, UpstreamDisconnected, UpstreamPool
+from tests.procs import free_port
+
+
+class Server:
+    def __init__(self) -> None:
+        self.connections: set[object] = set()
+        self.disconnects = 0
+        self.requests = 0
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    srv = Server()
+
+    async def fixed(request: web.Request) -> web.Response:
+        srv.requests += 1
+        srv.connections.add(request.transport)
+        body = await request.read()
+        return web.json_response({"echo": body.decode(), "ct": request.headers.get("Content-Type")})
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        srv.requests += 1
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        n = int(request.query.get("n", "5"))
+        try:
+            for i in range(n):
+                await resp.write(f"data: {i}\n\n".encode())
+                await asyncio.sleep(float(request.query.get("gap", "0")))
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            srv.disconnects += 1
+            raise
+        await resp.write_eof()
+        return resp
+
+    async def no_content(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async def big(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.Response(body=body * 3)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/fixed", fixed)
+    app.router.add_post("/stream", chunked)
+    app.router.add_post("/empty", no_content)
+    app.router.add_post("/big", big)
+    runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=75)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", srv.port).start()
+    yield srv
+    await runner.cleanup()
+
+
+async def test_content_length_and_keep_alive(server: Server) -> None:
+    pool = UpstreamPool()
+    try:
+        for i in range(5):
+            r = await pool.post(server.url + "/fixed", f"hello {i}".encode(), {"Content-Type": "application/json"})
+            assert r.status == 200 and r.headers["content-type"].startswith("application/json")
+            assert "Content-Type" in r.headers
+            assert b'"echo": "hello %d"' % i in await r.read()
+            r.release()
+        assert server.requests == 5
+        assert len(server.connections) == 1, "sequential requests must reuse one keep-alive connection"
+    finally:
+        await pool.close()
+
+
+async def test_chunked_stream_arrives_in_pieces(server: Server) -> None:
+    pool = UpstreamPool()
+    try:
+        r = await pool.post(server.url + "/stream?n=20&gap=0.005", b"{}")
+        pieces = []
+        while chunk := await r.content.readany():
+            pieces.append(chunk)
+        r.release()
+        body = b"".join(pieces)
+        assert body == b"".join(f"data: {i}\n\n".encode() for i in range(20)) + b"data: [DONE]\n\n"
+        assert len(pieces) > 3, "a stream must be delivered as it arrives, not all at the end"
+        # the connection is reusable after a complete chunked body
+        r2 = await pool.post(server.url + "/fixed", b"again")
+        assert b"again" in await r2.read()
+        r2.release()
+    finally:
+        await pool.close()
+
+
+async def test_release_before_end_hangs_up(server: Server) -> None:
+    """Releasing a response before its end closes the connection: the worker sees the client go away."""
+    pool = UpstreamPool()
+    try:
+        r = await pool.post(server.url + "/stream?n=1000&gap=0.01", b"{}")
+        assert (await r.content.readany()).startswith(b"data: 0")
+        r.release()
+        for _ in range(200):
+            if server.disconnects:
+                break
+            await asyncio.sleep(0.01)
+        assert server.disconnects == 1
+    finally:
+        await pool.close()
+
+
+async def test_no_content_large_body_and_refused(server: Server) -> None:
+    pool = UpstreamPool(connect_timeout=2)
+    try:
+        r = await pool.post(server.url + "/empty", b"")
+        assert r.status == 204 and await r.read() == b""
+        r.release()
+        payload = b"x" * (300 * 1024)
+        r = await pool.post(server.url + "/big", payload)
+        assert await r.read() == payload * 3
+        r.release()
+        with pytest.raises(UpstreamConnectError):
+            await pool.post(f"http://127.0.0.1:{free_port()}/fixed", b"{}")
+    finally:
+        await pool.close()
+
+
+async def test_stale_keep_alive_connection_is_retried_once() -> None:
+    """A worker that closes an idle keep-alive connection must not fail the next request."""
+    port = free_port()
+    served = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await reader.readuntil(b"\r\n\r\n")
+        served += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # closes without saying Connection: close, like a worker timing out keep-alive
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", port)
+    pool = UpstreamPool()
+    try:
+        for _ in range(3):
+            r = await pool.post(f"http://127.0.0.1:{port}/", b"")
+            assert await r.read() == b"ok"
+            r.release()
+            await asyncio.sleep(0.02)  # let the close arrive so the next try finds a dead pooled connection
+        assert served == 3
+    finally:
+        await pool.close()
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_disconnect_before_answer_raises() -> None:
+    port = free_port()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.transport.abort()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", port)
+    pool = UpstreamPool()
+    try:
+        with pytest.raises(UpstreamDisconnected):
+            await pool.post(f"http://127.0.0.1:{port}/", b"{}")
+    finally:
+        await pool.close()
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_close_delimited_body() -> None:
+    port = free_port()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart one ")
+        await writer.drain()
+        writer.write(b"part two")
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", port)
+    pool = UpstreamPool()
+    try:
+        r = await pool.post(f"http://127.0.0.1:{port}/", b"{}")
+        assert await r.read() == b"part one part two"
+        r.release()
+    finally:
+        await pool.close()
+        srv.close()
+        await srv.wait_closed()
+
+
+def test_chunk_parser_handles_any_split() -> None:
+    """Chunked framing split at every possible byte boundary (and byte by byte) decodes to the same body."""
+    from proxy.upstream import _Conn
+
+    raw = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n")
+
+    class FakePool:
+        def _forget(self, conn: object) -> None: ...
+
+    loop = asyncio.new_event_loop()
+    try:
+        splits = [[raw[:cut], raw[cut:]] for cut in range(1, len(raw))] + [[bytes([b]) for b in raw]]
+        for pieces in splits:
+            conn = _Conn(FakePool(), ("http", "h", 1))  # type: ignore[arg-type]
+            fut = loop.create_future()
+            conn._head_waiter = fut
+            for piece in pieces:
+                conn.data_received(piece)
+            resp = fut.result()
+            assert loop.run_until_complete(resp.read()) == b"hello, world", pieces
+            assert conn._resp is None and conn.keep_alive, "the response must end exactly at the last chunk"
+    finally:
+        loop.close()
+
+
+def test_under_uvloop() -> None:
+    """The proxy runs on uvloop, whose transports differ from asyncio's: exercise the client there too."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def go() -> bytes:
+        port = free_port()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                try:
+                    await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+                await writer.drain()
+
+        srv = await asyncio.start_server(handle, "127.0.0.1", port)
+        pool = UpstreamPool()
+        try:
+            out = b""
+            for _ in range(3):
+                r = await pool.post(f"http://127.0.0.1:{port}/", b"{}")
+                out += await r.read()
+                r.release()
+            return out
+        finally:
+            await pool.close()
+            srv.close()
+            await srv.wait_closed()
+
+    assert uvloop.run(go()) == b"abcabcabc"

@@ -235,3 +235,27 @@ def test_die_before_first_byte(tmp_path: object) -> None:
         assert proc.popen.returncode == 1
     finally:
         proc.kill()
+
+
+def test_refuse_on_an_open_connection(sim: Proc) -> None:
+    """Clearing happens in _clear_after, through the admin listener: the refused port takes no DELETE."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=3)
+    conn.request("POST", "/sim/faults", body=json.dumps({"mode": "refuse"}))
+    assert conn.getresponse().status == 200
+    conn.request("GET", "/sim/stats")  # /sim/* still answers on a connection opened before
+    assert json.loads(conn.getresponse().read())["faults"]["active"]["mode"] == "refuse"
+    conn.request("GET", "/health")  # everything else meets a dead port
+    with pytest.raises((ConnectionResetError, http.client.RemoteDisconnected)):
+        conn.getresponse()
+    conn.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", sim.port), timeout=3).close()
+
+
+@pytest.fixture(autouse=True)
+def _clear_after(admin_port: int, sim: Proc) -> Iterator[None]:
+    yield
+    http_json("DELETE", f"http://127.0.0.1:{admin_port}/sim/faults")
+    wait_until(lambda: http_json("GET", f"{sim.url}/health", timeout=1)[0] == 200, timeout=5, what="serving")

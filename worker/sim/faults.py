@@ -11,8 +11,9 @@ Modes (VALUE in brackets):
 ``refuse``
     Close the listening socket: new connections are refused (ECONNREFUSED).  A request that arrives on a
     connection that was already open is reset (TCP RST) without an answer, as a dead server's would be.
-    Clearing the fault listens again on the same port.  ``count`` does not apply; since /sim/faults is on the
-    refused port, use ``duration_s`` or ``--admin-port`` to clear it.
+    This holds for every path but /sim/*.  Clearing the fault listens again on the same port.  ``count``
+    does not apply; to clear it use ``duration_s``, the ``--admin-port`` listener, or a connection to the
+    main port that was opened before the fault (/sim/* still answers there).
 ``reset_before_first_byte``
     Accept the request, then reset the connection (RST) without sending a byte.
 ``die_before_first_byte``
@@ -204,10 +205,10 @@ class FaultState:
         f = self.current
         if f is None:
             return None
+        if f.mode == "refuse":  # a closed port is closed for every path
+            return f
         if not inference and (f.scope != "all" or f.mode not in PLAIN_MODES):
             return None
-        if f.mode == "refuse":
-            return f
         if self.remaining is not None:
             self.remaining -= 1
             if self.remaining <= 0:

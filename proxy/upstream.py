@@ -483,3 +483,4 @@ class UpstreamPool:
         for idle in self._idle.values():
             idle.clear()
         self._all.clear()
+        await asyncio.sleep(0)  # let the transports run their close callbacks before the loop may end

@@ -243,7 +243,8 @@ def test_refuse_on_an_open_connection(sim: Proc) -> None:
 
     conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=3)
     conn.request("POST", "/sim/faults", body=json.dumps({"mode": "refuse"}))
-    assert conn.getresponse().status == 200
+    first = conn.getresponse()
+    assert first.status == 200 and first.read()
     conn.request("GET", "/sim/stats")  # /sim/* still answers on a connection opened before
     assert json.loads(conn.getresponse().read())["faults"]["active"]["mode"] == "refuse"
     conn.request("GET", "/health")  # everything else meets a dead port

@@ -39,7 +39,7 @@ def build_state(config: SimConfig) -> SimState:
         was_refusing = old is not None and old.mode == "refuse"
         refusing = new is not None and new.mode == "refuse"
         if was_refusing != refusing and st.set_listening is not None:
-            st.spawn(st.set_listening(not refusing))
+            st.listener_change = st.spawn(st.set_listening(not refusing))
 
     st.faults.on_change = on_change
     return st
@@ -201,12 +201,14 @@ async def set_faults(request: web.Request) -> web.StreamResponse:
         kind = "invalid fault" if isinstance(e, FaultError) else "invalid JSON"
         return error_response(400, f"{kind}: {e}")
     st.faults.set(fault)
+    await st.settle()
     return web.json_response(st.faults.as_dict())
 
 
 async def clear_faults(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
     st.faults.clear()
+    await st.settle()
     return web.json_response(st.faults.as_dict())
 
 

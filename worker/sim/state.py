@@ -39,13 +39,20 @@ class SimState:
     # Set by main: closes / reopens the main listener for the `refuse` fault.
     set_listening: Callable[[bool], Awaitable[None]] | None = None
     admin_port: int | None = None
+    listener_change: asyncio.Future[object] | None = None  # the pending close/reopen for `refuse`
     _bg: set[asyncio.Future[object]] = field(default_factory=set)
 
-    def spawn(self, coro: Awaitable[object]) -> None:
+    def spawn(self, coro: Awaitable[object]) -> asyncio.Future[object]:
         """Run a background task and keep a reference to it until it ends."""
         task: asyncio.Future[object] = asyncio.ensure_future(coro)
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
+        return task
+
+    async def settle(self) -> None:
+        """Wait for a pending listener close/reopen, so /sim/faults answers once the fault is in force."""
+        if self.listener_change is not None:
+            await asyncio.shield(self.listener_change)
 
 
 STATE = web.AppKey("sim_state", SimState)

@@ -21,7 +21,7 @@ import aiohttp
 
 from bench import report
 from bench.client import RequestResult, make_session, send_chat
-from bench.fleet import Child, Fleet, free_port, spawn, wait_ready
+from bench.fleet import Child, Fleet, cpu_busy, cpu_times, free_port, spawn, wait_ready
 from bench.output import write_json
 from bench.peers import RouterSpec, build_launch, parse_routers
 from bench.plan import Plan, PlanError, build_plan, execute
@@ -119,7 +119,9 @@ async def run_one(
             progress=not args.quiet and sys.stderr.isatty(),
             label=f"{spec.label:<26}",
         )
+        cpu0 = cpu_times()
         results = await execute(plan, targets, opts)
+        busy = cpu_busy(cpu0, cpu_times())
         after = await fleet.request_counts(session)
         names = {u: f"w{i}" for i, u in enumerate(fleet.urls)}
         counts = {names[u]: after[u] - before[u] for u in after} if before and after else None
@@ -127,6 +129,7 @@ async def run_one(
             r.worker = names.get(r.url) if launch.pin_workers else names.get(r.worker or "", r.worker)
         dead = [c.name for c in [*children, *fleet.children] if not c.alive()]
         summary = summarize(results, counts)
+        summary["cpu_busy"] = busy
         if dead:
             summary["died"] = dead
         return summary, results

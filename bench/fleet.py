@@ -22,6 +22,24 @@ from bench.output import parse_prometheus
 REQUESTS_METRIC = "lmdeploy:request_success_total"
 
 
+def cpu_times() -> tuple[float, float] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [float(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_busy(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """Share of all cores busy between two cpu_times() readings: near 1.0 means the run was CPU-bound."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

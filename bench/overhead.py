@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import re
 import shutil
 import sys
@@ -119,7 +120,9 @@ def nginx_conf(d: Path, ports: list[int], model: str, stream: bool) -> Path:
     listens = "".join(f"    listen 127.0.0.1:{p};\n" for p in ports)
     temps = " ".join(f"{k}_temp_path {d / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     conf = d / "nginx.conf"
-    conf.write_text(f"""worker_processes 1;
+    # As root, nginx drops its worker to `nobody`, which cannot read a private temp dir: keep our own user.
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
+    conf.write_text(f"""{user}worker_processes 1;
 daemon off;
 pid {d / "nginx.pid"};
 error_log {d / "error.log"} warn;
@@ -285,7 +288,7 @@ async def measure(url: str, args: argparse.Namespace, d: Path, model: str, strea
     body = request_body(model, stream)
     target = url + "/v1/chat/completions"
     async with aiohttp.ClientSession() as s:  # ready means it relays one request
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 30
         while True:
             try:
                 async with s.post(target, json=body) as resp:
@@ -300,7 +303,7 @@ async def measure(url: str, args: argparse.Namespace, d: Path, model: str, strea
             await asyncio.sleep(0.3)
     if shutil.which("wrk"):
         script = wrk_script(d, body)
-        await wrk_load(target, script, args.connections, 2, args.pin_cores)  # warm-up
+        await wrk_load(target, script, args.connections, min(2.0, args.duration), args.pin_cores)  # warm-up
         return await wrk_load(target, script, args.connections, args.duration, args.pin_cores)
     if args.pin_cores:
         os.sched_setaffinity(0, {int(LOAD_CPUS)})

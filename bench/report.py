@@ -76,6 +76,7 @@ def compare(runs: Mapping[str, Mapping[str, Any]]) -> str:
         "tok/s",
         "hit %",
         "imbal",
+        "cpu %",
     ]
     rows = []
     for name, s in runs.items():
@@ -96,9 +97,13 @@ def compare(runs: Mapping[str, Mapping[str, Any]]) -> str:
                 _f(s["output_tokens_per_s"], 0),
                 _f(s["hit_rate"] * 100, 1),
                 _f(s.get("imbalance"), 2),
+                _f(s["cpu_busy"] * 100, 0) if s.get("cpu_busy") is not None else "-",
             ]
         )
-    return table(headers, rows) + "\n(latencies in ms; imbal = max/mean requests per worker)"
+    return (
+        table(headers, rows)
+        + "\n(latencies in ms; imbal = max/mean requests per worker; cpu = whole machine busy during the run)"
+    )
 
 
 def overhead(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -151,3 +151,31 @@ def test_compare_on_fresh_fleets(tmp_path: Path) -> None:
         assert set(s["workers"]) == {"w0", "w1"} and sum(s["workers"].values()) == 8
     assert runs["turbofleet:round_robin"]["imbalance"] == pytest.approx(1.0)  # 4 and 4
     assert data["machine"]["cpus"] >= 1
+
+
+def test_overhead_direct_and_turbofleet(tmp_path: Path) -> None:
+    out = tmp_path / "ovh.json"
+    rc = bench(
+        [
+            "overhead",
+            "--routers",
+            "turbofleet:round_robin",
+            "--duration",
+            "1",
+            "--connections",
+            "4",
+            "--json",
+            str(out),
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ]
+    )
+    data = json.loads(out.read_text())
+    rows = {r["router"]: r for r in data["rows"]}
+    if "skipped" in rows.get("turbofleet:round_robin", {}):
+        pytest.skip(f"turbofleet proxy did not start: {rows['turbofleet:round_robin']['skipped']}")
+    assert rc == 0
+    assert set(rows) == {"direct", "turbofleet:round_robin"}
+    for r in rows.values():
+        assert r["requests_per_s"] > 0 and r["errors"] == 0 and r["p50_ms"] > 0
+    assert data["rows"][0]["tool"] in ("wrk", "python")

@@ -127,3 +127,12 @@ def test_generated_backend_files(tmp_path: Path) -> None:
         "model": "m",
         "stream": False,
     }
+
+
+def test_cpu_busy() -> None:
+    from bench.fleet import cpu_busy, cpu_times
+
+    assert cpu_busy((10.0, 100.0), (60.0, 200.0)) == pytest.approx(0.5)
+    assert cpu_busy(None, (1.0, 2.0)) is None and cpu_busy((1.0, 2.0), (1.0, 2.0)) is None
+    now = cpu_times()
+    assert now is None or 0 <= now[0] <= now[1]

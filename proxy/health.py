@@ -4,11 +4,14 @@ Ejection is this replica's own judgement (as in Envoy): it is an overlay on the 
 memory, so it works the same with or without Redis and costs no I/O on the request path.
 
 - Passive: `eject_consecutive_failures` failed tries in a row eject a worker for `eject_base_s` × the number
-  of times it was ejected, capped at `eject_max_s`. When that time is up the worker is tried again.
+  of times it was ejected, capped at `eject_max_s`. When that time is up the worker is tried again. The
+  multiplier shrinks by one for every `eject_base_s` the worker then goes without an ejection, so an old
+  incident does not make the next blip expensive.
 - Active: every `health_interval` each worker's `/health` is fetched; `unhealthy_threshold` failures in a row
-  eject it until `healthy_threshold` passes in a row bring it back. A blip never removes a worker for good.
+  take it out until `healthy_threshold` passes in a row bring it back. Coming back from a failed state also
+  ends a passive ejection (Envoy's successful_active_health_check_uneject_host): the outage is over.
 - Never the last: a worker is not ejected when it is the last ready one of any model it serves, and never more
-  than `eject_max_fraction` of a model's workers are out at once.
+  than `eject_max_fraction` of a model's workers are out at once. A blip never removes a worker for good.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -53,6 +57,9 @@ class Outliers:
         self._clock = clock
         self._states: dict[str, _State] = {}
         self._out: frozenset[str] = frozenset()
+        #: when the earliest passive ejection among those out ends (the out-set must be rebuilt then)
+        self._recheck_at = math.inf
+        self._applied: tuple[Sequence[WorkerView], frozenset[str], Sequence[WorkerView]] | None = None
 
     # ---------------------------------------------------------------- passive
     def success(self, worker: str) -> None:
@@ -64,15 +71,24 @@ class Outliers:
         st = self._states.setdefault(worker, _State())
         st.consecutive_failures += 1
         st.last_reason = reason
-        if (st.consecutive_failures >= self.settings.eject_consecutive_failures and not self._is_out(st)
-                and self._may_eject(worker)):
-            st.times_ejected += 1
-            span = min(self.settings.eject_base_s * st.times_ejected, self.settings.eject_max_s)
-            st.ejected_until = self._clock() + span
-            st.consecutive_failures = 0
-            self._refresh()
-            self.metrics.inc("turbofleet_ejections_total", cause="passive")
-            log.warning("ejected %s for %.0fs after repeated failures (%s)", worker, span, reason)
+        if st.consecutive_failures < self.settings.eject_consecutive_failures:
+            return
+        now = self._clock()
+        if st.down or st.ejected_until > now or not self._may_eject(worker):
+            return
+        base = self.settings.eject_base_s
+        if st.times_ejected and base > 0:
+            # one step back for every base period the worker has been in since its last ejection ended
+            calm = int((now - st.ejected_until) // base)
+            st.times_ejected = max(0, st.times_ejected - calm)
+        st.times_ejected += 1
+        span = min(base * st.times_ejected, self.settings.eject_max_s)
+        st.ejected_until = now + span
+        st.consecutive_failures = 0
+        self._refresh()
+        self.metrics.inc("turbofleet_ejections_total", cause="passive")
+        log.warning("ejected %s for %gs (ejection %d) after repeated failures (%s)", worker, span,
+                    st.times_ejected, reason)
 
     # ---------------------------------------------------------------- active
     def check_result(self, worker: str, ok: bool, reason: str = "") -> None:
@@ -82,6 +98,9 @@ class Outliers:
             st.check_passes += 1
             if st.down and st.check_passes >= self.settings.healthy_threshold:
                 st.down = False
+                # the outage that failed the checks is over: requests may go there again at once
+                st.consecutive_failures = 0
+                st.ejected_until = min(st.ejected_until, self._clock())
                 self._refresh()
                 log.info("worker %s is healthy again", worker)
             return
@@ -100,17 +119,34 @@ class Outliers:
             self._refresh()
 
     # ---------------------------------------------------------------- views
-    def _is_out(self, st: _State) -> bool:
-        return st.down or st.ejected_until > self._clock()
-
     def _refresh(self) -> None:
-        self._out = frozenset(w for w, st in self._states.items() if self._is_out(st))
+        now = self._clock()
+        out: list[str] = []
+        recheck = math.inf
+        for w, st in self._states.items():
+            if st.down:
+                out.append(w)
+            elif st.ejected_until > now:
+                out.append(w)
+                recheck = min(recheck, st.ejected_until)
+        self._out = frozenset(out)
+        self._recheck_at = recheck
 
     def out(self) -> frozenset[str]:
-        """Workers out right now. Passive ejections end by time, so recheck those lazily."""
-        if self._out:
+        """Workers out right now. Passive ejections end by time: the set is rebuilt when the first one ends."""
+        if self._out and self._clock() >= self._recheck_at:
             self._refresh()
         return self._out
+
+    def state(self, worker: str) -> dict[str, object]:
+        """This replica's health view of one worker (for /nodes/status and tests)."""
+        st = self._states.get(worker)
+        if st is None:
+            return {"out": False}
+        left = st.ejected_until - self._clock()
+        return {"out": worker in self.out(), "down": st.down, "ejected_for_s": round(max(0.0, left), 3),
+                "times_ejected": st.times_ejected, "consecutive_failures": st.consecutive_failures,
+                "reason": st.last_reason}
 
     def reason(self, worker: str) -> str:
         st = self._states.get(worker)
@@ -121,7 +157,12 @@ class Outliers:
         out = self.out()
         if not out:
             return views
-        return tuple(replace(v, state=EJECTED) if v.id in out and v.state == READY else v for v in views)
+        cached = self._applied
+        if cached is not None and cached[0] is views and cached[1] is out:
+            return cached[2]
+        applied = tuple(replace(v, state=EJECTED) if v.id in out and v.state == READY else v for v in views)
+        self._applied = (views, out, applied)
+        return applied
 
     def _may_eject(self, worker: str) -> bool:
         """Never eject the last ready worker of a model, nor more than the allowed fraction of one."""

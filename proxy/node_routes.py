@@ -221,6 +221,7 @@ def node_status(app: web.Application) -> dict[str, dict[str, Any]]:
             "speed": None,
             "state": state,
             "reason": outliers.reason(rec.url) if rec.url in out_now else "",
+            "health": outliers.state(rec.url),
             "source": rec.source,
             "running": rec.running,
             "waiting": rec.waiting,

@@ -3,12 +3,16 @@
 Everything a request can go through lives here, in one place:
 - routing on the registry's local snapshot (no I/O before the decision);
 - the in-flight count, acquired right after the decision and released exactly once, on every path;
-- retries on another worker while nothing has reached the client yet (connect refused/reset, first-byte
-  timeout, 429/502/503 from the worker), bounded by `max_tries` and by a retry budget;
-- timeouts: connect, first byte (longer for long prompts), idle gap between chunks, whole non-streaming body;
+- retries on another worker while nothing has reached the client yet (connect refused/reset, a broken or
+  empty answer, a first-byte timeout on a stream, 429/502/503 from the worker), bounded by `max_tries` and by
+  a retry budget; never once a byte went to the client;
+- timeouts, one timer per try (`_Deadline`): connect; first byte (longer for long prompts); idle gap between
+  chunks; the whole answer of a non-streaming request;
 - client disconnects: the handler is cancelled (aiohttp handler_cancellation), which closes the upstream
-  connection at once, so the worker stops generating;
-- mid-stream failures: an OpenAI-style error event inside the SSE stream, then a clean end.
+  connection at once, so the worker stops generating, also while still waiting for the first byte;
+- mid-stream failures: an OpenAI-style error event inside the SSE stream, then `data: [DONE]` and a clean end;
+- graceful shutdown: `abort_all` ends what is still in flight when the grace period is over (503 before the
+  first byte, an SSE error event after it).
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ from aiohttp import web
 from balancer.policy import Decision, Outcome, Policy, RouteRequest, RoutingError, WorkerView, route
 
 from .config import Settings
-from .errors import NoWorkerAvailable, TooManyRequests, UpstreamFailed, UpstreamTimeout, sse_error_event
+from .errors import (
+    NoWorkerAvailable,
+    ProxyError,
+    TooManyRequests,
+    UpstreamFailed,
+    UpstreamTimeout,
+    sse_error_event,
+)
 from .health import Outliers
 from .metrics import Metrics
 from .registry.base import Registry
@@ -36,12 +47,16 @@ log = logging.getLogger("turbofleet.relay")
 
 #: statuses from a worker that mean "try another one" (the worker did not do the work)
 RETRYABLE_STATUS = frozenset({429, 502, 503})
+#: what reading from or writing to a worker raises when it fails (OSError: resets below aiohttp's wrappers)
+UPSTREAM_ERRORS = (aiohttp.ClientError, OSError)
 #: response headers worth passing on from the worker
 PASS_HEADERS = ("Content-Type", "Retry-After")
 ROUTE_HEADER = "X-Turbofleet-Route"
 WORKER_HEADER = "X-Turbofleet-Worker"
 #: OpenAI streaming routes, whose streams always end with `data: [DONE]`
 SSE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+#: why a deadline ended a try
+TIMEOUT, SHUTDOWN = "timeout", "shutdown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,14 +74,85 @@ class Facts:
 class _Retry(Exception):
     """An upstream try failed before any byte reached the client; another worker may be tried."""
 
-    def __init__(self, reason: str, error: Exception) -> None:
+    def __init__(self, reason: str, error: ProxyError) -> None:
         super().__init__(reason)
         self.reason = reason
         self.error = error
 
 
+def _shutting_down() -> ProxyError:
+    return ProxyError("The proxy is shutting down; retry on another replica.", status=503, code="shutting_down",
+                      headers={"Retry-After": "1"})
+
+
+class _Deadline:
+    """One timer per try that cancels the try's task when the worker makes no progress in time: first within
+    the first-byte budget, then within the idle gap between chunks.
+
+    Marking progress is a float store (`last = loop.time()`), so relaying a chunk costs no timer churn;
+    `asyncio.timeout(...).reschedule()` would create a new timer per chunk. The timer re-arms itself lazily.
+    """
+
+    __slots__ = ("_base", "_due", "_handle", "_loop", "_span", "_task", "last", "why")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, span: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._loop = loop
+        self._task = task
+        self._base = task.cancelling()
+        self._span = span
+        self.last = loop.time()
+        self._due = self.last + span
+        self.why: str | None = None
+        self._handle = loop.call_at(self._due, self._check)
+
+    def rearm(self, span: float) -> None:
+        """From now on allow `span` seconds between marks."""
+        self._span = span
+        self.last = now = self._loop.time()
+        if now + span < self._due:  # the pending timer would fire too late
+            self._handle.cancel()
+            self._due = now + span
+            self._handle = self._loop.call_at(self._due, self._check)
+
+    def _check(self) -> None:
+        due = self.last + self._span
+        if self._loop.time() + 0.001 >= due:  # timers may fire a hair early (millisecond resolution)
+            self._fire(TIMEOUT)
+        else:
+            self._due = due
+            self._handle = self._loop.call_at(due, self._check)
+
+    def _fire(self, why: str) -> None:
+        if self.why is None:
+            self.why = why
+            self._task.cancel()
+
+    def abort(self) -> None:
+        """End the try now: the proxy is shutting down."""
+        self._handle.cancel()
+        self._fire(SHUTDOWN)
+
+    def caught(self) -> str | None:
+        """Call on CancelledError. Returns why this deadline cancelled the task (the caller then handles it
+        instead of the CancelledError), or None when someone else cancelled it too: the client went away."""
+        why = self.why
+        if why is None:
+            return None
+        self.why = None
+        self._handle.cancel()
+        if self._task.uncancel() > self._base:
+            return None
+        return why
+
+    def close(self) -> None:
+        self._handle.cancel()
+
+
 class Relay:
-    """Owns the request path. One instance per app; state here is only counters for the retry budget."""
+    """Owns the request path. One instance per app; its state is counters (in flight, retrying) and the live
+    tries, which shutdown may have to end."""
 
     def __init__(self, *, session: aiohttp.ClientSession, registry: Registry, policy: Policy,
                  settings: Settings, metrics: Metrics, outliers: Outliers) -> None:
@@ -77,7 +163,13 @@ class Relay:
         self.metrics = metrics
         self.outliers = outliers
         self.active = 0
+        #: retries waiting for their first byte (the retry budget counts these)
         self.retrying = 0
+        #: set once shutdown gave up waiting: new requests get 503
+        self.closed = False
+        self._live: set[_Deadline] = set()
+        # only the TCP handshake: waiting for a pooled connection is part of the first-byte budget
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout)
 
     # ------------------------------------------------------------------ routing
     def _decide(self, route_req: RouteRequest, exclude: set[str]) -> Decision:
@@ -95,6 +187,14 @@ class Relay:
         budget = max(self.settings.retry_min_concurrency, int(self.settings.retry_budget * self.active))
         return self.retrying < budget
 
+    def abort_all(self) -> int:
+        """Shutdown gave up waiting: end every try in flight (503, or an SSE error event once streaming)."""
+        self.closed = True
+        live = list(self._live)
+        for dl in live:
+            dl.abort()
+        return len(live)
+
     # ------------------------------------------------------------------ entry point
     async def forward(self, request: web.Request, path: str, body: bytes, facts: Facts) -> web.StreamResponse:
         """Serve one inference request: route, forward, relay, and account for it exactly once."""
@@ -102,6 +202,8 @@ class Relay:
         if limit and self.active >= limit:
             raise TooManyRequests("The proxy is at its concurrency limit; retry later.",
                                   headers={"Retry-After": "1"})
+        if self.closed:
+            raise _shutting_down()
         self.active += 1
         started = time.monotonic()
         status = 500
@@ -112,7 +214,7 @@ class Relay:
             status = 499
             self.metrics.inc("turbofleet_client_disconnects_total")
             raise
-        except (RoutingError, web.HTTPException) as e:
+        except (RoutingError, ProxyError) as e:
             status = e.status
             raise
         except Exception as e:
@@ -131,38 +233,28 @@ class Relay:
                                  prompt_tokens=facts.prompt_tokens)
         tried: set[str] = set()
         last: _Retry | None = None
-        retrying = False
-        try:
-            for attempt in range(max(1, self.settings.max_tries)):
-                if attempt:
-                    if not self._retry_allowed():
-                        self.metrics.inc("turbofleet_retry_budget_exhausted_total")
-                        break
-                    if not retrying:
-                        retrying = True
-                        self.retrying += 1
-                try:
-                    decision = self._decide(route_req, tried)
-                except NoWorkerAvailable:
-                    if last is not None:
-                        break
-                    raise
-                tried.add(decision.worker_id)
-                if attempt:
-                    log.info("retry %d of %s on %s after %s", attempt, path, decision.worker_id,
-                             last.reason if last else "?")
-                try:
-                    return await self._try(request, path, body, facts, decision, route_req)
-                except _Retry as r:
-                    last = r
-                    self.metrics.inc("turbofleet_retries_total", reason=r.reason)
-                    # a pin to a failing worker must not keep the session there
+        for attempt in range(max(1, self.settings.max_tries)):
+            if attempt and not self._retry_allowed():
+                self.metrics.inc("turbofleet_retry_budget_exhausted_total")
+                break
+            try:
+                decision = self._decide(route_req, tried)
+            except (NoWorkerAvailable, RoutingError):
+                if last is not None:  # the first failure says more than "nobody left to try"
+                    break
+                raise
+            tried.add(decision.worker_id)
+            if last is not None:
+                self.metrics.inc("turbofleet_retries_total", reason=last.reason)
+                log.info("retry %d of %s on %s after %s", attempt, path, decision.worker_id, last.reason)
+            try:
+                return await self._try(request, path, body, facts, decision, route_req, attempt > 0)
+            except _Retry as r:
+                last = r
+                if route_req.pinned_worker is not None:  # a pin to a failing worker must not hold the session
                     route_req = RouteRequest(model=route_req.model, session_key=route_req.session_key,
                                              prefix_hashes=route_req.prefix_hashes, pinned_worker=None,
                                              prompt_tokens=route_req.prompt_tokens)
-        finally:
-            if retrying:
-                self.retrying -= 1
         assert last is not None
         raise last.error
 
@@ -177,82 +269,113 @@ class Relay:
 
     def _first_byte_budget(self, facts: Facts) -> float:
         if not facts.stream:
+            # a non-streaming answer has no early byte: LMDeploy answers when the generation is done
             return self.settings.request_timeout
         return self.settings.first_byte_timeout + self.settings.first_byte_timeout_per_token * facts.prompt_tokens
 
     async def _try(self, request: web.Request, path: str, body: bytes, facts: Facts, decision: Decision,
-                   route_req: RouteRequest) -> tuple[web.StreamResponse, int]:
+                   route_req: RouteRequest, retry: bool) -> tuple[web.StreamResponse, int]:
         """One try on one worker. Returns the response and the status to account it under (a stream that
         broke mid-way went out as 200 but is counted as the error it ended with)."""
         worker = decision.worker_id
-        await self.registry.acquire(worker, facts.session_key, decision.pin)
-        trace = _Trace(t0=time.monotonic())
+        trace = _Trace(t0=time.monotonic(), retry=retry)
+        if retry:
+            self.retrying += 1
         try:
-            upstream = await self._open(worker, path, body, request, facts)
+            await self.registry.acquire(worker, facts.session_key, decision.pin)
             try:
-                if upstream.status in RETRYABLE_STATUS:
-                    text = await _read_small(upstream)
-                    self.outliers.failure(worker, f"status {upstream.status}")
-                    raise _Retry(f"status_{upstream.status}",
-                                 UpstreamFailed(_upstream_message(text, upstream.status), status=upstream.status,
-                                                headers=_retry_after(upstream)))
-                if facts.stream and upstream.status == 200:
-                    resp = await self._relay_stream(request, upstream, worker, decision.reason, facts, path, trace)
-                else:
-                    resp = await self._relay_whole(upstream, worker, decision.reason, trace)
+                resp = await self._exchange(request, path, body, facts, worker, decision.reason, trace)
                 if trace.ok:
                     self.outliers.success(worker)
                 return resp, trace.status
+            except asyncio.CancelledError:
+                trace.status = 499
+                raise
             finally:
-                upstream.release()
+                # exactly once per acquire: success, retry, error, or the client going away (CancelledError)
+                await self.registry.release(worker, facts.session_key)
+                self.metrics.inc("turbofleet_upstream_tries_total", outcome=trace.outcome())
+                usage = trace.usage
+                self.policy.observe(Outcome(
+                    worker_id=worker, prefix_hashes=route_req.prefix_hashes, ok=trace.ok,
+                    latency_s=time.monotonic() - trace.t0, ttft_s=trace.ttft,
+                    prompt_tokens=_int(usage, "prompt_tokens"),
+                    cached_tokens=_cached_tokens(usage),
+                ))
         finally:
-            # exactly once per acquire: success, retry, error, or the client going away (CancelledError)
-            await self.registry.release(worker, facts.session_key)
-            self.metrics.inc("turbofleet_upstream_tries_total", outcome="ok" if trace.ok else "failed")
-            usage = trace.usage
-            self.policy.observe(Outcome(
-                worker_id=worker, prefix_hashes=route_req.prefix_hashes, ok=trace.ok,
-                latency_s=time.monotonic() - trace.t0, ttft_s=trace.ttft,
-                prompt_tokens=_int(usage, "prompt_tokens"),
-                cached_tokens=_cached_tokens(usage),
-            ))
+            if trace.retry:
+                self.retrying -= 1
 
-    async def _open(self, worker: str, path: str, body: bytes, request: web.Request,
-                    facts: Facts) -> aiohttp.ClientResponse:
-        """Send the request; failures here happen before any byte reached the client, so they may retry."""
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout,
-                                        connect=self.settings.connect_timeout)
+    async def _exchange(self, request: web.Request, path: str, body: bytes, facts: Facts, worker: str,
+                        reason: str, trace: _Trace) -> web.StreamResponse:
+        """Send the request and relay the answer, under one deadline."""
+        loop = asyncio.get_running_loop()
         budget = self._first_byte_budget(facts)
+        dl = _Deadline(loop, budget)
+        self._live.add(dl)
+        upstream: aiohttp.ClientResponse | None = None
         try:
-            async with asyncio.timeout(budget):
-                return await self.session.post(worker + path, data=body, headers=self._headers(request),
-                                               timeout=timeout, allow_redirects=False)
-        except TimeoutError as e:
-            self.outliers.failure(worker, "first-byte timeout")
-            raise _Retry("first_byte_timeout",
-                         UpstreamTimeout(f"The worker did not answer within {budget:.0f}s.")) from e
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
-            self.outliers.failure(worker, type(e).__name__)
-            raise _Retry("connect", UpstreamFailed(f"The worker could not be reached: {type(e).__name__}.")) from e
+            # ---- before the first byte reaches the client: every failure here may be retried
+            try:
+                upstream = await self.session.post(worker + path, data=body, headers=self._headers(request),
+                                                   timeout=self._timeout, allow_redirects=False)
+                status = upstream.status
+                if status in RETRYABLE_STATUS:
+                    text = await upstream.content.read(64 * 1024)
+                    if status != 429:  # 429 is load shedding, not a fault: it does not count towards ejection
+                        self.outliers.failure(worker, f"status {status}")
+                    raise _Retry(f"status_{status}", UpstreamFailed(_upstream_message(text, status), status=status,
+                                                                   headers=_retry_after(upstream)))
+                if facts.stream and status == 200:
+                    first = await upstream.content.readany()
+                    if not first:
+                        self.outliers.failure(worker, "empty stream")
+                        raise _Retry("empty_stream", UpstreamFailed("The worker closed the stream without data."))
+                else:
+                    data = await upstream.read()
+            except asyncio.CancelledError:
+                why = dl.caught()
+                if why is None:
+                    raise  # the client went away
+                if why == SHUTDOWN:
+                    raise _shutting_down() from None
+                self.outliers.failure(worker, "first-byte timeout" if facts.stream else "request timeout")
+                if not facts.stream:
+                    # the whole-answer cap is spent: another try would double the client's wait (no retry)
+                    raise UpstreamTimeout(f"The worker did not answer within {budget:g}s.") from None
+                raise _Retry("first_byte_timeout", UpstreamTimeout(
+                    f"The worker sent no token within {budget:g}s.")) from None
+            except UPSTREAM_ERRORS as e:
+                self.outliers.failure(worker, type(e).__name__)
+                if upstream is None:
+                    raise _Retry(_before_answer(e), UpstreamFailed(
+                        f"The worker could not be reached: {type(e).__name__}.")) from e
+                # nothing went to the client yet, so another worker may still save the request
+                raise _Retry("broken", UpstreamFailed(
+                    f"The worker broke the connection before answering: {type(e).__name__}.")) from e
+            trace.ttft = time.monotonic() - trace.t0
+            self.metrics.observe("turbofleet_ttft_seconds", trace.ttft)
+            if trace.retry:  # the retry got its answer: it no longer counts against the budget
+                trace.retry = False
+                self.retrying -= 1
+            if facts.stream and status == 200:
+                return await self._relay_stream(request, upstream, worker, reason, path, trace, first, dl)
+            return self._whole(upstream, data, worker, reason, trace)
+        finally:
+            dl.close()
+            self._live.discard(dl)
+            if upstream is not None:
+                upstream.release()  # back to the pool when read to the end; closed otherwise
 
-    async def _relay_whole(self, upstream: aiohttp.ClientResponse, worker: str, reason: str,
-                           trace: _Trace) -> web.StreamResponse:
-        """Non-streaming (or an error status on a stream): buffer the body, then answer in one piece."""
-        try:
-            async with asyncio.timeout(self.settings.request_timeout):
-                data = await upstream.read()
-        except TimeoutError as e:
-            self.outliers.failure(worker, "body timeout")
-            raise _Retry("body_timeout", UpstreamTimeout("The worker did not finish in time.")) from e
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
-            # nothing was sent to the client yet, so another worker may still save the request
-            self.outliers.failure(worker, type(e).__name__)
-            raise _Retry("broken_body", UpstreamFailed("The worker broke the connection mid-response.")) from e
-        trace.ttft = time.monotonic() - trace.t0
-        self.metrics.observe("turbofleet_ttft_seconds", trace.ttft)
-        trace.status = upstream.status
-        trace.ok = upstream.status < 500
-        if upstream.status == 200 and b'"usage"' in data:
+    def _whole(self, upstream: aiohttp.ClientResponse, data: bytes, worker: str, reason: str,
+               trace: _Trace) -> web.Response:
+        """A complete answer (non-streaming, or an error status on a stream), sent in one piece."""
+        status = upstream.status
+        trace.status = status
+        trace.ok = status < 500
+        if not trace.ok:  # a worker answering 5xx to everything is as broken as one that is down
+            self.outliers.failure(worker, f"status {status}")
+        if status == 200 and b'"usage"' in data:
             try:
                 parsed = json.loads(data)
                 usage = parsed.get("usage") if isinstance(parsed, dict) else None
@@ -262,69 +385,78 @@ class Relay:
         headers = {h: upstream.headers[h] for h in PASS_HEADERS if h in upstream.headers}
         headers[ROUTE_HEADER] = reason
         headers[WORKER_HEADER] = worker
-        return web.Response(status=upstream.status, body=data, headers=headers)
+        return web.Response(status=status, body=data, headers=headers)
 
     async def _relay_stream(self, request: web.Request, upstream: aiohttp.ClientResponse, worker: str,
-                            reason: str, facts: Facts, path: str, trace: _Trace) -> web.StreamResponse:
-        """Pass SSE bytes through as they arrive. The downstream headers go out with the first chunk, so a
-        failure before it can still be retried elsewhere."""
+                            reason: str, path: str, trace: _Trace, first: bytes,
+                            dl: _Deadline) -> web.StreamResponse:
+        """Pass SSE bytes through as they arrive. The downstream headers went nowhere before the first chunk,
+        so everything before it could still be retried; from here on a failure ends the stream with an error
+        event instead."""
+        idle = self.settings.idle_timeout
+        dl.rearm(idle)
+        loop = asyncio.get_running_loop()
         content = upstream.content
-        try:
-            async with asyncio.timeout(self._first_byte_budget(facts)):
-                first = await content.readany()
-        except TimeoutError as e:
-            self.outliers.failure(worker, "first-byte timeout")
-            raise _Retry("first_byte_timeout", UpstreamTimeout("The worker sent no token in time.")) from e
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
-            self.outliers.failure(worker, type(e).__name__)
-            raise _Retry("broken_stream",
-                         UpstreamFailed("The worker broke the stream before its first byte.")) from e
-        if not first:
-            self.outliers.failure(worker, "empty stream")
-            raise _Retry("empty_stream", UpstreamFailed("The worker closed the stream without data."))
-        trace.ttft = time.monotonic() - trace.t0
-        self.metrics.observe("turbofleet_ttft_seconds", trace.ttft)
-
         resp = web.StreamResponse(status=200, headers={
             "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
             "Cache-Control": "no-cache",
             ROUTE_HEADER: reason,
             WORKER_HEADER: worker,
         })
-        await resp.prepare(request)
-        await resp.write(first)
         prev, last = b"", first
-        idle = self.settings.idle_timeout
-        loop = asyncio.get_running_loop()
+        failed: BaseException | None = None
         trace.status = 502
         try:
-            async with asyncio.timeout(idle) as cm:
-                while True:
+            await resp.prepare(request)
+            await resp.write(first)
+            while True:
+                try:
                     chunk = await content.readany()
-                    if not chunk:
-                        break
-                    cm.reschedule(loop.time() + idle)
-                    await resp.write(chunk)
-                    prev, last = last, chunk
-        except TimeoutError:
-            self.outliers.failure(worker, "idle timeout")
-            trace.status = 504
-            await _end_with_error(resp, 504, f"The worker sent nothing for {idle:.0f}s.", "upstream_idle_timeout")
+                except UPSTREAM_ERRORS as e:
+                    failed = e
+                    break
+                if not chunk:
+                    break
+                dl.last = loop.time()
+                prev, last = last, chunk
+                await resp.write(chunk)
+            if failed is not None:
+                self.outliers.failure(worker, type(failed).__name__)
+                await _end_with_error(resp, 502, f"The worker failed mid-stream: {type(failed).__name__}.",
+                                      "upstream_failed")
+                return resp
+            tail = prev[-4096:] + last
+            trace.usage = _usage_from_sse_tail(tail)
+            if path in SSE_PATHS and not tail.rstrip().endswith(b"[DONE]"):
+                # the worker closed the connection without finishing the stream
+                self.outliers.failure(worker, "truncated stream")
+                await _end_with_error(resp, 502, "The worker ended the stream early.", "upstream_truncated")
+                return resp
+            trace.status, trace.ok = 200, True
+            await resp.write_eof()
             return resp
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-            self.outliers.failure(worker, type(e).__name__)
-            await _end_with_error(resp, 502, f"The worker failed mid-stream: {type(e).__name__}.", "upstream_failed")
+        except ConnectionError:
+            # a write to the client failed: it went away (aiohttp may not have cancelled the handler yet)
+            trace.status = 499
+            self.metrics.inc("turbofleet_client_disconnects_total")
             return resp
-        tail = prev[-4096:] + last
-        trace.usage = _usage_from_sse_tail(tail)
-        if path in SSE_PATHS and not tail.rstrip().endswith(b"[DONE]"):
-            # the worker closed the connection without finishing the stream
-            self.outliers.failure(worker, "truncated stream")
-            await _end_with_error(resp, 502, "The worker ended the stream early.", "upstream_truncated")
+        except asyncio.CancelledError:
+            why = dl.caught()
+            if why is None:
+                raise  # the client went away
+            transport = request.transport
+            if why == SHUTDOWN:
+                trace.status = 503
+                await _end_with_error(resp, 503, "The proxy is shutting down.", "shutting_down")
+            elif transport is not None and transport.get_write_buffer_size():
+                # the client stopped reading, not the worker: drop the connection, blame nobody upstream
+                trace.status = 499
+                transport.abort()
+            else:
+                self.outliers.failure(worker, "idle timeout")
+                trace.status = 504
+                await _end_with_error(resp, 504, f"The worker sent nothing for {idle:g}s.", "upstream_idle_timeout")
             return resp
-        trace.status, trace.ok = 200, True
-        await resp.write_eof()
-        return resp
 
 
 @dataclass(slots=True)
@@ -332,26 +464,34 @@ class _Trace:
     """What one upstream try produced, for accounting after it ends."""
 
     t0: float
+    #: a retry that has not got its first byte yet (counted in Relay.retrying)
+    retry: bool = False
     ttft: float | None = None
     usage: dict[str, Any] | None = None
     status: int = 0
     ok: bool = False
 
+    def outcome(self) -> str:
+        return "ok" if self.ok else "cancelled" if self.status == 499 else "failed"
+
 
 async def _end_with_error(resp: web.StreamResponse, status: int, message: str, code: str) -> None:
+    """End a started stream with an OpenAI-style error event and `data: [DONE]`."""
     try:
-        await resp.write(sse_error_event(status, message, code))
-        await resp.write_eof()
+        if resp.prepared:
+            await resp.write(sse_error_event(status, message, code))
+            await resp.write_eof()
     except (ConnectionError, RuntimeError):
         pass  # the client is gone too; nothing left to tell it
 
 
-async def _read_small(upstream: aiohttp.ClientResponse) -> bytes:
-    try:
-        async with asyncio.timeout(5):
-            return await upstream.content.read(64 * 1024)
-    except (TimeoutError, aiohttp.ClientError, OSError):
-        return b""
+def _before_answer(e: BaseException) -> str:
+    """The retry reason for a failure before the worker answered anything."""
+    if isinstance(e, aiohttp.ServerTimeoutError):  # no read timeout is set: this is the connect timeout
+        return "connect_timeout"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return "connect"
+    return "reset"  # connected, sent the request, and the connection broke
 
 
 def _upstream_message(text: bytes, status: int) -> str:

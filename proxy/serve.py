@@ -1,4 +1,9 @@
-"""Run the proxy: uvloop, handler cancellation on client disconnect, graceful shutdown on SIGTERM/SIGINT."""
+"""Run the proxy: uvloop, handler cancellation on client disconnect, graceful drain on SIGTERM/SIGINT.
+
+Drain, in order: stop listening (new connections are refused); close idle keep-alive connections and let busy
+ones close after their response; wait up to `shutdown_grace` for the requests in flight; then end the rest
+(503 before their first byte, an SSE error event after it) and clean up.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,45 @@ from aiohttp import web
 
 from .app import build_app
 from .config import Settings
+from .keys import RELAY
 
 log = logging.getLogger("turbofleet.proxy")
+
+#: how often the drain looks at the in-flight count
+_DRAIN_POLL_S = 0.05
+#: what aiohttp gets to finish handlers once ours are done or ended (non-inference routes, stragglers)
+_FINAL_S = 2.0
+
+
+async def drain(runner: web.AppRunner, grace: float) -> int:
+    """Stop taking requests and wait up to `grace` seconds for those in flight. Returns how many were
+    still running when the grace period ended (and were then ended by the relay)."""
+    for site in list(runner.sites):
+        await site.stop()
+    server = runner.server
+    if server is not None:
+        server.pre_shutdown()  # idle keep-alive connections close now, busy ones after their response
+    relay = runner.app[RELAY]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    # polled: an event would cost every request a check; this loop runs once, at shutdown
+    while relay.active and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(_DRAIN_POLL_S)
+    if not relay.active:
+        return 0
+    ended = relay.abort_all()
+    log.warning("grace period over: ending %d requests still in flight", ended)
+    # give the ended requests a moment to write their error and return
+    deadline = loop.time() + _FINAL_S
+    while relay.active and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(_DRAIN_POLL_S)
+    return ended
 
 
 async def _serve(settings: Settings) -> None:
     app = build_app(settings)
     # handler_cancellation: a client that goes away cancels its handler, which closes the upstream request
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=settings.shutdown_grace,
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=min(settings.shutdown_grace, _FINAL_S),
                            access_log=log if settings.access_log else None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=2048, reuse_address=True)
@@ -29,8 +65,9 @@ async def _serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: no new requests; finishing those in flight (up to %.0fs)", settings.shutdown_grace)
-    # cleanup closes the listener first, then waits for in-flight handlers up to shutdown_timeout
+    log.info("shutting down: listener closed; finishing %d requests in flight (up to %gs)",
+             app[RELAY].active, settings.shutdown_grace)
+    await drain(runner, settings.shutdown_grace)
     await runner.cleanup()
     log.info("stopped")
 

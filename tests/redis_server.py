@@ -111,11 +111,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-async def eventually(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> float:
+async def eventually(predicate: Callable[[], Any], within: float = 5.0, what: str = "condition") -> float:
     """Poll a synchronous predicate on the event loop until truthy; returns the seconds it took."""
     start = time.monotonic()
     while not predicate():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        if time.monotonic() - start > within:
+            raise TimeoutError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.01)
     return time.monotonic() - start

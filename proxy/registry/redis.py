@@ -56,6 +56,8 @@ log = logging.getLogger("turbofleet.registry")
 
 #: what a lost, refused, reset or hung connection raises (TimeoutError: our own per-call limit)
 _IO_ERRORS = (RedisError, OSError, TimeoutError)
+#: share of the per-call limit given to each socket operation
+SOCKET_SHARE = 0.4
 
 
 def default_replica_id() -> str:
@@ -103,6 +105,7 @@ class RedisRegistry:
         self._offset = 0.0  # Redis' clock minus ours
         self._live_replicas = 0
         self._up = False
+        self._closing = False
         self._feed_up = False
         self._started_at = now()
         self._last_ok = 0.0
@@ -121,8 +124,10 @@ class RedisRegistry:
         self._redis = Redis.from_url(
             self._url,
             decode_responses=True,
-            socket_timeout=self._op_timeout,
-            socket_connect_timeout=self._op_timeout,
+            # the client's own socket limits fire first and close the connection cleanly; the asyncio.timeout
+            # around every call is the outer bound that also covers pool waits and connect + read together
+            socket_timeout=self._op_timeout * SOCKET_SHARE,
+            socket_connect_timeout=self._op_timeout * SOCKET_SHARE,
             retry=Retry(NoBackoff(), 0),  # no hidden retries: the breaker decides when to try again
             client_name=f"turbofleet-{self.replica_id}",
         )
@@ -147,10 +152,22 @@ class RedisRegistry:
 
     async def close(self) -> None:
         """Stop the background tasks and withdraw this replica's lease and counts."""
+        self._closing = True
+        self._wake.set()
+        self._up_evt.set()
         tasks = [*self._tasks, *([self._feed_task] if self._feed_task else [])]
+        # cancel until done: on Python 3.11 a cancel that lands while the client is inside its own timeout
+        # can come back as a TimeoutError, which the loops treat as an outage; `_closing` ends them then
+        for _ in range(10):
+            pending = [t for t in tasks if not t.done()]
+            if not pending:
+                break
+            for t in pending:
+                t.cancel()
+            await asyncio.wait(pending, timeout=self._op_timeout)
         for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                log.warning("registry: background task failed: %r", t.exception())
         self._tasks, self._feed_task = [], None
         if self._redis is None:
             return
@@ -343,7 +360,7 @@ class RedisRegistry:
         """Sends this replica's in-flight changes, pins and lease renewals, in that order, one pipeline at a
         time: a single writer keeps an older absolute count from landing after a newer one."""
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closing:
             if not self._up:
                 await self._up_evt.wait()
                 continue
@@ -409,7 +426,7 @@ class RedisRegistry:
         """Reads the other replicas' load every sync interval; while the breaker is open, probes Redis."""
         loop = asyncio.get_running_loop()
         backoff = K.RECONNECT_MIN
-        while True:
+        while not self._closing:
             if not self._up:
                 if await self._connect():
                     backoff = K.RECONNECT_MIN
@@ -486,7 +503,8 @@ class RedisRegistry:
         """Applies change-feed messages to the mirror; resubscribes with backoff when the connection drops."""
         assert self._redis is not None
         backoff = K.RECONNECT_MIN
-        while True:
+        # a replaced feed task stops even if its cancellation was swallowed (see close)
+        while not self._closing and self._feed_task is asyncio.current_task():
             pubsub = self._redis.pubsub()
             try:
                 async with asyncio.timeout(self._op_timeout):
@@ -501,15 +519,16 @@ class RedisRegistry:
                 self._pins.clear()
                 self._resync_due = True
                 backoff = K.RECONNECT_MIN
-                while True:
+                while not self._closing:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
                     if msg is not None and msg["type"] == "message":
                         self._apply(str(msg["data"]))
             except _IO_ERRORS as e:
                 log.debug("registry: change feed lost: %r", e)
             finally:
-                self._feed_up = False
-                self._subscribed.clear()
+                if self._feed_task is asyncio.current_task():
+                    self._feed_up = False
+                    self._subscribed.clear()
                 with contextlib.suppress(*_IO_ERRORS):
                     async with asyncio.timeout(self._op_timeout):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -1,0 +1,134 @@
+"""One contract, two backends: the same behaviour from the memory registry and the Redis registry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from proxy.registry.base import EJECTED, READY, LoadReport, Registry, WorkerRecord
+from proxy.registry.memory import MemoryRegistry
+from tests.redis_server import eventually, redis_binary, redis_server  # noqa: F401 (fixture)
+
+Factory = Callable[..., Awaitable[Registry]]
+
+BACKENDS = [
+    pytest.param("memory", id="memory"),
+    pytest.param(
+        "redis",
+        id="redis",
+        marks=[
+            pytest.mark.redis,
+            pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary (scripts/install-redis.sh)"),
+        ],
+    ),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+async def make(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
+    made: list[Registry] = []
+
+    async def factory(**kw: Any) -> Registry:
+        reg: Registry
+        if request.param == "memory":
+            reg = MemoryRegistry(pin_ttl=kw.get("pin_ttl", 1800.0))
+        else:
+            from proxy.registry.redis import RedisRegistry
+
+            server = request.getfixturevalue("redis_server")
+            reg = RedisRegistry(server.url, prefix="contract", replica_id=f"r{len(made)}", **kw)
+        await reg.start()
+        made.append(reg)
+        return reg
+
+    yield factory
+    for reg in made:
+        await reg.close()
+
+
+def worker(url: str = "http://w1", **kw: Any) -> WorkerRecord:
+    return WorkerRecord(url=url, models=("m",), **kw)
+
+
+async def test_upsert_get_records_remove(make: Factory) -> None:
+    reg = await make()
+    first = await reg.upsert(worker(labels={"zone": "a"}, capacity=4, gpu={"name": "H100"}))
+    assert first.registered_at > 0 and first.last_heartbeat >= first.registered_at
+    assert reg.get("http://w1") == first
+    await reg.upsert(worker("http://w2"))
+    assert {r.url for r in reg.records()} == {"http://w1", "http://w2"}
+    again = await reg.upsert(worker(labels={"zone": "b"}))
+    assert again.registered_at == first.registered_at  # re-registration keeps the first time
+    assert reg.get("http://w1") is not None and reg.get("http://w1").labels == {"zone": "b"}  # type: ignore[union-attr]
+    assert await reg.remove("http://w1")
+    assert not await reg.remove("http://w1")
+    assert reg.get("http://w1") is None
+    assert [v.id for v in reg.snapshot()] == ["http://w2"]
+
+
+async def test_set_state_and_heartbeat(make: Factory) -> None:
+    reg = await make()
+    await reg.upsert(worker())
+    assert await reg.set_state("http://w1", "draining")
+    assert reg.snapshot()[0].state == "draining"
+    assert not await reg.set_state("http://nope", READY)
+    with pytest.raises(ValueError):
+        await reg.set_state("http://w1", "sleepy")
+    assert await reg.heartbeat("http://w1", LoadReport(running=3, waiting=2, kv_usage=0.5, prefix_hit_rate=0.25))
+    r = reg.get("http://w1")
+    assert r is not None and (r.running, r.waiting, r.kv_usage, r.prefix_hit_rate) == (3, 2, 0.5, 0.25)
+    assert r.state == "draining"
+    assert not await reg.heartbeat("http://nope", LoadReport())
+
+
+async def test_liveness_expires_without_heartbeats(make: Factory) -> None:
+    reg = await make()
+    await reg.upsert(worker(heartbeat_ttl=0.3))
+    assert reg.snapshot()[0].state == READY
+    await eventually(lambda: reg.snapshot()[0].state == EJECTED, 3.0, "the worker to expire")
+    assert await reg.heartbeat("http://w1", LoadReport())
+    assert reg.snapshot()[0].state == READY
+
+
+async def test_acquire_release_return_to_zero(make: Factory) -> None:
+    reg = await make()
+    await reg.upsert(worker())
+    await asyncio.gather(*(reg.acquire("http://w1") for _ in range(20)))
+    assert reg.in_flight("http://w1") == 20
+    assert reg.snapshot()[0].in_flight == 20
+    await asyncio.gather(*(reg.release("http://w1") for _ in range(20)))
+    assert reg.in_flight("http://w1") == 0
+    assert reg.snapshot()[0].in_flight == 0
+
+
+async def test_pins_and_sliding_ttl(make: Factory) -> None:
+    reg = await make(pin_ttl=1.0)
+    await reg.upsert(worker())
+    assert await reg.get_pin("s1") is None
+    await reg.acquire("http://w1", "s1", pin=True)
+    assert await reg.get_pin("s1") == "http://w1"
+    await asyncio.sleep(0.6)
+    await reg.release("http://w1", "s1")  # slides the TTL: now alive until ~1.6 s
+    await asyncio.sleep(0.6)
+    assert await reg.get_pin("s1") == "http://w1"
+    deadline = asyncio.get_running_loop().time() + 3.0
+    while await reg.get_pin("s1") is not None:
+        assert asyncio.get_running_loop().time() < deadline, "pin never expired"
+        await asyncio.sleep(0.05)
+
+
+async def test_acquire_without_pin_does_not_pin(make: Factory) -> None:
+    reg = await make()
+    await reg.acquire("http://w1", "s2", pin=False)
+    await reg.release("http://w1", "s2")
+    assert await reg.get_pin("s2") is None
+
+
+async def test_health(make: Factory) -> None:
+    reg = await make()
+    h = reg.health()
+    assert h["backend"] in ("memory", "redis") and h["reachable"] is True
+    assert isinstance(h["stale_s"], float) and h["stale_s"] < 5

@@ -1,0 +1,299 @@
+"""The Redis registry across replicas: two RedisRegistry instances in one process are two proxy replicas.
+
+Against a real redis-server on a free port (tests/redis_server.py), including outages (SIGKILL, SIGSTOP) and a
+replica killed with requests in flight (a subprocess, kill -9).
+"""
+
+# ruff: noqa: F811 - pytest fixtures imported by name and then requested as arguments
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from proxy.registry.base import LoadReport, RegistryUnavailable, WorkerRecord
+from proxy.registry.keys import Keys
+from proxy.registry.redis import RedisRegistry
+from tests.procs import ROOT
+from tests.redis_server import RedisServer, eventually, needs_redis, redis_server  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.redis, needs_redis]
+
+PREFIX = "t"
+W1, W2 = "http://10.0.0.1:23333", "http://10.0.0.2:23333"
+Factory = Callable[..., Awaitable[RedisRegistry]]
+
+
+@pytest.fixture
+async def make(redis_server: RedisServer) -> AsyncIterator[Factory]:
+    made: list[RedisRegistry] = []
+
+    async def factory(name: str, **kw: Any) -> RedisRegistry:
+        kw.setdefault("lease_ttl", 2.0)
+        reg = RedisRegistry(redis_server.url, prefix=PREFIX, replica_id=name, **kw)
+        await reg.start()
+        made.append(reg)
+        return reg
+
+    yield factory
+    for reg in made:
+        await reg.close()
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+def rec(url: str = W1, **kw: Any) -> WorkerRecord:
+    return WorkerRecord(url=url, models=("m",), **kw)
+
+
+async def test_fleet_changes_reach_the_other_replica_within_a_second(make: Factory) -> None:
+    a, b = await make("a"), await make("b")
+    await a.upsert(rec(labels={"gpu": "h100"}))
+    took = await eventually(lambda: b.get(W1) is not None, 1.0, "B to see the worker added through A")
+    assert took < 1.0
+    assert b.get(W1) == a.get(W1)
+    assert [v.id for v in b.snapshot()] == [W1]
+
+    await a.set_state(W1, "draining")
+    await eventually(lambda: b.snapshot()[0].state == "draining", 1.0, "state change on B")
+    await b.heartbeat(W1, LoadReport(running=5, waiting=7))
+    await eventually(lambda: a.snapshot()[0].waiting == 7, 1.0, "heartbeat load on A")
+    await b.upsert(rec(W2))
+    await eventually(lambda: a.get(W2) is not None, 1.0, "worker added through B on A")
+    assert await a.remove(W1)
+    await eventually(lambda: b.get(W1) is None, 1.0, "removal on B")
+    assert {r.url for r in b.records()} == {W2}
+
+
+async def test_a_new_replica_reads_the_existing_fleet(make: Factory) -> None:
+    a = await make("a")
+    await a.upsert(rec())
+    await a.upsert(rec(W2))
+    late = await make("late")
+    assert {r.url for r in late.records()} == {W1, W2}  # ready when start() returns
+
+
+async def test_in_flight_counts_are_shared_and_return_to_zero(make: Factory, raw: Redis) -> None:
+    a, b = await make("a"), await make("b")
+    await a.upsert(rec())
+    await eventually(lambda: b.get(W1) is not None, 1.0)
+    await asyncio.gather(*(a.acquire(W1) for _ in range(5)), *(b.acquire(W1) for _ in range(3)))
+    assert a.in_flight(W1) >= 5 and b.in_flight(W1) >= 3  # local part counts at once
+    await eventually(lambda: a.in_flight(W1) == 8 and b.in_flight(W1) == 8, 2.0, "8 in flight seen by both")
+    assert a.snapshot()[0].in_flight == 8
+    assert await raw.hgetall(Keys(PREFIX).inflight("a")) == {W1: "5"}
+
+    async def churn(reg: RedisRegistry, n: int) -> None:
+        for _ in range(n):
+            await reg.acquire(W1)
+            await asyncio.sleep(0)
+            await reg.release(W1)
+
+    await asyncio.gather(churn(a, 200), churn(b, 200))
+    await asyncio.gather(*(a.release(W1) for _ in range(5)), *(b.release(W1) for _ in range(3)))
+    await eventually(lambda: a.in_flight(W1) == 0 and b.in_flight(W1) == 0, 2.0, "counts back to zero")
+    assert await raw.hgetall(Keys(PREFIX).inflight("a")) == {}
+
+
+async def test_pins_are_shared_and_slide(make: Factory, raw: Redis) -> None:
+    a, b = await make("a", pin_ttl=30.0), await make("b", pin_ttl=30.0)
+    assert await b.get_pin("s1") is None  # B caches "no pin" ...
+    await a.acquire(W1, "s1", pin=True)
+    # ... and the feed corrects it: no stale answer within a second
+    await eventually(lambda: b._pins.peek("s1") == W1, 1.0, "pin set through A cached on B")
+    assert await b.get_pin("s1") == W1
+    key = Keys(PREFIX).pin("s1")
+    await eventually(lambda: a.health()["pending_writes"] == 0, 1.0, "the pin written")
+    ttl0 = await raw.pttl(key)
+    assert 25_000 < ttl0 <= 30_000
+    await raw.pexpire(key, 5_000)  # pretend time passed
+    await b.acquire(W1, "s1")
+    await b.release(W1, "s1")  # a release on another replica slides the shared TTL back up
+
+    async def slid() -> bool:
+        return int(await raw.pttl(key)) > 25_000
+
+    deadline = time.monotonic() + 2
+    while not await slid():
+        assert time.monotonic() < deadline, "release did not slide the pin's TTL"
+        await asyncio.sleep(0.02)
+    # re-pinning the session elsewhere reaches the replica that cached the old pin
+    await b.acquire(W2, "s1", pin=True)
+    await eventually(lambda: a._pins.peek("s1") == W2, 1.0, "re-pin through B seen on A")
+    assert await a.get_pin("s1") == W2
+    await a.release(W1, "s1")
+    await b.release(W2, "s1")
+
+
+async def test_a_fresh_replica_looks_up_pins_it_never_saw(make: Factory) -> None:
+    a = await make("a")
+    await a.acquire(W1, "old-session", pin=True)
+    await a.release(W1, "old-session")
+    await eventually(lambda: a.health()["pending_writes"] == 0, 1.0)
+    late = await make("late")
+    assert await late.get_pin("old-session") == W1
+
+
+async def test_redis_killed_then_restarted(make: Factory, redis_server: RedisServer, raw: Redis) -> None:
+    a, b = await make("a", op_timeout=0.3), await make("b", op_timeout=0.3)
+    await a.upsert(rec())
+    await eventually(lambda: b.get(W1) is not None, 1.0)
+    for _ in range(2):
+        await a.acquire(W1, "s1", pin=True)
+    await b.acquire(W1)
+    await eventually(lambda: b.in_flight(W1) == 3, 2.0)
+
+    redis_server.kill()
+    # the request path never raises and never waits on the dead server
+    t0 = time.monotonic()
+    for _ in range(100):
+        await a.acquire(W1)
+        await a.release(W1)
+    assert await a.get_pin("s1") == W1  # cached
+    await a.release(W1, "s1")  # 2 -> 1 during the outage
+    for _ in range(3):
+        await a.acquire(W1)  # 1 -> 4
+    assert time.monotonic() - t0 < 0.5
+    assert a.in_flight(W1) >= 4 and [v.id for v in a.snapshot()] == [W1]  # routing goes on from the snapshot
+
+    await eventually(lambda: not a.health()["reachable"], 2.0, "A to notice the outage")
+    t0 = time.monotonic()
+    with pytest.raises(RegistryUnavailable):
+        await a.upsert(rec(W2))
+    with pytest.raises(RegistryUnavailable):
+        await a.heartbeat(W1, LoadReport())
+    with pytest.raises(RegistryUnavailable):
+        await b.set_state(W1, "draining")  # B may only learn of the outage from this call: bounded anyway
+    assert time.monotonic() - t0 < 1.5
+    await asyncio.sleep(0.3)
+    h = a.health()
+    assert h["reachable"] is False and h["stale_s"] >= 0.3 and h["last_ok"] is not None
+
+    redis_server.start()  # same port, empty: no persistence
+    await eventually(lambda: a.health()["reachable"] and b.health()["reachable"], 6.0, "both to reconnect")
+    # reconciled, not inflated: A has exactly 4 in flight, B 1
+    await eventually(lambda: b.in_flight(W1) == 5 and a.in_flight(W1) == 5, 3.0, "reconciled counts")
+    assert await raw.hgetall(Keys(PREFIX).inflight("a")) == {W1: "4"}
+    # the fleet was reseeded from the replicas' snapshots, and writes work again
+    assert await raw.sismember(Keys(PREFIX).workers, W1)
+    await a.upsert(rec(W2))
+    await eventually(lambda: b.get(W2) is not None, 1.0, "writes flow again")
+    await eventually(lambda: b.health()["feed"] and b.health()["stale_s"] < 1.0, 2.0)
+    for _ in range(4):
+        await a.release(W1)
+    await b.release(W1)
+    await eventually(lambda: b.in_flight(W1) == 0 and a.in_flight(W1) == 0, 2.0)
+
+
+async def test_redis_hung_is_bounded_by_timeouts(make: Factory, redis_server: RedisServer) -> None:
+    a = await make("a", op_timeout=0.3)
+    await a.upsert(rec())
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)  # accepts nothing, answers nothing: no error, just silence
+    try:
+        t0 = time.monotonic()
+        await a.acquire(W1)
+        await a.release(W1)
+        assert time.monotonic() - t0 < 0.05
+        t0 = time.monotonic()
+        with pytest.raises(RegistryUnavailable):
+            await a.upsert(rec(W2))
+        assert time.monotonic() - t0 < 1.0
+        assert a.health()["reachable"] is False
+        t0 = time.monotonic()
+        with pytest.raises(RegistryUnavailable):
+            await a.remove(W1)  # breaker open: refused at once
+        assert time.monotonic() - t0 < 0.05
+        assert await a.get_pin("unknown") is None
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    await eventually(lambda: a.health()["reachable"], 6.0, "reconnect after the hang")
+    await a.upsert(rec(W2))
+
+
+async def test_missed_feed_messages_are_healed(make: Factory) -> None:
+    a, b = await make("a"), await make("b")
+    assert b._feed_task is not None
+    b._feed_task.cancel()  # B stops hearing the feed without noticing anything else
+    await asyncio.sleep(0.05)
+    await a.upsert(rec())
+    await a.set_state(W1, "draining")
+    await eventually(lambda: b.get(W1) is not None and b.get(W1).state == "draining", 2.0, "B to heal")  # type: ignore[union-attr]
+
+
+CRASHING_REPLICA = textwrap.dedent(
+    """
+    import asyncio, sys
+    from proxy.registry.redis import RedisRegistry
+
+    async def main():
+        reg = RedisRegistry(sys.argv[1], prefix=sys.argv[2], replica_id="doomed", lease_ttl=1.5)
+        await reg.start()
+        for _ in range(3):
+            await reg.acquire(sys.argv[3])
+        while reg.health()["pending_writes"]:
+            await asyncio.sleep(0.01)
+        print("ready", flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_crashed_replica_counts_expire_with_its_lease(
+    make: Factory, redis_server: RedisServer, raw: Redis
+) -> None:
+    b = await make("b")
+    await b.upsert(rec())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CRASHING_REPLICA,
+        redis_server.url,
+        PREFIX,
+        W1,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 15)
+        assert line.strip() == b"ready", line + await proc.stdout.read()
+        await eventually(lambda: b.in_flight(W1) == 3, 2.0, "the other replica's 3 in flight")
+        await b.acquire(W1)
+        proc.send_signal(signal.SIGKILL)  # no release, no goodbye
+        await proc.wait()
+        killed = time.monotonic()
+        await eventually(lambda: b.in_flight(W1) == 1, 4.0, "the dead replica's counts to expire")
+        assert time.monotonic() - killed < 1.5 + 1.0  # lease TTL + a sync interval or so
+        assert not await raw.exists(Keys(PREFIX).inflight("doomed"))
+        assert not await raw.sismember(Keys(PREFIX).replicas, "doomed")
+        await b.release(W1)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_close_withdraws_the_replica(make: Factory, raw: Redis) -> None:
+    a, b = await make("a"), await make("b")
+    await a.acquire(W1)
+    await eventually(lambda: b.in_flight(W1) == 1, 2.0)
+    await a.close()
+    await eventually(lambda: b.in_flight(W1) == 0, 1.0, "counts of a replica that shut down")
+    assert not await raw.exists(Keys(PREFIX).lease("a"))

@@ -64,7 +64,10 @@ async def test_fleet_changes_reach_the_other_replica_within_a_second(make: Facto
     await a.upsert(rec(labels={"gpu": "h100"}))
     took = await eventually(lambda: b.get(W1) is not None, 1.0, "B to see the worker added through A")
     assert took < 1.0
-    assert b.get(W1) == a.get(W1)
+    ra, rb = a.get(W1), b.get(W1)
+    assert ra is not None and rb is not None
+    assert rb.with_(registered_at=0.0, last_heartbeat=0.0) == ra.with_(registered_at=0.0, last_heartbeat=0.0)
+    assert rb.last_heartbeat == pytest.approx(ra.last_heartbeat, abs=0.05)
     assert [v.id for v in b.snapshot()] == [W1]
 
     await a.set_state(W1, "draining")
@@ -297,3 +300,14 @@ async def test_close_withdraws_the_replica(make: Factory, raw: Redis) -> None:
     await a.close()
     await eventually(lambda: b.in_flight(W1) == 0, 1.0, "counts of a replica that shut down")
     assert not await raw.exists(Keys(PREFIX).lease("a"))
+
+
+async def test_heartbeats_judged_on_one_clock_despite_skew(make: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    import proxy.registry.redis as redis_backend
+
+    monkeypatch.setattr(redis_backend, "now", lambda: time.time() + 120.0)  # this host runs 2 minutes fast
+    a = await make("skewed")
+    r = await a.upsert(rec(heartbeat_ttl=5.0))
+    assert abs(r.last_heartbeat - (time.time() + 120.0)) < 2.0  # shown in this host's clock
+    assert a.snapshot()[0].state == "ready"
+    assert r.alive(time.time() + 120.0)

@@ -34,6 +34,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from balancer.policy import WorkerView
 
@@ -102,7 +103,9 @@ class RedisRegistry:
         self._resync_due = False
         self._resync_at = 0.0
         self._prev_remote_version = 0
-        self._offset = 0.0  # Redis' clock minus ours
+        # Redis' clock minus ours. Scripts stamp heartbeats with Redis' clock (one clock for all replicas);
+        # records are shifted to this host's clock as they come in, so `rec.alive(time.time())` holds here
+        self._offset = 0.0
         self._live_replicas = 0
         self._up = False
         self._closing = False
@@ -130,6 +133,7 @@ class RedisRegistry:
             socket_connect_timeout=self._op_timeout * SOCKET_SHARE,
             retry=Retry(NoBackoff(), 0),  # no hidden retries: the breaker decides when to try again
             client_name=f"turbofleet-{self.replica_id}",
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),  # one less command per connect
         )
         r = self._redis
         self._s_upsert: AsyncScript = r.register_script(scripts.UPSERT)
@@ -186,7 +190,7 @@ class RedisRegistry:
 
     # --- reads: local ---
     def snapshot(self) -> Sequence[WorkerView]:
-        return self._mirror.snapshot(now() + self._offset)
+        return self._mirror.snapshot(now())
 
     def records(self) -> Sequence[WorkerRecord]:
         return tuple(self._mirror.records.values())
@@ -209,7 +213,7 @@ class RedisRegistry:
             [k.workers, k.worker(record.url), k.version],
             [record.url, k.channel, *record_fields(record)],
         )
-        rec, version = decode_record(pairs(reply))
+        rec, version = self._decode(pairs(reply))
         self._mirror.put(rec, version)
         return rec
 
@@ -243,7 +247,7 @@ class RedisRegistry:
         )
         if reply is None:
             return False
-        rec, version = decode_record(pairs(reply))
+        rec, version = self._decode(pairs(reply))
         self._mirror.put(rec, version)
         return True
 
@@ -346,8 +350,10 @@ class RedisRegistry:
         """Probe Redis; on success reseed/re-read the fleet and close the breaker. Never raises."""
         assert self._redis is not None
         try:
+            t0 = now()
             async with asyncio.timeout(self._op_timeout):
-                await self._redis.ping()
+                clock = await self._redis.time()
+            self._measured(t0, clock, now())
             await self._resync()
         except _IO_ERRORS as e:
             log.debug("registry: redis probe failed: %r", e)
@@ -457,7 +463,7 @@ class RedisRegistry:
             return
         t1 = now()
         clock, version, epoch, flat, live = reply
-        self._offset = int(clock[0]) + int(clock[1]) / 1e6 - (t0 + t1) / 2
+        self._measured(t0, clock, t1)
         self._mirror.set_others(sum_counts(pairs(h) for h in flat[1::2]))
         self._live_replicas = int(live)
         version, m = int(version), self._mirror
@@ -479,7 +485,7 @@ class RedisRegistry:
                 keys=[k.workers, k.version, k.epoch], args=[k.worker_prefix]
             )
         if not epoch:
-            recs = [[u, encode_fields(r.to_dict())] for u, r in self._mirror.records.items()]
+            recs = [[u, encode_fields(self._to_redis_clock(r).to_dict())] for u, r in self._mirror.records.items()]
             async with asyncio.timeout(self._op_timeout):
                 seeded = await self._s_seed(
                     keys=[k.epoch, k.workers, k.version], args=[secrets.token_hex(8), k.worker_prefix, json.dumps(recs)]
@@ -489,10 +495,33 @@ class RedisRegistry:
                 )
             if seeded and recs:
                 log.warning("registry: redis at %s had no fleet; seeded it with %d workers", self._where, len(recs))
-        records = [decode_record(pairs(h)) for h in flat[1::2]]
+        records = [self._decode(pairs(h)) for h in flat[1::2]]
         self._mirror.load(str(epoch), int(version), records)
         self._prev_remote_version = 0
         self._resync_at = loop.time() + self._resync_interval
+
+    def _decode(self, fields: dict[str, str]) -> tuple[WorkerRecord, int]:
+        rec, version = decode_record(fields)
+        return self._to_local_clock(rec), version
+
+    def _to_local_clock(self, rec: WorkerRecord, sign: float = -1.0) -> WorkerRecord:
+        shift = sign * self._offset
+        if not shift:
+            return rec
+        return rec.with_(
+            registered_at=rec.registered_at + shift if rec.registered_at else 0.0,
+            last_heartbeat=rec.last_heartbeat + shift if rec.last_heartbeat else 0.0,
+        )
+
+    def _to_redis_clock(self, rec: WorkerRecord) -> WorkerRecord:
+        return self._to_local_clock(rec, 1.0)
+
+    def _measured(self, t0: float, redis_time: Sequence[Any], t1: float) -> None:
+        """Take a clock offset measurement (Redis' TIME read between our t0 and t1). Small changes (within the
+        measurement's error) are ignored so that timestamps read twice come out the same."""
+        estimate = int(redis_time[0]) + int(redis_time[1]) / 1e6 - (t0 + t1) / 2
+        if abs(estimate - self._offset) > max(0.005, t1 - t0):
+            self._offset = estimate
 
     def _restart_feed(self) -> None:
         if self._feed_task is not None:
@@ -540,7 +569,7 @@ class RedisRegistry:
         if change is None:
             log.debug("registry: ignoring malformed feed message %.200r", data)
         elif change.op == "put" and change.record is not None:
-            self._mirror.put(change.record, change.version)
+            self._mirror.put(self._to_local_clock(change.record), change.version)
         elif change.op == "del":
             self._mirror.delete(change.url, change.version)
         elif change.op == "pin":

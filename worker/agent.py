@@ -80,6 +80,7 @@ class Agent:
         self.state = READY
         self.models: list[str] = []
         self.gpu: dict[str, Any] = {}
+        self.last_load = Load()
         self.registered_once = False
         self._proxy_down: set[str] = set()  # proxies whose last call failed (log transitions only)
         self._session: aiohttp.ClientSession | None = None
@@ -140,6 +141,7 @@ class Agent:
             if self.cfg.gpu_facts:
                 self.gpu = await gpu_facts()
             self.state = READY
+            self.last_load = Load()
             await self._register_all()
             up_since = time.monotonic()
             heartbeats, reason = await self._serve()
@@ -246,7 +248,9 @@ class Agent:
             )
             if healthy:
                 failures = 0
-                await self._each(functools.partial(self._heartbeat, load=load or Load()))
+                # a failed /metrics read repeats the last load rather than reporting an idle server
+                self.last_load = load or self.last_load
+                await self._each(functools.partial(self._heartbeat, load=self.last_load))
             else:
                 failures += 1
                 log.warning("health check %d/%d failed", failures, self.cfg.unhealthy_threshold)

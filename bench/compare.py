@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import report
+from bench import aio, report
 from bench.client import RequestResult, make_session, send_chat
 from bench.fleet import Child, Fleet, cpu_busy, cpu_times, free_port, spawn, wait_ready
 from bench.output import write_json
@@ -208,4 +208,4 @@ def run_compare(args: argparse.Namespace, what: list[str]) -> int:
             log_dir.mkdir(parents=True, exist_ok=True)
         else:
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tf-bench-")))
-        return asyncio.run(_compare(args, plan, specs, args.model or DEFAULT_MODEL, log_dir))
+        return aio.run(_compare(args, plan, specs, args.model or DEFAULT_MODEL, log_dir))

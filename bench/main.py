@@ -76,14 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("trace")
     g.add_argument("--trace-file", help="Mooncake jsonl (or give it after `trace`)")
     g.add_argument(
-        "--time-scale", type=float, default=1.0, help="multiply trace timestamps (0.1 replays 10x faster; default 1)"
+        "--time-scale",
+        type=float,
+        default=0.15,
+        help="multiply trace timestamps (0.1 replays 10x faster; default 0.15)",
     )
-    g.add_argument("--max-requests", type=int, default=300, help="first N trace requests (default 300)")
+    g.add_argument("--max-requests", type=int, default=600, help="first N trace requests (default 600)")
     g.add_argument(
         "--token-scale",
         type=float,
-        default=0.1,
-        help="shrink input/output lengths and the 512-token blocks alike (default 0.1)",
+        default=0.02,
+        help="shrink input/output lengths and the 512-token blocks alike (default 0.02: ~285-token prompts)",
     )
 
     g = parser.add_argument_group("compare / overhead")
@@ -118,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
+    from bench import aio
 
     what = list(args.what)
     if what[0] == "compare":
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         from bench.overhead import run_overhead
 
         return run_overhead(args)
-    return asyncio.run(_single(args, what))
+    return aio.run(_single(args, what))
 
 
 async def _single(args: argparse.Namespace, what: list[str]) -> int:

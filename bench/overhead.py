@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import report
+from bench import aio, report
 from bench.compare import DEFAULT_MODEL, machine
 from bench.fleet import Child, free_port, spawn, wait_ready
 from bench.output import write_json
@@ -386,4 +386,4 @@ def run_overhead(args: argparse.Namespace) -> int:
             d.mkdir(parents=True, exist_ok=True)
         else:
             d = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tf-overhead-")))
-        return asyncio.run(_overhead(args, specs, d, use_nginx))
+        return aio.run(_overhead(args, specs, d, use_nginx))

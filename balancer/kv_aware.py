@@ -1,26 +1,31 @@
-"""kv_aware: session pins, a prefix-cache cost estimate, and a bounded-load cap.
+"""kv_aware: session pins, a prefix-cache cost estimate, and bounded loads.
 
 Decision order:
 1. A pinned session stays on its worker while that worker is eligible and under the load cap ("pin").
-2. Otherwise (new session, no session, or a re-pin) every eligible worker under the cap is scored by an
-   estimated time to first token, in prompt tokens:
+2. Otherwise (new session, session-less request, or a re-pin) eligible workers under the cap are scored by
+   an estimate of the time to first token, in prompt tokens:
        cost(w) = queue_tokens x load(w) - tokens_per_block x matched_blocks(w)
-   (the uncached prefill minus a constant), and the cheapest wins; ties go to the lower load, then in turn.
-   `tokens_per_block` and `queue_tokens` (what one request ahead of you costs: the mean uncached prompt,
-   i.e. prompt_tokens - cached_tokens) are learned from `observe()`.
+   (the uncached prefill plus the queue, less a constant), and the cheapest wins; ties go to the baseline.
+   `tokens_per_block` and `queue_tokens` (what one request ahead costs: the mean uncached prompt,
+   prompt_tokens - cached_tokens) are learned from `observe()`.
+   The baseline, which a deeper prefix match must beat, is the least loaded worker (ties in turn) for a
+   session-less request, and for a session being placed the worker with the fewest active sessions (ties by
+   load, then in turn): a session's later requests follow its pin, so sessions are what is really placed,
+   and keeping their counts even (as ideal pinning does) keeps pinned workers from overloading later.
 
-The load cap is "consistent hashing with bounded loads" (Mirrokni, Thorup, Zadimoghaddam, 2018): a worker may
-take the request only while `load + 1 <= ceil((1 + epsilon) * mean) + slack`, where mean is the fleet's
-load counting this request. epsilon (default 0.25) bounds the hottest worker at 1.25x the mean under load;
-the absolute `slack` (default 2) keeps tiny loads (1 vs 0) from breaking pins and cache affinity, where the
-imbalance costs nothing. The cap is also what spreads a long system prompt shared by all sessions: the first
-worker to see it wins the prefix score only until it reaches the cap, then others take requests, learn the
-prefix too, and from then on the prefix scores tie and load decides.
+Bounded loads, as in "consistent hashing with bounded loads" (Mirrokni, Thorup, Zadimoghaddam, 2018), on two
+levels. Requests: a worker may take a request only while `load + 1 <= ceil((1 + epsilon) * mean) + slack`,
+mean being the fleet's load counting this request; a pinned worker above it is re-pinned. Sessions: a
+session may be placed only on a worker with fewer than `ceil((1 + epsilon) * mean sessions) + slack`.
+epsilon (default 0.25) bounds the hottest worker at 1.25x the mean; the absolute `slack` (default 2) keeps
+tiny loads (1 vs 0) from breaking pins and cache affinity, where the imbalance costs nothing. The caps are
+what spread a long system prompt shared by every session: the first worker to hold it wins the prefix score
+only until it reaches a cap; then other workers take sessions, learn the prefix too, and from then on the
+prefix scores tie and session counts and load decide.
 
-Cost per decision: one pass over the workers' loads (a list comprehension plus sum/min, the only O(workers)
-work) up to 256 workers, a random sample of 32 beyond that; O(groups x log(blocks)) in the prefix index;
-candidates are looked up through a cached id -> position map, verified per lookup and rebuilt only when the
-fleet changes.
+Cost per decision: one pass over the workers' loads (a list comprehension plus sum/min) up to `exact_limit`
+(256) workers, a random window of `sample` (32) beyond; O(groups x log(blocks)) in the prefix index; O(1)
+per candidate through a cached id -> position map. Placing a session adds one pass over session counts.
 """
 
 from __future__ import annotations
@@ -31,12 +36,17 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from balancer.policy import PIN_UNAVAILABLE, Decision, Outcome, RouteRequest, WorkerView
+from balancer.positions import Positions
 from balancer.prefix import DEFAULT_BLOCK_CHARS, DEFAULT_MAX_BLOCKS, PrefixIndex
+from balancer.sessions import SessionTracker
 
-DEFAULT_EPSILON = 0.25
+DEFAULT_EPSILON = 0.5
 DEFAULT_SLACK = 2
 #: until outcomes teach otherwise: one request ahead costs about this many prompt tokens of prefill
 DEFAULT_QUEUE_TOKENS = 512.0
+#: a request spends about this part of its time in flight before its first token, until outcomes tell: the
+#: prefill counted "ahead" on a worker is still to do for about this part of the requests counted
+DEFAULT_PREFILL_SHARE = 0.5
 #: weight of each new observation in the learned averages
 LEARN_RATE = 0.05
 #: members of one prefix group scored at most (a group is every worker holding that many blocks)
@@ -46,55 +56,20 @@ GROUP_SCAN = 64
 OPTIMISTIC_BLOCKS = 16
 #: routed requests remembered until their outcome arrives (for the cache-report correction)
 MAX_PENDING = 16384
-#: the id -> position map is rebuilt at least this often, so a stale one cannot linger
-REBUILD_EVERY = 1024
 #: fleets up to this size are surveyed exactly for least load and mean load; larger ones by a sample
 EXACT_LIMIT = 256
 SAMPLE = 32
-
-
-class _Positions:
-    """worker id -> index in the current eligible list, verified on every lookup, rebuilt when stale."""
-
-    __slots__ = ("_absent", "_calls", "_map", "_n", "_rebuilt")
-
-    def __init__(self) -> None:
-        self._map: dict[str, int] = {}
-        self._absent: set[str] = set()
-        self._n = -1
-        self._calls = 0
-        self._rebuilt = False
-
-    def begin(self, workers: Sequence[WorkerView]) -> None:
-        self._calls += 1
-        self._rebuilt = False
-        if len(workers) != self._n or self._calls % REBUILD_EVERY == 0:
-            self._rebuild(workers)
-
-    def lookup(self, workers: Sequence[WorkerView], worker_id: str) -> int:
-        """Index of `worker_id` in `workers`, or -1 when it is not eligible."""
-        i = self._map.get(worker_id, -1)
-        if i >= 0 and i < len(workers) and workers[i].id == worker_id:
-            return i
-        if i < 0 and worker_id in self._absent:
-            return -1
-        if not self._rebuilt:
-            self._rebuild(workers)
-            i = self._map.get(worker_id, -1)
-            if i >= 0:
-                return i
-        self._absent.add(worker_id)
-        return -1
-
-    def _rebuild(self, workers: Sequence[WorkerView]) -> None:
-        self._map = {w.id: i for i, w in enumerate(workers)}
-        self._absent = set()
-        self._n = len(workers)
-        self._rebuilt = True
+#: sorts by sessions first, then queue cost, in one number
+_SESSION_WEIGHT = float(1 << 40)
+#: the mean session length (requests per placement) starts from this prior, worth this many placements
+PRIOR_SESSION_LENGTH = 4.0
+PRIOR_PLACEMENTS = 8.0
+#: per session request, how much older counts fade (the mean session length follows ~1000 requests)
+SESSION_DECAY = 0.999
 
 
 class KvAware:
-    """Session pins + prefix-cache cost + bounded load (see the module docstring)."""
+    """Session pins + prefix-cache cost + bounded loads (see the module docstring)."""
 
     name = "kv_aware"
 
@@ -119,57 +94,44 @@ class KvAware:
         self.epsilon = epsilon
         self.slack = slack
         self.index = index if index is not None else PrefixIndex(max_blocks)
+        self.sessions = SessionTracker()
         self.tokens_per_block = block_chars / chars_per_token
         self._learn_queue = queue_tokens is None
+        #: the part of a request's time in flight spent before its first token (learned from outcomes)
+        self.prefill_share = DEFAULT_PREFILL_SHARE
         self.queue_tokens = DEFAULT_QUEUE_TOKENS if queue_tokens is None else float(queue_tokens)
         self.exact_limit = exact_limit
         self.sample = sample
         self._rng = random.Random(seed)
         self._cursor = 0
-        self._positions = _Positions()
-        # (worker, last block hash) -> (blocks matched when routed, age of the deepest matched block then)
-        self._pending: OrderedDict[tuple[str, int], tuple[int, int | None]] = OrderedDict()
+        self._positions = Positions()
+        # decayed counts of session requests and of session placements (new sessions, re-pins)
+        self._session_requests = PRIOR_SESSION_LENGTH * PRIOR_PLACEMENTS
+        self._placements = PRIOR_PLACEMENTS
+        # (worker, last block hash) -> (blocks matched when routed, age of the deepest matched block then,
+        # uncached prompt tokens sent)
+        self._pending: OrderedDict[tuple[str, int], tuple[int, int | None, float]] = OrderedDict()
+        # worker -> uncached prompt tokens routed there whose response has not come back yet
+        self._ahead: dict[str, float] = {}
 
-    def cap(self, total_load: int, workers: int) -> int:
-        """The most load a worker may carry after taking a request; `total_load` counts that request."""
-        return math.ceil((1.0 + self.epsilon) * total_load / workers) + self.slack
-
-    def _survey(self, workers: Sequence[WorkerView]) -> tuple[int, int, int]:
-        """(index of the least loaded worker, its load, the fleet's total load).
-
-        Exact up to `exact_limit` workers, ties taken in turn. Beyond, one pass over the fleet would be
-        most of the decision's cost, so a random window of `sample` consecutive workers stands in: the least
-        loaded of a sample is nearly as good as the least loaded of all ("power of d choices"), and the
-        sample's mean estimates the fleet's for the load cap.
-        """
-        n = len(workers)
-        if n <= self.exact_limit:
-            loads = [w.in_flight + w.waiting for w in workers]
-            low = min(loads)
-            try:
-                a = loads.index(low, self._cursor)
-            except ValueError:
-                a = loads.index(low)
-            return a, low, sum(loads)
-        k = self.sample
-        start = self._rng.randrange(n)
-        window = workers[start : start + k]
-        if len(window) < k:
-            window = [*window, *workers[: k - len(window)]]
-        loads = [w.in_flight + w.waiting for w in window]
-        low = min(loads)
-        return (start + loads.index(low)) % n, low, round(sum(loads) * n / k)
+    def cap(self, total: int, workers: int) -> int:
+        """The most a worker may carry after taking one more; `total` (load or sessions) counts that one."""
+        return math.ceil((1.0 + self.epsilon) * total / workers) + self.slack
 
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
         n = len(workers)
-        a, low, total = self._survey(workers)
-        total += 1
+        window = self._window(workers)
+        loads = [w.in_flight + w.waiting for w in window]
+        total = round(sum(loads) * n / len(window)) + 1
         cap = self.cap(total, n)
         hashes = request.prefix_hashes
         positions = self._positions
         positions.begin(workers)
+        key = request.session_key
         pinned = request.pinned_worker
         why = ""
+        if key is not None:
+            self._session_requests = self._session_requests * SESSION_DECAY + 1.0
         if pinned is not None:
             i = positions.lookup(workers, pinned)
             if i < 0:
@@ -179,30 +141,101 @@ class KvAware:
                 if load < cap:
                     m = self.index.match(pinned, hashes) if hashes else 0
                     self._dispatch(pinned, hashes, m)
+                    if key is not None:
+                        self.sessions.seen(key, pinned)
                     return Decision(pinned, "pin", matched_blocks=m)
                 why = f"re-pin: pinned worker overloaded load={load} mean={total / n:.1f}"
-        i, m, capped = self._cheapest(workers, a, low, cap, hashes)
+        # what a worker's queue costs a new request, in prompt tokens: the prefill still to do there, i.e.
+        # the mean uncached prompt per request in flight, or what this policy sent there and has not seen
+        # answered if more, times the part of a request's time spent before its first token
+        share = self.prefill_share
+        qt = self.queue_tokens * share
+        ahead = self._ahead
+        if ahead:
+            busy = [max(qt * load, share * ahead.get(w.id, 0.0)) for w, load in zip(window, loads, strict=True)]
+        else:
+            busy = [qt * load for load in loads]
+        floor = min(busy)
+        counts: dict[str, int] | None = None
+        session_cap = 0
+        exact = window is workers
+        if key is None:
+            a = self._in_turn(busy, floor, exact)
+        else:
+            self._placements = self._placements * SESSION_DECAY + 1.0
+            counts = self.sessions.counts
+            session_cap = self.cap(len(self.sessions) + 1, n)
+            ranks = [counts.get(w.id, 0) * _SESSION_WEIGHT + b for w, b in zip(window, busy, strict=True)]
+            a = self._in_turn(ranks, min(ranks), exact)
+            if loads[a] >= cap:  # fewest sessions but busy with session-less traffic
+                a = self._in_turn(busy, floor, exact)
+        a_busy = busy[a]
+        if not exact:
+            a = positions.lookup(workers, window[a].id)
+        i, m, capped = self._cheapest(workers, a, a_busy, floor, cap, hashes, counts, session_cap)
         wid = workers[i].id
-        self._cursor = i + 1
+        if exact:
+            self._cursor = i + 1
         self._dispatch(wid, hashes, m)
-        basis = f"prefix match {m} blocks" if m else "least load"
+        if key is not None:
+            self.sessions.seen(key, wid)
+        basis = f"prefix match {m} blocks" if m else ("least load" if key is None else "fewest sessions")
         if capped:
             basis += " (better match over load cap)"
         if why:
             reason = f"{why}; {basis}"
-        elif request.session_key is not None:
+        elif key is not None:
             reason = f"new session: {basis}"
         else:
             reason = basis
-        pin = request.session_key is not None and wid != pinned
-        return Decision(wid, reason, pin=pin, matched_blocks=m)
+        return Decision(wid, reason, pin=key is not None and wid != pinned, matched_blocks=m)
+
+    def session_length(self) -> float:
+        """Requests per session placement, a decayed mean (a prior of 4 until sessions teach otherwise)."""
+        return self._session_requests / self._placements
+
+    def _window(self, workers: Sequence[WorkerView]) -> Sequence[WorkerView]:
+        """The workers to survey for the baseline and the mean load: all of them, or a random window.
+
+        Beyond `exact_limit` workers one pass over the fleet would be most of the decision's cost; the best
+        of a random sample is nearly as good as the best of all ("power of d choices"), and the sample's
+        mean estimates the fleet's for the caps.
+        """
+        n = len(workers)
+        if n <= self.exact_limit:
+            return workers
+        k = self.sample
+        start = self._rng.randrange(n)
+        window = workers[start : start + k]
+        if len(window) < k:
+            window = [*window, *workers[: k - len(window)]]
+        return window
+
+    def _in_turn(self, values: list[float], low: float, exact: bool) -> int:
+        """Index of `low` in `values`: the first at or after the cursor (ties take turns) when exact."""
+        if exact:
+            try:
+                return values.index(low, self._cursor)
+            except ValueError:
+                pass
+        return values.index(low)
 
     def _cheapest(
-        self, workers: Sequence[WorkerView], a: int, low: int, cap: int, hashes: tuple[int, ...]
+        self,
+        workers: Sequence[WorkerView],
+        a: int,
+        a_busy: float,
+        floor: float,
+        cap: int,
+        hashes: tuple[int, ...],
+        counts: dict[str, int] | None,
+        session_cap: int,
     ) -> tuple[int, int, bool]:
-        """(index, matched blocks, whether a deeper match was passed over for the cap).
+        """(index, matched blocks, whether a deeper match was passed over for a cap).
 
-        The least loaded worker `a` is the baseline; a worker with a deeper match must beat its cost.
+        `a` is the baseline, with queue cost `a_busy`; a worker with a deeper match must beat its cost.
+        `floor` is the least queue cost seen, the best any candidate can have. With `counts`, a session is
+        being placed: sessions weigh in the cost, and workers at `session_cap` are not candidates.
         """
         if not hashes:
             return a, 0, False
@@ -213,16 +246,22 @@ class KvAware:
         a_id = workers[a].id
         m_a = index.match(a_id, hashes)
         tpb = self.tokens_per_block
-        qt = self.queue_tokens
-        best_i, best_m, best_load = a, m_a, low
-        best_cost = qt * low - tpb * m_a
+        share = self.prefill_share
+        qt = self.queue_tokens * share
+        ahead = self._ahead
+        # placing a session: each session already on a worker keeps sending requests there, so it weighs
+        # like a request ahead for every request a session sends on average
+        qs = 0.0 if counts is None else qt * self.session_length()
+        least_sessions = 0 if counts is None else counts.get(a_id, 0)
+        best_i, best_m, best_busy = a, m_a, a_busy
+        best_cost = a_busy + qs * least_sessions - tpb * m_a
         capped_depth = 0
         seen = index.bit(a_id)
         positions = self._positions
         for depth, mask in groups:
-            # groups come deepest first; no member of this or a shallower group can do better than
-            # the least load at this depth
-            if depth <= m_a or qt * low - tpb * depth >= best_cost:
+            # groups come deepest first: once even the least cost at this depth cannot beat the best,
+            # no shallower group can either
+            if depth <= m_a or floor + qs * least_sessions - tpb * depth >= best_cost:
                 break
             todo = mask & ~seen
             seen |= mask
@@ -233,19 +272,22 @@ class KvAware:
                     continue
                 w = workers[j]
                 load = w.in_flight + w.waiting
-                if load >= cap:
+                sessions = 0 if counts is None else counts.get(wid, 0)
+                if load >= cap or (counts is not None and sessions >= session_cap):
                     capped_depth = max(capped_depth, depth)
                     continue
-                cost = qt * load - tpb * depth
-                if cost < best_cost or (cost == best_cost and load < best_load):
-                    best_i, best_m, best_load, best_cost = j, depth, load, cost
+                busy = max(qt * load, share * ahead.get(wid, 0.0))
+                cost = busy + qs * sessions - tpb * depth
+                if cost < best_cost or (cost == best_cost and busy < best_busy):
+                    best_i, best_m, best_busy, best_cost = j, depth, busy, cost
                 scanned += 1
-                if load <= low or scanned >= GROUP_SCAN:
+                if (busy <= floor and sessions <= least_sessions) or scanned >= GROUP_SCAN:
                     break
         return best_i, best_m, capped_depth > best_m
 
     def _dispatch(self, worker_id: str, hashes: tuple[int, ...], matched: int) -> None:
-        """Optimistically list the prompt on the chosen worker, so concurrent requests see it at once."""
+        """List the prompt's head on the chosen worker now, so concurrent requests see it at once, and
+        count the prefill sent there until the response comes back."""
         if not hashes:
             return
         index = self.index
@@ -253,16 +295,31 @@ class KvAware:
         # have evicted it; only a confirmed block counts (an optimistic one may simply still be computing)
         age = index.age(worker_id, hashes[matched - 1], confirmed=True) if matched else None
         index.insert(worker_id, hashes[: matched + OPTIMISTIC_BLOCKS], matched, confirmed=False)
+        uncached = (len(hashes) + 0.5 - matched) * self.tokens_per_block
+        self._ahead[worker_id] = self._ahead.get(worker_id, 0.0) + uncached
         pending = self._pending
-        pending[(worker_id, hashes[-1])] = (matched, age)
+        k = (worker_id, hashes[-1])
+        if k in pending:  # the same prompt twice at once: keep one entry, counting both prefills
+            uncached += pending[k][2]
+        pending[k] = (matched, age, uncached)
         if len(pending) > MAX_PENDING:
-            pending.popitem(last=False)
+            (old, _), (_, _, lost) = pending.popitem(last=False)
+            self._settle(old, lost)
+
+    def _settle(self, worker_id: str, uncached: float) -> None:
+        left = self._ahead.get(worker_id, 0.0) - uncached
+        if left > 1.0:
+            self._ahead[worker_id] = left
+        else:
+            self._ahead.pop(worker_id, None)
 
     def observe(self, outcome: Outcome) -> None:
         """Learn token sizes and queue cost; confirm or correct the index with the worker's report."""
         hashes = outcome.prefix_hashes
         wid = outcome.worker_id
         routed = self._pending.pop((wid, hashes[-1]), None) if hashes else None
+        if routed is not None:
+            self._settle(wid, routed[2])
         if not outcome.ok:
             if routed is not None:
                 # the optimistic listing was never confirmed: take back the blocks the worker lacked
@@ -270,6 +327,9 @@ class KvAware:
             return
         prompt = outcome.prompt_tokens
         cached = outcome.cached_tokens
+        if outcome.ttft_s is not None and outcome.latency_s:
+            share = min(1.0, max(0.0, outcome.ttft_s / outcome.latency_s))
+            self.prefill_share += LEARN_RATE * (share - self.prefill_share)
         if prompt:
             if hashes:
                 self.tokens_per_block += LEARN_RATE * (prompt / (len(hashes) + 0.5) - self.tokens_per_block)
@@ -293,5 +353,7 @@ class KvAware:
 
     def forget(self, worker_id: str) -> None:
         self.index.forget(worker_id)
+        self.sessions.forget(worker_id)
+        self._ahead.pop(worker_id, None)
         for key in [k for k in self._pending if k[0] == worker_id]:
             del self._pending[key]

@@ -24,9 +24,10 @@ from collections.abc import Iterable, Iterator, Sequence
 #: characters (UTF-8 bytes) per block, ~128 tokens of English (two LMDeploy KV blocks of 64): fine enough
 #: for routing, and half the per-request work and index memory of 256
 DEFAULT_BLOCK_CHARS = 512
-#: blocks kept per worker before any report teaches better: 4096 x 512 chars ≈ 500k tokens of KV cache;
-#: the index costs ~250 bytes per (worker, block)
-DEFAULT_MAX_BLOCKS = 4096
+#: blocks kept per worker before any report teaches better: 65536 x 512 chars ≈ 6-8M tokens, more than a GPU
+#: holds (the capacity learned from cached_tokens comes down to the worker's real size); the index costs
+#: ~225 bytes per (worker, block), so ~15 MB per worker at the bound: lower it for fleets of hundreds
+DEFAULT_MAX_BLOCKS = 65536
 #: the learned capacity never drops below this
 DEFAULT_MIN_BLOCKS = 64
 
@@ -261,11 +262,13 @@ class PrefixIndex:
 
         `predicted_blocks` is what the index matched when the request was routed (default: what it matches
         now). If the worker had fewer blocks, the blocks past the reported point were evicted there: they
-        are dropped, and when `predicted_age` (the age of the deepest predicted block at routing time, if
-        it was confirmed then) is given, the worker's capacity shrinks towards that age, since the worker
-        evicted a block that recent; at most by half per report, so one odd report cannot wipe the entry.
-        If the worker had more, the index under-estimated it and the capacity grows. Returns the number of
-        blocks the index over-claimed (0 when the report agrees or exceeds it).
+        are dropped. And when `predicted_age` (the age of the deepest predicted block at routing time, if it
+        was confirmed then) is given, the worker's capacity shrinks towards that block's age *now*: the
+        worker evicted it before this request reached the engine, so within that many touches (counting the
+        time it queued in between; if the block was touched since, nothing is learned). At most by half
+        per report, so one odd report cannot wipe the entry. If the worker had more than predicted, the
+        index under-estimated it and the capacity grows. Returns the number of blocks the index over-claimed
+        (0 when the report agrees or exceeds it).
         """
         n = len(hashes)
         if n == 0 or prompt_tokens <= 0 or cached_tokens < 0:
@@ -285,9 +288,10 @@ class PrefixIndex:
         if reported >= predicted - slack:
             return 0
         over = predicted - reported
+        age = None if predicted_age is None or predicted == 0 else self.age(worker_id, hashes[predicted - 1])
         self.remove(worker_id, hashes[reported:predicted])
-        if predicted_age is not None:
-            wb.capacity = max(self.min_blocks, wb.capacity // 2, min(wb.capacity, predicted_age))
+        if age is not None and predicted_age is not None and age >= predicted_age:
+            wb.capacity = max(self.min_blocks, wb.capacity // 2, min(wb.capacity, age))
             if len(wb.lru) > wb.capacity:
                 self._trim(wb, wb.capacity)
         return over

@@ -348,8 +348,12 @@ class Relay:
             except UPSTREAM_ERRORS as e:
                 self.outliers.failure(worker, type(e).__name__)
                 if upstream is None:
-                    raise _Retry(_before_answer(e), UpstreamFailed(
-                        f"The worker could not be reached: {type(e).__name__}.")) from e
+                    why = _before_answer(e)
+                    if why == "connect_timeout":
+                        raise _Retry(why, UpstreamTimeout(
+                            f"The worker did not accept a connection within {self.settings.connect_timeout:g}s.")
+                        ) from e
+                    raise _Retry(why, UpstreamFailed(f"The worker could not be reached: {type(e).__name__}.")) from e
                 # nothing went to the client yet, so another worker may still save the request
                 raise _Retry("broken", UpstreamFailed(
                     f"The worker broke the connection before answering: {type(e).__name__}.")) from e

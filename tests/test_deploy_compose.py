@@ -1,0 +1,129 @@
+"""deploy/compose.yaml and deploy/nginx.conf, read without a Docker engine: the services reference images that
+the repository builds and each other by name, and every turbofleet command parses with the real CLI.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.config import build_settings
+from tests.test_deploy_manifests import LMDEPLOY_API_SERVER_FLAGS, cli, flag, lmdeploy_flags
+from worker.main import _command, build_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "compose.yaml"
+
+
+def compose() -> dict[str, Any]:
+    """The compose file as Compose sees it: `${VAR:-default}` interpolated with defaults, merge keys resolved."""
+    text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: m.group(2), COMPOSE.read_text())
+    assert "${" not in text, "every variable needs a default so `docker compose up` works as is"
+    return yaml.safe_load(text)
+
+
+def seconds(duration: str) -> float:
+    return sum(float(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smh])", duration))
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return compose()["services"]
+
+
+def agent_services() -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in services().items() if s.get("command", [""])[0] == "worker"}
+
+
+def test_services_use_images_the_repository_builds_or_pinned_public_ones() -> None:
+    for name, s in services().items():
+        image = s["image"]
+        assert ":" in image and not image.endswith(":latest"), f"{name}: pin {image}"
+        if "build" in s:
+            context = (COMPOSE.parent / s["build"]["context"]).resolve()
+            assert context == ROOT, f"{name}: the build context is the repository root"
+            assert (context / s["build"]["dockerfile"]).exists(), name
+        for dep in s.get("depends_on", {}):
+            assert dep in services(), f"{name} depends on unknown {dep}"
+            if s["depends_on"][dep].get("condition") == "service_healthy":
+                assert "healthcheck" in services()[dep], f"{dep} needs a healthcheck for {name} to wait on it"
+
+
+def test_host_ports_are_unique() -> None:
+    ports = [p.split(":")[0] for s in services().values() for p in s.get("ports", [])]
+    assert len(ports) == len(set(ports)), ports
+
+
+def test_proxies_share_redis_and_parse() -> None:
+    proxies = {n: s for n, s in services().items() if s.get("command", [""])[0] == "proxy"}
+    assert len(proxies) == 2
+    ids = set()
+    for s in proxies.values():
+        args = cli(s["command"])
+        settings = build_settings(args, {k: str(v or "") for k, v in s["environment"].items()})
+        assert settings.registry == "redis://redis:6379/0" and "redis" in services()
+        assert settings.port == 8000 and s["ports"][0].endswith(":8000")
+        ids.add(settings.replica_id)
+        assert seconds(s["stop_grace_period"]) > settings.shutdown_grace
+        assert "127.0.0.1:8000/health" in " ".join(s["healthcheck"]["test"])
+    assert len(ids) == 2, "each replica needs its own id in the shared registry"
+    redis = services()["redis"]["command"]
+    assert flag(redis, "--save") == "" and flag(redis, "--appendonly") == "no"
+
+
+def test_simulated_workers_run_through_the_agent_and_advertise_their_service_name() -> None:
+    sims = {n: s for n, s in agent_services().items() if n.startswith("sim-")}
+    assert len(sims) == 3
+    for name, s in sims.items():
+        args = cli(s["command"])
+        cfg = build_config(args, {}, detect=False)
+        server = _command(list(args.command))
+        assert server[:2] == ["turbofleet", "sim-worker"]
+        sim = cli(server[1:])
+        assert sim._module == "worker.sim.main" and sim.host == "0.0.0.0" and sim.model == "sim-model"
+        assert cfg.advertise_url == f"http://{name}:{sim.port}", "the proxy reaches the sim by service name"
+        assert cfg.probe_url == f"http://127.0.0.1:{sim.port}"
+        assert seconds(s["stop_grace_period"]) > cfg.drain_grace + cfg.stop_timeout
+        assert f"127.0.0.1:{sim.port}/health" in " ".join(s["healthcheck"]["test"])
+        assert s.get("init") is True
+
+
+def test_agents_register_with_a_proxy_service() -> None:
+    for name, s in agent_services().items():
+        cfg = build_config(cli(s["command"]), {}, detect=False)
+        for url in cfg.proxies:
+            host, port = re.match(r"http://([^:/]+):(\d+)$", url).groups()  # type: ignore[union-attr]
+            assert services()[host]["command"][0] == "proxy" and port == "8000", f"{name}: {url}"
+            assert host in s["depends_on"], f"{name} should start after {host}"
+
+
+def test_gpu_profile_runs_lmdeploy_on_an_nvidia_gpu() -> None:
+    s = services()["gpu-worker"]
+    assert s["profiles"] == ["gpu"] and s["build"]["dockerfile"] == "deploy/Dockerfile.worker"
+    (device,) = s["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] >= 1
+    args = cli(s["command"])
+    cfg = build_config(args, {}, detect=False)
+    server = _command(list(args.command))
+    assert lmdeploy_flags(server) <= LMDEPLOY_API_SERVER_FLAGS
+    port = int(flag(server, "--server-port") or 23333)
+    assert cfg.advertise_url == f"http://gpu-worker:{port}"
+    assert server[3].startswith("/models/") and any(v.endswith(":/models:ro") for v in s["volumes"])
+    assert seconds(s["stop_grace_period"]) > cfg.drain_grace + cfg.stop_timeout
+    assert seconds(s["healthcheck"]["start_period"]) >= 300, "loading a model takes minutes"
+
+
+def test_nginx_balances_both_proxies_and_streams_unbuffered() -> None:
+    lb = services()["lb"]
+    conf_mount = next(v for v in lb["volumes"] if "nginx.conf" in v)
+    conf = (COMPOSE.parent / conf_mount.split(":")[0]).read_text()
+    upstreams = re.findall(r"^\s*server\s+([\w-]+):(\d+)", conf, re.M)
+    proxies = {n for n, s in services().items() if s.get("command", [""])[0] == "proxy"}
+    assert {h for h, _ in upstreams} == proxies and {p for _, p in upstreams} == {"8000"}
+    assert set(lb["depends_on"]) == proxies
+    for directive in ("proxy_buffering off;", "proxy_http_version 1.1;", 'proxy_set_header Connection "";'):
+        assert directive in conf, directive
+    assert re.search(r"proxy_next_upstream\s+error;", conf), "only unsent requests may go to the other replica"

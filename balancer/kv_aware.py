@@ -49,6 +49,8 @@ DEFAULT_QUEUE_TOKENS = 512.0
 DEFAULT_PREFILL_SHARE = 0.5
 #: weight of each new observation in the learned averages
 LEARN_RATE = 0.05
+#: the part of a matched prefix's prefill credited when more than one worker holds it (see _cheapest)
+SHARED_CREDIT = 0.5
 #: members of one prefix group scored at most (a group is every worker holding that many blocks)
 GROUP_SCAN = 64
 #: new blocks listed on the chosen worker at decision time (the rest when the response confirms them): enough
@@ -86,6 +88,7 @@ class KvAware:
         exact_limit: int = EXACT_LIMIT,
         sample: int = SAMPLE,
         seed: int | None = None,
+        shared_credit: float = SHARED_CREDIT,
     ) -> None:
         if epsilon < 0 or slack < 0:
             raise ValueError("epsilon and slack must not be negative")
@@ -93,6 +96,7 @@ class KvAware:
             raise ValueError("block_chars, chars_per_token and sample must be positive")
         self.epsilon = epsilon
         self.slack = slack
+        self.shared_credit = shared_credit
         self.index = index if index is not None else PrefixIndex(max_blocks)
         self.sessions = SessionTracker()
         self.tokens_per_block = block_chars / chars_per_token
@@ -245,6 +249,10 @@ class KvAware:
             return a, 0, False
         a_id = workers[a].id
         m_a = index.match(a_id, hashes)
+        # a prefix that several workers hold is credited at SHARED_CREDIT: it is on its way to every
+        # worker (a shared system prompt), so paying its prefill once more elsewhere buys balance
+        shared = next((d for d, mask in groups if mask & (mask - 1)), 0)
+        discount = (1.0 - self.shared_credit) * shared
         tpb = self.tokens_per_block
         share = self.prefill_share
         qt = self.queue_tokens * share
@@ -254,14 +262,15 @@ class KvAware:
         qs = 0.0 if counts is None else qt * self.session_length()
         least_sessions = 0 if counts is None else counts.get(a_id, 0)
         best_i, best_m, best_busy = a, m_a, a_busy
-        best_cost = a_busy + qs * least_sessions - tpb * m_a
+        best_cost = a_busy + qs * least_sessions - tpb * (m_a - min(discount, m_a))
         capped_depth = 0
         seen = index.bit(a_id)
         positions = self._positions
         for depth, mask in groups:
             # groups come deepest first: once even the least cost at this depth cannot beat the best,
             # no shallower group can either
-            if depth <= m_a or floor + qs * least_sessions - tpb * depth >= best_cost:
+            credit = tpb * (depth - min(discount, depth))
+            if depth <= m_a or floor + qs * least_sessions - credit >= best_cost:
                 break
             todo = mask & ~seen
             seen |= mask
@@ -277,7 +286,7 @@ class KvAware:
                     capped_depth = max(capped_depth, depth)
                     continue
                 busy = max(qt * load, share * ahead.get(wid, 0.0))
-                cost = busy + qs * sessions - tpb * depth
+                cost = busy + qs * sessions - credit
                 if cost < best_cost or (cost == best_cost and busy < best_busy):
                     best_i, best_m, best_busy, best_cost = j, depth, busy, cost
                 scanned += 1

@@ -211,28 +211,40 @@ def test_correct_tolerates_engine_rounding_and_agreement() -> None:
 
 def test_correct_learns_capacity_down_and_up() -> None:
     idx = PrefixIndex(max_blocks=1000, min_blocks=10)
-    old = chain("old", 10)
-    idx.insert("a", old)
+    olds = [chain(f"old{k}", 10) for k in range(8)]
+    for old in olds:
+        idx.insert("a", old)
     for k in range(30):
         idx.insert("a", chain(f"n{k}", 10))
-    age = idx.age("a", old[9], confirmed=True)
-    assert age is not None and age >= 300
-    # the worker had evicted `old`: capacity shrinks towards that age, by at most half at once
-    idx.correct("a", old, cached_tokens=0, prompt_tokens=1000, predicted_blocks=10, predicted_age=age)
+
+    def evicted(old: tuple[int, ...]) -> None:
+        # routed when the deepest block had this age; the worker had none of it
+        age = idx.age("a", old[9], confirmed=True)
+        assert age is not None
+        idx.correct("a", old, cached_tokens=0, prompt_tokens=1050, predicted_blocks=10, predicted_age=age)
+
+    # the worker had evicted blocks ~300-370 touches old: capacity shrinks towards that, at most half at once
+    evicted(olds[7])
     assert idx.capacity("a") == 500
-    idx.correct("a", old, cached_tokens=0, prompt_tokens=1000, predicted_blocks=10, predicted_age=age)
-    assert idx.capacity("a") == age
+    assert idx.match("a", olds[7]) == 0  # and the evicted blocks are gone from the index
+    age = idx.age("a", olds[6][9])
+    evicted(olds[6])
+    assert age is not None and idx.capacity("a") == age
     assert idx.blocks("a") <= age
+    # a block touched again after routing (so the worker may have it again) teaches nothing
+    idx.insert("a", chain("again", 10))
+    before = idx.capacity("a")
+    idx.correct("a", chain("again", 10), cached_tokens=0, prompt_tokens=1050, predicted_blocks=10, predicted_age=99)
+    assert idx.capacity("a") == before
     # a worker that had more than the index listed: grow back
     fresh = chain("fresh", 10)
     idx.correct("a", fresh, cached_tokens=1000, prompt_tokens=1050, predicted_blocks=0)
-    assert idx.capacity("a") == age + 10
+    assert idx.capacity("a") == before + 10
     # never below min_blocks
-    idx.correct("a", old, cached_tokens=0, prompt_tokens=1000, predicted_blocks=10, predicted_age=1)
-    idx.correct("a", old, cached_tokens=0, prompt_tokens=1000, predicted_blocks=10, predicted_age=1)
-    idx.correct("a", old, cached_tokens=0, prompt_tokens=1000, predicted_blocks=10, predicted_age=1)
-    idx.correct("a", old, cached_tokens=0, prompt_tokens=1000, predicted_blocks=10, predicted_age=1)
-    idx.correct("a", old, cached_tokens=0, prompt_tokens=1000, predicted_blocks=10, predicted_age=1)
+    for k in range(8):
+        tiny = chain(f"tiny{k}", 10)
+        idx.insert("a", tiny)
+        idx.correct("a", tiny, cached_tokens=0, prompt_tokens=1050, predicted_blocks=10, predicted_age=0)
     assert idx.capacity("a") == 10
 
 

@@ -1,0 +1,282 @@
+"""kv_aware: pins, re-pins, prefix affinity, bounded loads, learning from outcomes (pure: no event loop)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, deque
+
+import pytest
+
+from balancer import EJECTED, Decision, KvAware, Outcome, RouteRequest, WorkerView, block_hashes, route
+from balancer.prefix import DEFAULT_BLOCK_CHARS
+
+M = "m"
+rng = random.Random(0)
+WORDS = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 8))) for _ in range(3000)]
+
+
+def text(seed: int, chars: int) -> str:
+    r = random.Random(seed)
+    return " ".join(r.choices(WORDS, k=chars // 5 + 1))[:chars]
+
+
+def fleet(*loads: int, models: frozenset[str] = frozenset({M})) -> list[WorkerView]:
+    return [WorkerView(f"w{i}", models, in_flight=load) for i, load in enumerate(loads)]
+
+
+def req(prompt: str, session: str | None = None, pinned: str | None = None) -> RouteRequest:
+    return RouteRequest(M, session, block_hashes(prompt), pinned_worker=pinned, prompt_tokens=len(prompt) // 4)
+
+
+def served(p: KvAware, d: Decision, r: RouteRequest, cached: int | None = None) -> None:
+    """The response came back: the worker cached what the index predicted unless told otherwise."""
+    tokens = max(r.prompt_tokens, 1)
+    per_block = tokens / (len(r.prefix_hashes) + 0.5)
+    hit = int(d.matched_blocks * per_block) if cached is None else cached
+    p.observe(Outcome(d.worker_id, r.prefix_hashes, True, 1.0, 0.2, tokens, hit))
+
+
+def test_cap_is_bounded_load_with_slack() -> None:
+    p = KvAware(epsilon=0.5, slack=2)
+    assert p.cap(total=41, workers=4) == 16 + 2  # ceil(1.5 * 10.25) + 2
+    assert p.cap(total=1, workers=4) == 1 + 2
+    with pytest.raises(ValueError):
+        KvAware(epsilon=-1)
+
+
+# --- session pins ---
+
+
+def test_pin_is_honoured_under_the_cap() -> None:
+    p = KvAware()
+    # load 4 is the highest, but under the cap: ceil(1.5 * (5 + 1) / 4) + 2 = 5
+    d = p.choose(req(text(1, 3000), "s1", pinned="w2"), fleet(0, 0, 4, 1))
+    assert d.worker_id == "w2" and d.reason == "pin" and not d.pin
+    d = p.choose(req(text(1, 3000), "s1", pinned="w2"), fleet(0, 0, 5, 1))
+    assert d.worker_id != "w2" and d.pin
+
+
+def test_re_pin_when_pinned_worker_is_overloaded() -> None:
+    p = KvAware()
+    d = p.choose(req(text(1, 3000), "s1", pinned="w0"), fleet(12, 1, 0, 2))
+    assert d.worker_id == "w2"
+    assert d.reason.startswith("re-pin: pinned worker overloaded load=12 mean=4.0; ")
+    assert d.pin
+
+
+def test_re_pin_reasons_for_gone_unhealthy_and_wrong_model() -> None:
+    p = KvAware()
+    r = req(text(1, 3000), "s1", pinned="gone")
+    d = route(p, r, fleet(1, 0, 1))
+    assert d.reason.startswith("re-pin: pinned worker gone") and d.pin and d.worker_id == "w1"
+    ws = fleet(0, 0, 0)
+    ws[1] = WorkerView("w1", frozenset({M}), state=EJECTED)
+    d = route(p, req(text(1, 3000), "s1", pinned="w1"), ws)
+    assert d.reason.startswith("re-pin: pinned worker not ready (ejected)") and d.worker_id != "w1" and d.pin
+    ws[1] = WorkerView("w1", frozenset({"other"}))
+    d = route(p, req(text(1, 3000), "s1", pinned="w1"), ws)
+    assert d.reason.startswith("re-pin: pinned worker not serving m") and d.worker_id != "w1"
+
+
+def test_new_session_is_pinned_and_session_less_is_not() -> None:
+    p = KvAware()
+    d = p.choose(req(text(1, 3000), "s1"), fleet(0, 0))
+    assert d.pin and d.reason.startswith("new session:")
+    d = p.choose(req(text(2, 3000)), fleet(0, 0))
+    assert not d.pin and d.reason == "least load"
+    d = p.choose(req("short"), fleet(3, 1))
+    assert d.worker_id == "w1" and d.matched_blocks == 0
+
+
+# --- prefix affinity ---
+
+
+def test_follow_up_without_session_goes_where_its_prefix_is() -> None:
+    p = KvAware()
+    doc = text(7, 20_000)
+    first = req(doc)
+    d1 = p.choose(first, fleet(0, 0, 0, 0))
+    served(p, d1, first)
+    follow = req(doc + " and now a question about it")
+    loads = [1, 1, 1, 1]
+    loads[int(d1.worker_id[1:])] = 2  # slightly busier: the cache is still worth it
+    d2 = p.choose(follow, fleet(*loads))
+    assert d2.worker_id == d1.worker_id
+    assert d2.reason == f"prefix match {len(first.prefix_hashes)} blocks"
+    assert d2.matched_blocks == len(first.prefix_hashes)
+
+
+def test_concurrent_requests_see_a_prefix_at_once() -> None:
+    p = KvAware()
+    doc = text(3, 8000)
+    d1 = p.choose(req(doc + " one"), fleet(0, 0, 0))
+    # no response yet: the decision itself listed the prompt on the worker
+    d2 = p.choose(req(doc + " two"), fleet(*[1 if f"w{i}" == d1.worker_id else 0 for i in range(3)]))
+    assert d2.worker_id == d1.worker_id and d2.matched_blocks > 0
+
+
+def test_distinct_documents_spread_and_follow_ups_hit() -> None:
+    p = KvAware()
+    n = 4
+    in_flight = [0] * n
+    docs = {f"s{k}": text(100 + k, 16_000) for k in range(8)}
+    pins: dict[str, str] = {}
+    first: dict[str, Decision] = {}
+    for key, doc in docs.items():  # all sessions open at once
+        r = req(doc, key)
+        d = p.choose(r, fleet(*in_flight))
+        in_flight[int(d.worker_id[1:])] += 1
+        assert d.pin
+        pins[key] = d.worker_id
+        first[key] = d
+    assert Counter(pins.values()) == dict.fromkeys((f"w{i}" for i in range(n)), 2)
+    for key, doc in docs.items():
+        served(p, first[key], req(doc, key), cached=0)
+        in_flight[int(pins[key][1:])] -= 1
+    for rnd in range(3):
+        for key, doc in docs.items():
+            r = req(f"{doc} question {rnd}", key, pinned=pins[key])
+            d = p.choose(r, fleet(*in_flight))
+            assert d.worker_id == pins[key] and d.reason == "pin"
+            assert d.matched_blocks >= len(block_hashes(doc)) - 1
+            # and without the session key, the prefix alone finds the same worker
+            anon = req(f"{doc} question {rnd}")
+            assert p.choose(anon, fleet(*in_flight)).worker_id == pins[key]
+            served(p, d, r)
+
+
+def _stream(p: KvAware, n: int, prompts: list[tuple[str | None, str]], hold: int) -> tuple[Counter[str], int]:
+    """Route a stream; each request stays in flight for `hold` decisions. Returns picks and the peak load."""
+    in_flight = [0] * n
+    pins: dict[str, str] = {}
+    live: deque[tuple[RouteRequest, Decision]] = deque()
+    picks: Counter[str] = Counter()
+    peak = 0
+    for key, prompt in prompts:
+        r = req(prompt, key, pinned=pins.get(key) if key else None)
+        d = p.choose(r, fleet(*in_flight))
+        if d.pin and key:
+            pins[key] = d.worker_id
+        i = int(d.worker_id[1:])
+        in_flight[i] += 1
+        peak = max(peak, in_flight[i])
+        picks[d.worker_id] += 1
+        live.append((r, d))
+        if len(live) > hold:
+            r0, d0 = live.popleft()
+            in_flight[int(d0.worker_id[1:])] -= 1
+            served(p, d0, r0)
+    return picks, peak
+
+
+def test_shared_system_prompt_does_not_pile_on_one_worker() -> None:
+    system = text(42, 12_000)  # one long prompt every request starts with
+    p = KvAware()
+    prompts: list[tuple[str | None, str]] = [(None, f"{system} user {k}: {text(k, 400)}") for k in range(400)]
+    picks, peak = _stream(p, 4, prompts, hold=16)
+    mean = sum(picks.values()) / 4
+    assert len(picks) == 4 and max(picks.values()) / mean < 1.2, picks
+    assert peak <= p.cap(17, 4)
+
+
+def test_shared_system_prompt_sessions_are_spread_evenly() -> None:
+    system = text(43, 12_000)
+    p = KvAware()
+    prompts: list[tuple[str | None, str]] = []
+    history = {f"s{k}": f"{system} {text(500 + k, 300)}" for k in range(24)}
+    for rnd in range(6):
+        for key in history:
+            history[key] += f" round {rnd} {text(rnd * 100 + len(key), 200)}"
+            prompts.append((key, history[key]))
+    picks, _ = _stream(p, 4, prompts, hold=8)
+    assert max(picks.values()) / (len(prompts) / 4) < 1.3, picks
+    assert Counter(p.sessions.counts).most_common(1)[0][1] <= 24 / 4 + 2
+
+
+def test_load_cap_sends_a_hot_prefix_elsewhere() -> None:
+    p = KvAware()
+    doc = text(9, 20_000)
+    d1 = p.choose(req(doc), fleet(0, 0, 0, 0))
+    served(p, d1, req(doc))
+    hot = int(d1.worker_id[1:])
+    loads = [1, 1, 1, 1]
+    loads[hot] = 9  # cap is ceil(1.5 * 13/4) + 2 = 7
+    d2 = p.choose(req(doc + " more"), fleet(*loads))
+    assert d2.worker_id != d1.worker_id
+    assert "over load cap" in d2.reason
+
+
+# --- learning from outcomes ---
+
+
+def test_observe_learns_sizes_and_confirms_the_index() -> None:
+    p = KvAware(queue_tokens=None)
+    doc = text(11, 10_000)
+    r = req(doc)
+    d = p.choose(r, fleet(0, 0))
+    p.observe(Outcome(d.worker_id, r.prefix_hashes, True, 2.0, 1.0, 2000, 0))
+    assert p.tokens_per_block < DEFAULT_BLOCK_CHARS / 4  # 2000 tokens / 20 blocks ≈ 98 < 128
+    assert p.queue_tokens > 512  # 2000 uncached tokens pulled the mean up
+    assert p.prefill_share == pytest.approx(0.5)
+    assert p.index.match(d.worker_id, r.prefix_hashes) == len(r.prefix_hashes)
+    assert p.index.age(d.worker_id, r.prefix_hashes[0], confirmed=True) == 0
+
+
+def test_failed_request_takes_back_the_optimistic_listing() -> None:
+    p = KvAware()
+    r = req(text(12, 6000))
+    d = p.choose(r, fleet(0, 0))
+    assert p.index.match(d.worker_id, r.prefix_hashes) > 0
+    p.observe(Outcome(d.worker_id, r.prefix_hashes, ok=False))
+    assert p.index.match(d.worker_id, r.prefix_hashes) == 0
+
+
+def test_worker_report_of_fewer_cached_tokens_corrects_the_index() -> None:
+    p = KvAware()
+    doc = text(13, 20_000)
+    first = req(doc)
+    d1 = p.choose(first, fleet(0, 0))
+    served(p, d1, first, cached=0)
+    r = req(doc + " again")
+    d2 = p.choose(r, fleet(0, 0))
+    assert d2.worker_id == d1.worker_id and d2.matched_blocks == len(first.prefix_hashes)
+    # the worker had evicted everything: the over-claimed blocks are dropped (then listed again, since
+    # the worker has just recomputed them)
+    dropped: list[int] = []
+    real = p.index.correct
+
+    def spy(*args: object, **kw: object) -> int:
+        out = real(*args, **kw)  # type: ignore[arg-type]
+        dropped.append(out)
+        return out
+
+    p.index.correct = spy  # type: ignore[method-assign]
+    served(p, d2, r, cached=0)
+    assert dropped == [len(first.prefix_hashes)]
+    assert p.index.match(d1.worker_id, r.prefix_hashes) == len(r.prefix_hashes)
+
+
+def test_forget_drops_a_worker_everywhere() -> None:
+    p = KvAware()
+    r = req(text(14, 6000), "s1")
+    d = p.choose(r, fleet(0, 0))
+    p.forget(d.worker_id)
+    assert p.index.blocks(d.worker_id) == 0
+    assert d.worker_id not in p.sessions.counts
+
+
+# --- large fleets ---
+
+
+def test_large_fleet_samples_yet_pins_and_matches() -> None:
+    p = KvAware(seed=1)
+    ws = [WorkerView(f"w{i}", frozenset({M}), in_flight=5 + i % 7) for i in range(1000)]
+    doc = text(15, 12_000)
+    r = req(doc, "s1")
+    d = p.choose(r, ws)
+    assert ws[int(d.worker_id[1:])].in_flight <= 7  # the least loaded of a random sample of 32
+    served(p, d, r)
+    d2 = p.choose(req(doc + " next", "s1", pinned=d.worker_id), ws)
+    assert d2.worker_id == d.worker_id and d2.reason == "pin"
+    d3 = p.choose(req(doc + " other"), ws)
+    assert d3.worker_id == d.worker_id and d3.matched_blocks == len(r.prefix_hashes)

@@ -24,7 +24,7 @@ only until it reaches a cap; then other workers take sessions, learn the prefix 
 prefix scores tie and session counts and load decide.
 
 Cost per decision: one pass over the workers' loads (a list comprehension plus sum/min) up to `exact_limit`
-(256) workers, a random window of `sample` (32) beyond; O(groups x log(blocks)) in the prefix index; O(1)
+(128) workers, a random window of `sample` (32) beyond; O(groups x log(blocks)) in the prefix index; O(1)
 per candidate through a cached id -> position map. Placing a session adds one pass over session counts.
 """
 
@@ -59,7 +59,7 @@ OPTIMISTIC_BLOCKS = 16
 #: routed requests remembered until their outcome arrives (for the cache-report correction)
 MAX_PENDING = 16384
 #: fleets up to this size are surveyed exactly for least load and mean load; larger ones by a sample
-EXACT_LIMIT = 256
+EXACT_LIMIT = 128
 SAMPLE = 32
 #: sorts by sessions first, then queue cost, in one number
 _SESSION_WEIGHT = float(1 << 40)
@@ -155,10 +155,10 @@ class KvAware:
         share = self.prefill_share
         qt = self.queue_tokens * share
         ahead = self._ahead
+        busy = [qt * load for load in loads]
         if ahead:
-            busy = [max(qt * load, share * ahead.get(w.id, 0.0)) for w, load in zip(window, loads, strict=True)]
-        else:
-            busy = [qt * load for load in loads]
+            get = ahead.get
+            busy = [b if b > (t := share * get(w.id, 0.0)) else t for w, b in zip(window, busy, strict=True)]
         floor = min(busy)
         counts: dict[str, int] | None = None
         session_cap = 0

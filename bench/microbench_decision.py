@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 from collections.abc import Sequence
 
@@ -77,8 +78,10 @@ def warm(policy: Policy, reqs: Sequence[RouteRequest], snapshot: list[WorkerView
 
 def time_per_call(
     policy: Policy, reqs: Sequence[RouteRequest], snaps: list[list[WorkerView]], full: bool, cold: bool
-) -> float:
-    """Mean µs per decision: `route` on the full snapshot when `full`, else `choose` on eligible workers.
+) -> tuple[float, float]:
+    """(median, mean) µs per decision: `route` on the full snapshot when `full`, else `choose` on the
+    eligible workers. The median is the figure to read on a shared machine: the mean takes every time the
+    process was descheduled mid-decision.
 
     Unless `cold`, each snapshot is read once (untimed) just before the decision, because the proxy's
     registry builds its snapshot right before routing, so its views are hot in the CPU cache. A cold
@@ -87,7 +90,7 @@ def time_per_call(
     ready = [eligible(MODEL, s) for s in snaps]
     k = len(snaps)
     clock = time.perf_counter
-    spent = 0.0
+    spent: list[float] = []
     for i, r in enumerate(reqs):
         snap = snaps[i % k]
         if not cold:
@@ -96,12 +99,14 @@ def time_per_call(
         if full:
             start = clock()
             route(policy, r, snap)
+            spent.append(clock() - start)
+            continue
         else:
             workers = ready[i % k]
             start = clock()
             policy.choose(r, workers)
-        spent += clock() - start
-    return spent / len(reqs) * 1e6
+        spent.append(clock() - start)
+    return statistics.median(spent) * 1e6, statistics.fmean(spent) * 1e6
 
 
 def hash_costs(rng: random.Random) -> dict[int, float]:
@@ -118,11 +123,12 @@ def hash_costs(rng: random.Random) -> dict[int, float]:
     return out
 
 
-def run(
-    sizes: Sequence[int], decisions: int, seed: int, cold: bool = False
-) -> dict[tuple[str, int], tuple[float, float]]:
-    """{(policy, workers): (µs per choose, µs per route)}."""
-    results: dict[tuple[str, int], tuple[float, float]] = {}
+Timing = tuple[float, float, float, float]
+
+
+def run(sizes: Sequence[int], decisions: int, seed: int, cold: bool = False) -> dict[tuple[str, int], Timing]:
+    """{(policy, workers): (choose median, route median, choose mean, route mean)} in µs."""
+    results: dict[tuple[str, int], Timing] = {}
     for n in sizes:
         rng = random.Random(seed + n)
         snaps = fleet(n, rng)
@@ -133,9 +139,9 @@ def run(
             policy = make_policy(name, **options)
             warm(policy, warmup, snaps[0])
             warm(policy, reqs[: len(reqs) // 4], snaps[1])
-            choose_us = time_per_call(policy, reqs, snaps, full=False, cold=cold)
-            route_us = time_per_call(policy, reqs, snaps, full=True, cold=cold)
-            results[(name, n)] = (choose_us, route_us)
+            choose_med, choose_mean = time_per_call(policy, reqs, snaps, full=False, cold=cold)
+            route_med, route_mean = time_per_call(policy, reqs, snaps, full=True, cold=cold)
+            results[(name, n)] = (choose_med, route_med, choose_mean, route_mean)
     return results
 
 
@@ -149,12 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     results = run(sizes, args.decisions, args.seed, args.cold)
     head = f"{'policy':22s}" + "".join(f"{f'{n} workers':>22s}" for n in sizes)
-    print("µs per decision: choose (policy alone) / route (with the model+readiness filter)")
-    print(head)
-    for name in POLICIES:
-        cells = "".join(f"{f'{results[(name, n)][0]:8.1f} / {results[(name, n)][1]:8.1f}':>22s}" for n in sizes)
-        print(f"{name:22s}{cells}")
-    print()
+    for title, at in (("median", 0), ("mean", 2)):
+        print(f"µs per decision, {title}: choose (the policy alone) / route (+ the model and readiness filter)")
+        print(head)
+        for name in POLICIES:
+            cells = "".join(
+                f"{f'{results[(name, n)][at]:8.1f} / {results[(name, n)][at + 1]:8.1f}':>22s}" for n in sizes
+            )
+            print(f"{name:22s}{cells}")
+        print()
     costs = hash_costs(random.Random(args.seed))
     print("µs per block_hashes(text): " + ", ".join(f"{k:,} chars {v:.1f}" for k, v in costs.items()))
     return 0

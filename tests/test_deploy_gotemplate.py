@@ -96,6 +96,12 @@ def to_yaml(v: Any) -> str:
     return yaml.safe_dump(_plain(v), default_flow_style=False, sort_keys=True).removesuffix("\n").removesuffix("\n...")
 
 
+def to_json(v: Any) -> str:
+    # encoding/json: sorted keys, compact, and <, >, & escaped for HTML
+    out = json.dumps(_plain(v), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return out.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def _quote(*args: Any) -> str:
     out = []
     for a in args:
@@ -152,6 +158,7 @@ FUNCS: dict[str, Callable[..., Any]] = {
     "print": _print,
     "quote": _quote,
     "toYaml": to_yaml,
+    "toJson": to_json,
     "indent": lambda n, s: " " * int(n) + s.replace("\n", "\n" + " " * int(n)),
     "nindent": lambda n, s: "\n" + " " * int(n) + s.replace("\n", "\n" + " " * int(n)),
     "required": _required,
@@ -512,6 +519,12 @@ def test_pipelines_pass_the_value_as_the_last_argument() -> None:
     assert _one('{{ "abc-" | trimSuffix "-" | quote }}') == '"abc"'
     assert _one("{{ .v | default 7 }}", {"v": 0}) == "7"
     assert _one("{{ toYaml .m | nindent 2 }}", {"m": {"b": [1], "a": "x"}}) == "\n  a: x\n  b:\n  - 1"
+
+
+def test_to_json_matches_go_encoding() -> None:
+    assert _one("{{ toJson .m }}", as_helm_values({"m": {"b": [1, "x<y"], "a": {"c": None}}})) == (
+        '{"a":{"c":null},"b":[1,"x\\u003cy"]}'
+    )
 
 
 def test_numbers_print_as_go_prints_float64() -> None:

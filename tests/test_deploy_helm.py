@@ -175,3 +175,16 @@ def test_workers_can_be_left_out() -> None:
 def test_an_external_registry_needs_its_url() -> None:
     with pytest.raises(TemplateError, match=r"redis\.externalUrl is required"):
         render_chart(CHART, {"redis": {"enabled": False}})
+
+
+def test_a_new_admin_token_rolls_proxies_and_agents() -> None:
+    def sums(token: str) -> list[str]:
+        docs, _ = render({"auth": {"adminToken": token}})
+        pods = [
+            d["spec"]["template"] for d in docs if d["kind"] == "Deployment" and "redis" not in d["metadata"]["name"]
+        ]
+        return [p["metadata"]["annotations"]["checksum/auth"] for p in pods]
+
+    first, again, other = sums("a" * 40), sums("a" * 40), sums("b" * 40)
+    assert len(first) == 2 and first == again
+    assert all(x != y for x, y in zip(first, other, strict=True))

@@ -2,30 +2,36 @@
 
 Decision order:
 1. A pinned session stays on its worker while that worker is eligible and under the load cap ("pin").
-2. Otherwise (new session, session-less request, or a re-pin) eligible workers under the cap are scored by
-   an estimate of the time to first token, in prompt tokens:
-       cost(w) = queue_tokens x load(w) - tokens_per_block x matched_blocks(w)
-   (the uncached prefill plus the queue, less a constant), and the cheapest wins; ties go to the baseline.
-   `tokens_per_block` and `queue_tokens` (what one request ahead costs: the mean uncached prompt,
-   prompt_tokens - cached_tokens) are learned from `observe()`.
-   The baseline, which a deeper prefix match must beat, is the least loaded worker (ties in turn) for a
-   session-less request, and for a session being placed the worker with the fewest active sessions (ties by
-   load, then in turn): a session's later requests follow its pin, so sessions are what is really placed,
-   and keeping their counts even (as ideal pinning does) keeps pinned workers from overloading later.
+2. Otherwise (new session, session-less request, or a re-pin) eligible workers under the caps are scored
+   by an estimate of their time to first token, in prompt tokens, and the cheapest wins:
+       cost(w) = busy(w) [+ session_weight x sessions(w)] - credit(matched_blocks(w))
+   - busy: the prefill still to do on the worker before this request's:
+     prefill_share x max(queue_tokens x load, uncached tokens routed there and not yet answered),
+     queue_tokens being the mean uncached prompt per request (prompt_tokens - cached_tokens) and
+     prefill_share the part of a request's time in flight spent before its first token (ttft / latency);
+   - credit: tokens_per_block x matched blocks, the prefill the cache saves; blocks that more than one
+     worker holds count half (SHARED_CREDIT): a system prompt everyone uses is on its way to every worker,
+     so paying for it once more elsewhere buys balance instead of piling onto its first holder;
+   - session_weight = prefill_share x queue_tokens x mean session length, when placing a session: each
+     session on a worker keeps sending requests there.
+   tokens_per_block, queue_tokens, prefill_share and the session length are learned from `observe()`.
+   The baseline, which a deeper match must beat (ties go to it), is the least busy worker, taken in turn on
+   ties, for a session-less request, and for a session being placed the worker with the fewest active
+   sessions, then least busy: sessions are what a pinning policy really places, and keeping their counts
+   even (as ideal pinning does) keeps pinned workers from overloading later.
 
 Bounded loads, as in "consistent hashing with bounded loads" (Mirrokni, Thorup, Zadimoghaddam, 2018), on two
 levels. Requests: a worker may take a request only while `load + 1 <= ceil((1 + epsilon) * mean) + slack`,
-mean being the fleet's load counting this request; a pinned worker above it is re-pinned. Sessions: a
-session may be placed only on a worker with fewer than `ceil((1 + epsilon) * mean sessions) + slack`.
-epsilon (default 0.25) bounds the hottest worker at 1.25x the mean; the absolute `slack` (default 2) keeps
-tiny loads (1 vs 0) from breaking pins and cache affinity, where the imbalance costs nothing. The caps are
-what spread a long system prompt shared by every session: the first worker to hold it wins the prefix score
-only until it reaches a cap; then other workers take sessions, learn the prefix too, and from then on the
-prefix scores tie and session counts and load decide.
+mean being the fleet's load (in_flight + waiting) counting this request; a pinned worker above it is
+re-pinned. Sessions: a session may be placed only on a worker with fewer than
+`ceil((1 + epsilon) * mean sessions) + slack`. epsilon defaults to 0.5: a re-pin throws away a session's
+whole cached context, so it must be rare, and session placement already keeps load even; the cap is the
+backstop that bounds the hottest worker at 1.5x the mean. The absolute `slack` (default 2) keeps tiny loads
+(1 vs 0) from breaking pins and cache affinity, where the imbalance costs nothing.
 
-Cost per decision: one pass over the workers' loads (a list comprehension plus sum/min) up to `exact_limit`
+Cost per decision: one pass over the workers' loads (list comprehensions plus sum/min) up to `exact_limit`
 (128) workers, a random window of `sample` (32) beyond; O(groups x log(blocks)) in the prefix index; O(1)
-per candidate through a cached id -> position map. Placing a session adds one pass over session counts.
+per candidate through a cached id -> position map. Measured by bench/microbench_decision.py.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from balancer.positions import Positions
 from balancer.prefix import DEFAULT_BLOCK_CHARS, DEFAULT_MAX_BLOCKS, PrefixIndex
 from balancer.sessions import SessionTracker
 
+#: see the module docstring
 DEFAULT_EPSILON = 0.5
 DEFAULT_SLACK = 2
 #: until outcomes teach otherwise: one request ahead costs about this many prompt tokens of prefill

@@ -29,7 +29,6 @@ _TOKEN = re.compile(
     |(?P<var>\$\w*(?:\.\w+)*)|(?P<field>(?:\.\w+)+|\.)|(?P<ident>[A-Za-z_]\w*))""",
     re.X,
 )
-_KEYWORDS = ("if", "else", "end", "range", "with", "define")
 
 
 class TemplateError(Exception):
@@ -55,16 +54,15 @@ def go_str(v: Any) -> str:
 
 
 def _go_float(f: float) -> str:
-    # strconv.FormatFloat(f, 'g', -1, 64): shortest digits; exponent form when exp < -4 or exp >= 21 would be
-    # JSON's rule, but fmt's %v switches at 6 digits (so Helm prints 1000000 as 1e+06)
-    digits = repr(f)
+    # fmt's %v of a float64 is %g with the shortest digits, in exponent form when the exponent is < -4 or
+    # >= 6 (hence Helm's famous 1e+06 for a replica count of 1000000)
     if f == int(f) and abs(f) < 1e6:
         return str(int(f))
     exp = int(f"{f:e}".split("e")[1])
     if exp < -4 or exp >= 6:
         mant = repr(f / 10**exp).rstrip("0").rstrip(".")
         return f"{mant}e{'+' if exp >= 0 else '-'}{abs(exp):02d}"
-    return digits
+    return repr(f)
 
 
 def truth(v: Any) -> bool:

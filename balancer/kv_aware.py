@@ -104,6 +104,8 @@ class KvAware:
         self.epsilon = epsilon
         self.slack = slack
         self.shared_credit = shared_credit
+        #: the block size this policy expects `RouteRequest.prefix_hashes` to be made with
+        self.block_chars = block_chars
         self.index = index if index is not None else PrefixIndex(max_blocks)
         self.sessions = SessionTracker()
         self.tokens_per_block = block_chars / chars_per_token
@@ -178,8 +180,8 @@ class KvAware:
             session_cap = self.cap(len(self.sessions) + 1, n)
             ranks = [counts.get(w.id, 0) * _SESSION_WEIGHT + b for w, b in zip(window, busy, strict=True)]
             a = self._in_turn(ranks, min(ranks), exact)
-            if loads[a] >= cap:  # fewest sessions but busy with session-less traffic
-                a = self._in_turn(busy, floor, exact)
+        if loads[a] >= cap:  # least busy by this policy's count, yet loaded by others: the least loaded
+            a = self._in_turn(loads, min(loads), exact)
         a_busy = busy[a]
         if not exact:
             a = positions.lookup(workers, window[a].id)
@@ -222,7 +224,7 @@ class KvAware:
             window = [*window, *workers[: k - len(window)]]
         return window
 
-    def _in_turn(self, values: list[float], low: float, exact: bool) -> int:
+    def _in_turn(self, values: Sequence[float], low: float, exact: bool) -> int:
         """Index of `low` in `values`: the first at or after the cursor (ties take turns) when exact."""
         if exact:
             try:

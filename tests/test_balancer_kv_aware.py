@@ -280,3 +280,16 @@ def test_large_fleet_samples_yet_pins_and_matches() -> None:
     assert d2.worker_id == d.worker_id and d2.reason == "pin"
     d3 = p.choose(req(doc + " other"), ws)
     assert d3.worker_id == d.worker_id and d3.matched_blocks == len(r.prefix_hashes)
+
+
+def test_pending_prefill_steers_new_work_but_never_past_the_cap() -> None:
+    p = KvAware(queue_tokens=1.0)  # a request ahead costs (almost) nothing: only pending prefill counts
+    d1 = p.choose(req(text(21, 20_000)), fleet(0, 0, 0))
+    d2 = p.choose(req(text(22, 20_000)), fleet(0, 0, 0))
+    assert d2.worker_id != d1.worker_id  # the first worker is still busy with its long prompt
+    busy = {d1.worker_id, d2.worker_id}
+    (idle,) = {"w0", "w1", "w2"} - busy
+    loads = [0, 0, 0]
+    loads[int(idle[1:])] = 10  # the idle one by this policy's count is overloaded by other traffic
+    d3 = p.choose(req(text(23, 2_000)), fleet(*loads))
+    assert d3.worker_id in busy

@@ -31,8 +31,10 @@ LEASE_REFRESH = 2.0
 SYNC_INTERVAL = 0.2
 #: a full re-read of the fleet even when the change feed looked complete (belt and braces)
 RESYNC_INTERVAL = 30.0
-#: how long a looked-up "no pin" answer is trusted locally (pins set elsewhere arrive through the feed)
-PIN_MISS_TTL = 60.0
+#: how long a replica trusts a pin it set or read before reading it again (see pins.py)
+PIN_REVALIDATE = 10.0
+#: how long a looked-up "no pin" answer is trusted locally
+PIN_MISS_TTL = 1.0
 #: pins kept in each replica's local cache (LRU)
 LOCAL_PINS = 100_000
 #: per-call limit on every Redis command (on top of the socket timeouts)

@@ -43,7 +43,6 @@ from . import scripts
 from .base import STATES, LoadReport, RegistryUnavailable, WorkerRecord, now
 from .mirror import (
     Mirror,
-    PinCache,
     decode_record,
     encode_fields,
     pairs,
@@ -52,6 +51,7 @@ from .mirror import (
     record_fields,
     sum_counts,
 )
+from .pins import Pins
 
 log = logging.getLogger("turbofleet.registry")
 
@@ -93,11 +93,9 @@ class RedisRegistry:
         self._resync_interval = resync_interval
         self._op_timeout = op_timeout
         self._mirror = Mirror()
-        self._pins = PinCache(K.LOCAL_PINS)
-        # writes waiting for the writer task: worker urls whose count changed, pins to set, pins to slide
+        self._pins = Pins(pin_ttl)
+        # worker urls whose local count changed since the writer last sent them (pin writes wait in _pins)
         self._dirty: set[str] = set()
-        self._pin_sets: dict[str, tuple[str, bool]] = {}
-        self._touches: set[str] = set()
         self._rewrite = True  # next flush rewrites the whole in-flight hash and renews the lease
         self._lease_due = 0.0
         self._resync_due = False
@@ -117,6 +115,7 @@ class RedisRegistry:
         self._tasks: list[asyncio.Task[None]] = []
         self._feed_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._lookup_wake = asyncio.Event()
         self._up_evt = asyncio.Event()
         self._subscribed = asyncio.Event()
 
@@ -147,7 +146,7 @@ class RedisRegistry:
             await self._poll()
         else:
             log.warning("registry: redis at %s unreachable at start; starting empty, retrying", self._where)
-        self._tasks = [asyncio.create_task(self._writer()), asyncio.create_task(self._sync())]
+        self._tasks = [asyncio.create_task(t) for t in (self._writer(), self._sync(), self._lookups())]
         self._restart_feed()
         if self._up:
             with contextlib.suppress(TimeoutError):
@@ -173,6 +172,7 @@ class RedisRegistry:
             if t.done() and not t.cancelled() and t.exception() is not None:
                 log.warning("registry: background task failed: %r", t.exception())
         self._tasks, self._feed_task = [], None
+        self._pins.fail_lookups(self._pins.take_lookups())
         if self._redis is None:
             return
         if self._up:
@@ -266,51 +266,25 @@ class RedisRegistry:
         self._mirror.acquire(url)  # before any await: no request on this loop can pick in between
         self._dirty.add(url)
         if pin and session_key is not None:
-            changed = self._pins.peek(session_key) != url
-            self._pins.put(session_key, url, time.monotonic() + self._pin_ttl)
-            self._queue_pin(session_key, url, changed)
+            self._pins.pinned(session_key, url, time.monotonic())
         self._wake.set()
 
     async def release(self, url: str, session_key: str | None = None) -> None:
         self._mirror.release(url)
         self._dirty.add(url)
         if session_key is not None:
-            pinned = self._pins.peek(session_key)
-            if pinned is not None:
-                self._pins.put(session_key, pinned, time.monotonic() + self._pin_ttl)
-                if len(self._touches) < K.LOCAL_PINS:
-                    self._touches.add(session_key)
+            self._pins.touched(session_key)
         self._wake.set()
 
-    def _queue_pin(self, key: str, url: str, publish: bool) -> None:
-        prev = self._pin_sets.get(key)
-        if prev is None and len(self._pin_sets) >= K.LOCAL_PINS:
-            return  # Redis has been away long: the local cache still routes this session
-        self._pin_sets[key] = (url, publish or (prev is not None and prev[1]))
-
     async def get_pin(self, session_key: str) -> str | None:
-        t = time.monotonic()
-        hit, url = self._pins.lookup(session_key, t)
-        if hit or not self._up or self._redis is None:
-            return url
-        try:
-            async with asyncio.timeout(self._op_timeout):
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.get(self.keys.pin(session_key))
-                pipe.pttl(self.keys.pin(session_key))
-                found, pttl = await pipe.execute()
-        except _IO_ERRORS as e:
-            self._down(e)
-            return None
-        hit, newer = self._pins.lookup(session_key, time.monotonic())
+        hit, url = self._pins.cached(session_key, time.monotonic())
         if hit:
-            return newer  # pinned on this replica while we were asking
-        if found is None:
-            self._pins.put(session_key, None, t + K.PIN_MISS_TTL)
-            return None
-        ttl = int(pttl) / 1000 if int(pttl) > 0 else self._pin_ttl
-        self._pins.put(session_key, str(found), t + ttl)
-        return str(found)
+            return url
+        if not self._up:
+            return self._pins.last_known(session_key)
+        fut = self._pins.ask(session_key)
+        self._lookup_wake.set()
+        return await fut  # the lookup task answers every future within its call limit, or on close
 
     # --- observability ---
     def health(self) -> dict[str, Any]:
@@ -324,7 +298,7 @@ class RedisRegistry:
             "feed": self._feed_up,
             "replica_id": self.replica_id,
             "replicas": self._live_replicas,
-            "pending_writes": len(self._dirty) + len(self._pin_sets) + len(self._touches),
+            "pending_writes": len(self._dirty) + self._pins.pending(),
         }
 
     # --- breaker ---
@@ -385,8 +359,7 @@ class RedisRegistry:
         k, me = self.keys, self.replica_id
         full = self._rewrite or loop.time() >= self._lease_due
         dirty, self._dirty = self._dirty, set()
-        pin_sets, self._pin_sets = self._pin_sets, {}
-        touches, self._touches = self._touches, set()
+        pin_sets, touches = self._pins.take_writes()
         if not (full or dirty or pin_sets or touches):
             return
         pin_ms = max(1, int(self._pin_ttl * 1000))
@@ -410,7 +383,7 @@ class RedisRegistry:
             pipe.set(k.pin(key), url, px=pin_ms)
             if publish:
                 pipe.publish(k.channel, pin_message(key, url))
-        for key in touches:
+        for key in touches - pin_sets.keys():  # a SET in this batch already gave the full TTL
             pipe.pexpire(k.pin(key), pin_ms)
         try:
             async with asyncio.timeout(self._op_timeout):
@@ -418,9 +391,7 @@ class RedisRegistry:
         except _IO_ERRORS as e:
             # keep everything for the next try; after a reconnect a full rewrite covers the counts anyway
             self._dirty |= dirty
-            for key, val in pin_sets.items():
-                self._pin_sets.setdefault(key, val)
-            self._touches |= touches
+            self._pins.restore_writes(pin_sets, touches)
             self._rewrite = self._rewrite or full
             self._down(e)
             return
@@ -500,6 +471,32 @@ class RedisRegistry:
         self._prev_remote_version = 0
         self._resync_at = loop.time() + self._resync_interval
 
+    async def _lookups(self) -> None:
+        """Answers get_pin misses in batches: one MGET for every session asked since the last one."""
+        assert self._redis is not None
+        while not self._closing:
+            await self._lookup_wake.wait()
+            self._lookup_wake.clear()
+            batch = self._pins.take_lookups()
+            if not batch:
+                continue
+            if not self._up:
+                self._pins.fail_lookups(batch)
+                continue
+            sessions = list(batch)
+            try:
+                async with asyncio.timeout(self._op_timeout):
+                    found = await self._redis.mget([self.keys.pin(key) for key in sessions])
+                t = time.monotonic()
+                for key, url in zip(sessions, found, strict=True):
+                    self._pins.answer(key, None if url is None else str(url), t, batch[key])
+            except _IO_ERRORS as e:
+                self._down(e)
+            except Exception:  # requests wait on these futures: no bug here may leave them waiting
+                log.exception("registry: pin lookup failed")
+            finally:
+                self._pins.fail_lookups(batch)  # answers whatever is still waiting (a no-op after success)
+
     def _decode(self, fields: dict[str, str]) -> tuple[WorkerRecord, int]:
         rec, version = decode_record(fields)
         return self._to_local_clock(rec), version
@@ -545,7 +542,7 @@ class RedisRegistry:
                 # anything published while we were not subscribed is lost: re-read, forget cached pins
                 self._feed_up = True
                 self._subscribed.set()
-                self._pins.clear()
+                self._pins.cache.clear()
                 self._resync_due = True
                 backoff = K.RECONNECT_MIN
                 while not self._closing:
@@ -573,4 +570,4 @@ class RedisRegistry:
         elif change.op == "del":
             self._mirror.delete(change.url, change.version)
         elif change.op == "pin":
-            self._pins.put(change.session_key, change.url, time.monotonic() + self._pin_ttl)
+            self._pins.heard(change.session_key, change.url, time.monotonic())

@@ -21,7 +21,7 @@ import aiohttp
 
 from bench import aio, report
 from bench.client import RequestResult, make_session, send_chat
-from bench.fleet import Child, Fleet, cpu_busy, cpu_times, free_port, spawn, wait_ready
+from bench.fleet import Child, Fleet, cpu_busy, cpu_times, free_port, group_cpu_seconds, spawn, wait_ready
 from bench.output import write_json
 from bench.peers import RouterSpec, build_launch, parse_routers
 from bench.plan import Plan, PlanError, build_plan, execute
@@ -119,9 +119,27 @@ async def run_one(
             progress=not args.quiet and sys.stderr.isatty(),
             label=f"{spec.label:<26}",
         )
-        cpu0 = cpu_times()
+        router_pg, sim_pg = {c.popen.pid for c in children}, {c.popen.pid for c in fleet.children}
+        groups0, self0, wall0, cpu0 = (
+            group_cpu_seconds(router_pg | sim_pg),
+            time.process_time(),
+            time.perf_counter(),
+            cpu_times(),
+        )
         results = await execute(plan, targets, opts)
         busy = cpu_busy(cpu0, cpu_times())
+        groups1, self1, wall1 = group_cpu_seconds(router_pg | sim_pg), time.process_time(), time.perf_counter()
+        router_s = sum(groups1[p] - groups0[p] for p in router_pg) if router_pg else None
+        workers_s = sum(groups1[p] - groups0[p] for p in sim_pg)
+        cpu = {
+            "router_s": router_s,
+            "workers_s": workers_s,
+            "client_s": self1 - self0,
+            "wall_s": wall1 - wall0,
+            # what the bench's own processes asked of the box, whatever else ran beside them
+            "own_share": ((router_s or 0.0) + workers_s + self1 - self0) / ((wall1 - wall0) * (os.cpu_count() or 1)),
+            "machine_busy": busy,
+        }
         after = await fleet.request_counts(session)
         names = {u: f"w{i}" for i, u in enumerate(fleet.urls)}
         counts = {names[u]: after[u] - before[u] for u in after} if before and after else None
@@ -130,6 +148,7 @@ async def run_one(
         dead = [c.name for c in [*children, *fleet.children] if not c.alive()]
         summary = summarize(results, counts)
         summary["cpu_busy"] = busy
+        summary["cpu"] = cpu
         if dead:
             summary["died"] = dead
         return summary, results

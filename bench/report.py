@@ -76,13 +76,16 @@ def compare(runs: Mapping[str, Mapping[str, Any]]) -> str:
         "tok/s",
         "hit %",
         "imbal",
-        "cpu %",
+        "rtr cpu s",
+        "own %",
+        "busy %",
     ]
     rows = []
     for name, s in runs.items():
         if "skipped" in s:
             rows.append([name, "-", f"skipped: {s['skipped']}", *["-"] * (len(headers) - 3)])
             continue
+        cpu = s.get("cpu") or {}
         rows.append(
             [
                 name,
@@ -97,12 +100,14 @@ def compare(runs: Mapping[str, Mapping[str, Any]]) -> str:
                 _f(s["output_tokens_per_s"], 0),
                 _f(s["hit_rate"] * 100, 1),
                 _f(s.get("imbalance"), 2),
+                _f(cpu.get("router_s"), 1),
+                _f(cpu["own_share"] * 100, 0) if cpu.get("own_share") is not None else "-",
                 _f(s["cpu_busy"] * 100, 0) if s.get("cpu_busy") is not None else "-",
             ]
         )
-    return (
-        table(headers, rows)
-        + "\n(latencies in ms; imbal = max/mean requests per worker; cpu = whole machine busy during the run)"
+    return table(headers, rows) + (
+        "\n(latencies in ms; imbal = max/mean requests per worker; rtr cpu s = CPU seconds the router used;"
+        "\n own % = router + workers + client CPU over all cores; busy % = whole machine, other loads included)"
     )
 
 

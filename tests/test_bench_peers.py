@@ -136,3 +136,13 @@ def test_cpu_busy() -> None:
     assert cpu_busy(None, (1.0, 2.0)) is None and cpu_busy((1.0, 2.0), (1.0, 2.0)) is None
     now = cpu_times()
     assert now is None or 0 <= now[0] <= now[1]
+
+
+def test_group_cpu_seconds_sees_our_group() -> None:
+    import os
+
+    from bench.fleet import group_cpu_seconds
+
+    sum(i * i for i in range(200_000))  # burn a little CPU in this process's group
+    got = group_cpu_seconds({os.getpgrp(), -5})
+    assert got[os.getpgrp()] > 0 and got[-5] == 0.0

@@ -264,3 +264,81 @@ def test_proxy_restart_and_admin_token(logs: Path) -> None:
         stop_agent(agent, logs, "good")
         stop_agent(bad, logs, "bad")
         proxy.stop()
+
+
+def test_server_that_keeps_exiting_is_restarted_with_backoff(logs: Path) -> None:
+    port = str(free_port())
+    agent = spawn(
+        [
+            "worker",
+            "--proxy",
+            "http://127.0.0.1:9",
+            "--restart-backoff",
+            "0.2",
+            "--restart-backoff-max",
+            "0.8",
+            "--no-gpu-facts",
+            "--",
+            sys.executable,
+            "-c",
+            "raise SystemExit(3)",
+            "--port",
+            port,
+        ],
+        logs,
+        "crashy",
+    )
+    try:
+        wait_until(
+            lambda: agent.output().count("exited during startup with status 3") >= 4, 20, what="four failed starts"
+        )
+        delays = [
+            float(line.split("restarting the server in ")[1].split(" s")[0])
+            for line in agent.output().splitlines()
+            if "restarting the server in" in line
+        ]
+        assert delays[:4] == [0.2, 0.4, 0.8, 0.8], delays
+        agent.signal(signal.SIGTERM)
+        wait_until(lambda: not agent.alive(), 10, what="agent exit")
+        assert agent.popen.returncode == 0
+    finally:
+        agent.stop()
+
+
+def test_sigterm_before_the_server_is_ready(logs: Path) -> None:
+    port = str(free_port())
+    agent = spawn(
+        [
+            "worker",
+            "--proxy",
+            "http://127.0.0.1:9",
+            "--pid-file",
+            str(logs / "slow.pid"),
+            "--no-gpu-facts",
+            "--",
+            sys.executable,
+            "-c",
+            "import time; time.sleep(60)",
+            "--port",
+            port,
+        ],
+        logs,
+        "slow",
+    )
+    try:
+        wait_until(lambda: (logs / "slow.pid").exists(), 10, what="server started")
+        server = int((logs / "slow.pid").read_text())
+        agent.signal(signal.SIGTERM)
+        wait_until(lambda: not agent.alive(), 10, what="agent exit")
+        assert agent.popen.returncode == 0
+        wait_until(lambda: not _pid_alive(server), 5, what="server stopped with the agent")
+    finally:
+        stop_agent(agent, logs, "slow")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -19,7 +19,7 @@ from . import node_routes, openai_routes
 from .config import Settings
 from .errors import Handler, Unauthorized, error_middleware
 from .health import HealthChecker, Outliers
-from .keys import CLIENT, HEALTH, METRICS, OUTLIERS, POLICY, REGISTRY, RELAY, SETTINGS, STARTED
+from .keys import BLOCK_CHARS, CLIENT, HEALTH, METRICS, OUTLIERS, POLICY, REGISTRY, RELAY, SETTINGS, STARTED
 from .metrics import Metrics
 from .registry import open_registry
 from .registry.base import RegistryUnavailable, WorkerRecord
@@ -154,6 +154,8 @@ def build_app(settings: Settings) -> web.Application:
     app[REGISTRY] = open_registry(settings.registry, prefix=settings.registry_prefix, pin_ttl=settings.pin_ttl,
                                   replica_id=settings.replica_id)
     app[POLICY] = make_policy(settings.policy, **settings.policy_options)
+    # prompts are hashed in the policy's own block size, and not at all for policies blind to prefixes
+    app[BLOCK_CHARS] = int(getattr(app[POLICY], "block_chars", 0))
     app[OUTLIERS] = Outliers(settings, app[METRICS], app[REGISTRY].snapshot)
     app.cleanup_ctx.extend([_client_session, _registry, _health, _static_workers])
     openai_routes.add_routes(app)

@@ -22,3 +22,5 @@ HEALTH = web.AppKey("health", HealthChecker)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 RELAY = web.AppKey("relay", Relay)
 STARTED = web.AppKey("started", float)
+#: characters per prefix block the policy indexes; 0 when the policy does not look at prefixes
+BLOCK_CHARS = web.AppKey("block_chars", int)

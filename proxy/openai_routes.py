@@ -10,12 +10,12 @@ import json
 from typing import Any
 
 from aiohttp import web
-from balancer.prefix import block_hashes
 
 from balancer.policy import READY
+from balancer.prefix import block_hashes
 
 from .errors import BadRequest, PayloadTooLarge
-from .keys import OUTLIERS, REGISTRY, RELAY, SETTINGS
+from .keys import BLOCK_CHARS, OUTLIERS, REGISTRY, RELAY, SETTINGS
 from .relay import Facts
 
 #: rough characters per token, for the first-byte allowance and cost estimates before usage is known
@@ -99,7 +99,7 @@ def facts_of(request: web.Request, data: dict[str, Any], *, require: tuple[str, 
         model=model,
         stream=stream,
         session_key=session_key(request, data),
-        prefix_hashes=block_hashes(text),
+        prefix_hashes=block_hashes(text, block_chars) if (block_chars := request.app[BLOCK_CHARS]) else (),
         prompt_tokens=len(text) // CHARS_PER_TOKEN,
         include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
     )

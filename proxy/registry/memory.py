@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from balancer.policy import WorkerView
@@ -23,8 +24,12 @@ class MemoryRegistry:
         self._in_flight: dict[str, int] = {}
         self._pins: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._pin_ttl = pin_ttl
-        self._views: tuple[WorkerView, ...] | None = None
-        self._views_at = 0.0
+        # one view per worker, updated in place when only its in-flight count changes (the hot path);
+        # the tuple handed to routing is rebuilt from them lazily, and everything is rebuilt at least once a
+        # second because liveness depends on the clock
+        self._views: dict[str, WorkerView] = {}
+        self._tuple: tuple[WorkerView, ...] | None = None
+        self._built_at = -1.0
 
     async def start(self) -> None:
         return None
@@ -33,15 +38,23 @@ class MemoryRegistry:
         return None
 
     def _dirty(self) -> None:
-        self._views = None
+        self._built_at = -1.0
+
+    def _count_changed(self, url: str, count: int) -> None:
+        view = self._views.get(url)
+        if view is not None:
+            self._views[url] = replace(view, in_flight=count)
+            self._tuple = None
 
     def snapshot(self) -> Sequence[WorkerView]:
         t = now()
-        # liveness depends on the clock: rebuild at least once a second even when nothing changed
-        if self._views is None or t - self._views_at > 1.0:
-            self._views = tuple(to_view(r, self._in_flight.get(u, 0), t) for u, r in self._workers.items())
-            self._views_at = t
-        return self._views
+        if t - self._built_at > 1.0:
+            self._views = {u: to_view(r, self._in_flight.get(u, 0), t) for u, r in self._workers.items()}
+            self._built_at = t
+            self._tuple = None
+        if self._tuple is None:
+            self._tuple = tuple(self._views.values())
+        return self._tuple
 
     def records(self) -> Sequence[WorkerRecord]:
         return tuple(self._workers.values())
@@ -94,10 +107,11 @@ class MemoryRegistry:
         return True
 
     async def acquire(self, url: str, session_key: str | None = None, pin: bool = False) -> None:
-        self._in_flight[url] = self._in_flight.get(url, 0) + 1
+        count = self._in_flight.get(url, 0) + 1
+        self._in_flight[url] = count
         if pin and session_key is not None:
             self._set_pin(session_key, url)
-        self._dirty()
+        self._count_changed(url, count)
 
     async def release(self, url: str, session_key: str | None = None) -> None:
         left = self._in_flight.get(url, 0) - 1
@@ -108,7 +122,7 @@ class MemoryRegistry:
         if session_key is not None and session_key in self._pins:
             pinned, _ = self._pins[session_key]
             self._set_pin(session_key, pinned)
-        self._dirty()
+        self._count_changed(url, max(left, 0))
 
     def _set_pin(self, key: str, url: str) -> None:
         self._pins[key] = (url, time.monotonic() + self._pin_ttl)

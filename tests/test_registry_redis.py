@@ -330,3 +330,28 @@ async def test_pin_lookups_are_batched_and_cancel_safe(make: Factory, raw: Redis
     assert 1 <= calls <= 3, f"{calls} MGETs for 50 concurrent lookups"
     assert await b.get_pin("s3") == W1  # cached now: no round trip
     assert (await raw.info("commandstats"))["cmdstat_mget"]["calls"] - before == calls
+
+
+async def test_an_empty_replica_does_not_claim_redis_after_data_loss(
+    make: Factory, redis_server: RedisServer, raw: Redis
+) -> None:
+    a = await make("a", op_timeout=0.3)
+    await a.upsert(rec())
+    await a.upsert(rec(W2))
+    redis_server.kill()
+    await eventually(lambda: not a.health()["reachable"], 2.0, "A to notice the outage")
+    redis_server.start()  # empty
+    fresh = await make("fresh")  # a new replica that knows nothing reaches the empty Redis first
+    await eventually(lambda: a.health()["reachable"], 6.0, "A to reconnect")
+    await eventually(lambda: {r.url for r in fresh.records()} == {W1, W2}, 5.0, "the fleet restored by A")
+    assert {r.url for r in a.records()} == {W1, W2}
+    assert await raw.scard(Keys(PREFIX).workers) == 2
+
+
+async def test_first_replica_on_an_empty_redis_claims_it_after_a_grace(make: Factory, raw: Redis) -> None:
+    a = await make("a")
+    assert not await raw.exists(Keys(PREFIX).epoch)
+    await a.upsert(rec())  # knowing a worker, it claims Redis at its next read
+    await eventually(lambda: a._mirror.epoch != "", 2.0, "A to claim the data set")
+    assert await raw.get(Keys(PREFIX).epoch) == a._mirror.epoch
+    assert [r.url for r in a.records()] == [W1]

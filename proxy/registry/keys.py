@@ -37,6 +37,9 @@ PIN_REVALIDATE = 10.0
 PIN_MISS_TTL = 1.0
 #: pins kept in each replica's local cache (LRU)
 LOCAL_PINS = 100_000
+#: a replica that knows no workers waits this long before seeding an empty Redis (replicas that know the
+#: fleet seed at once, restoring it after Redis lost its data)
+SEED_GRACE = 3.0
 #: per-call limit on every Redis command (on top of the socket timeouts)
 OP_TIMEOUT = 1.0
 #: reconnect backoff: first wait, cap

@@ -101,6 +101,7 @@ class RedisRegistry:
         self._resync_due = False
         self._resync_at = 0.0
         self._prev_remote_version = 0
+        self._no_epoch_since = 0.0  # when this replica first found Redis without a data set (see _resync)
         # Redis' clock minus ours. Scripts stamp heartbeats with Redis' clock (one clock for all replicas);
         # records are shifted to this host's clock as they come in, so `rec.alive(time.time())` holds here
         self._offset = 0.0
@@ -439,7 +440,7 @@ class RedisRegistry:
         self._live_replicas = int(live)
         version, m = int(version), self._mirror
         # re-read the fleet when Redis lost its data, or when a write seen one poll ago never reached us
-        if epoch != m.epoch or version < m.base or self._prev_remote_version > m.seen:
+        if not epoch or epoch != m.epoch or version < m.base or self._prev_remote_version > m.seen:
             self._resync_due = True
         self._prev_remote_version = version
         self._last_ok = now()
@@ -456,7 +457,13 @@ class RedisRegistry:
                 keys=[k.workers, k.version, k.epoch], args=[k.worker_prefix]
             )
         if not epoch:
-            recs = [[u, encode_fields(self._to_redis_clock(r).to_dict())] for u, r in self._mirror.records.items()]
+            self._no_epoch_since = self._no_epoch_since or now()
+        else:
+            self._no_epoch_since = 0.0
+        recs = [[u, encode_fields(self._to_redis_clock(r).to_dict())] for u, r in self._mirror.records.items()]
+        # A replica that knows no workers waits before claiming an empty Redis, so that replicas reconnecting
+        # after Redis lost its data get to restore their fleet first, instead of finding an empty one "current"
+        if not epoch and (recs or now() - self._no_epoch_since >= K.SEED_GRACE):
             async with asyncio.timeout(self._op_timeout):
                 seeded = await self._s_seed(
                     keys=[k.epoch, k.workers, k.version], args=[secrets.token_hex(8), k.worker_prefix, json.dumps(recs)]
@@ -539,10 +546,10 @@ class RedisRegistry:
                         msg["type"] != "subscribe"
                     ):
                         pass
-                # anything published while we were not subscribed is lost: re-read, forget cached pins
+                # anything published while we were not subscribed is lost: re-read the fleet (cached pins are
+                # revalidated within PIN_REVALIDATE anyway)
                 self._feed_up = True
                 self._subscribed.set()
-                self._pins.cache.clear()
                 self._resync_due = True
                 backoff = K.RECONNECT_MIN
                 while not self._closing:

@@ -230,8 +230,8 @@ async def test_redis_hung_is_bounded_by_timeouts(make: Factory, redis_server: Re
 
 async def test_missed_feed_messages_are_healed(make: Factory) -> None:
     a, b = await make("a"), await make("b")
-    assert b._feed_task is not None
-    b._feed_task.cancel()  # B stops hearing the feed without noticing anything else
+    assert b._feed is not None and b._feed._task is not None
+    b._feed._task.cancel()  # B stops hearing the feed without noticing anything else
     await asyncio.sleep(0.05)
     await a.upsert(rec())
     await a.set_state(W1, "draining")

@@ -33,7 +33,6 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from balancer.policy import WorkerView
@@ -41,6 +40,7 @@ from balancer.policy import WorkerView
 from . import keys as K
 from . import scripts
 from .base import STATES, LoadReport, RegistryUnavailable, WorkerRecord, now
+from .feed import IO_ERRORS, Feed, stop_tasks
 from .mirror import (
     Mirror,
     decode_record,
@@ -55,8 +55,6 @@ from .pins import Pins
 
 log = logging.getLogger("turbofleet.registry")
 
-#: what a lost, refused, reset or hung connection raises (TimeoutError: our own per-call limit)
-_IO_ERRORS = (RedisError, OSError, TimeoutError)
 #: share of the per-call limit given to each socket operation
 SOCKET_SHARE = 0.4
 
@@ -108,17 +106,15 @@ class RedisRegistry:
         self._live_replicas = 0
         self._up = False
         self._closing = False
-        self._feed_up = False
         self._started_at = now()
         self._last_ok = 0.0
         self._down_since = 0.0
         self._redis: Redis | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._feed_task: asyncio.Task[None] | None = None
+        self._feed: Feed | None = None
         self._wake = asyncio.Event()
         self._lookup_wake = asyncio.Event()
         self._up_evt = asyncio.Event()
-        self._subscribed = asyncio.Event()
 
     # --- lifecycle ---
     async def start(self) -> None:
@@ -148,42 +144,33 @@ class RedisRegistry:
         else:
             log.warning("registry: redis at %s unreachable at start; starting empty, retrying", self._where)
         self._tasks = [asyncio.create_task(t) for t in (self._writer(), self._sync(), self._lookups())]
-        self._restart_feed()
+        self._feed = Feed(r, self.keys.channel, self._op_timeout, self._apply, self._feed_subscribed)
+        self._feed.restart()
         if self._up:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._op_timeout):
-                    await self._subscribed.wait()
+                    await self._feed.subscribed.wait()
 
     async def close(self) -> None:
         """Stop the background tasks and withdraw this replica's lease and counts."""
         self._closing = True
         self._wake.set()
         self._up_evt.set()
-        tasks = [*self._tasks, *([self._feed_task] if self._feed_task else [])]
-        # cancel until done: on Python 3.11 a cancel that lands while the client is inside its own timeout
-        # can come back as a TimeoutError, which the loops treat as an outage; `_closing` ends them then
-        for _ in range(10):
-            pending = [t for t in tasks if not t.done()]
-            if not pending:
-                break
-            for t in pending:
-                t.cancel()
-            await asyncio.wait(pending, timeout=self._op_timeout)
-        for t in tasks:
-            if t.done() and not t.cancelled() and t.exception() is not None:
-                log.warning("registry: background task failed: %r", t.exception())
-        self._tasks, self._feed_task = [], None
+        await stop_tasks(self._tasks, self._op_timeout)  # each loop also checks `_closing`
+        if self._feed is not None:
+            await self._feed.stop()
+        self._tasks = []
         self._pins.fail_lookups(self._pins.take_lookups())
         if self._redis is None:
             return
         if self._up:
-            with contextlib.suppress(*_IO_ERRORS):
+            with contextlib.suppress(*IO_ERRORS):
                 async with asyncio.timeout(self._op_timeout):
                     pipe = self._redis.pipeline(transaction=True)
                     pipe.delete(self.keys.inflight(self.replica_id), self.keys.lease(self.replica_id))
                     pipe.srem(self.keys.replicas, self.replica_id)
                     await pipe.execute()
-        with contextlib.suppress(*_IO_ERRORS):
+        with contextlib.suppress(*IO_ERRORS):
             async with asyncio.timeout(self._op_timeout):
                 await self._redis.aclose()
         self._redis = None
@@ -258,7 +245,7 @@ class RedisRegistry:
         try:
             async with asyncio.timeout(self._op_timeout):
                 return await script(keys=keys, args=args)
-        except _IO_ERRORS as e:
+        except IO_ERRORS as e:
             self._down(e)
             raise RegistryUnavailable(f"registry store (redis {self._where}) is unreachable: {e!r}") from e
 
@@ -296,7 +283,7 @@ class RedisRegistry:
             "stale_s": round(t - (self._last_ok or self._started_at), 3),
             "last_ok": self._last_ok or None,
             "down_since": None if self._up else (self._down_since or self._started_at),
-            "feed": self._feed_up,
+            "feed": self._feed is not None and self._feed.up,
             "replica_id": self.replica_id,
             "replicas": self._live_replicas,
             "pending_writes": len(self._dirty) + self._pins.pending(),
@@ -319,7 +306,8 @@ class RedisRegistry:
         self._wake.set()
         if was_down and self._down_since:
             log.warning("registry: redis at %s reachable again; reconciling", self._where)
-            self._restart_feed()  # its connection may be half-dead without having noticed
+            if self._feed is not None:
+                self._feed.restart()  # its connection may be half-dead without having noticed
 
     async def _connect(self) -> bool:
         """Probe Redis; on success reseed/re-read the fleet and close the breaker. Never raises."""
@@ -330,7 +318,7 @@ class RedisRegistry:
                 clock = await self._redis.time()
             self._measured(t0, clock, now())
             await self._resync()
-        except _IO_ERRORS as e:
+        except IO_ERRORS as e:
             log.debug("registry: redis probe failed: %r", e)
             return False
         self._set_up()
@@ -389,7 +377,7 @@ class RedisRegistry:
         try:
             async with asyncio.timeout(self._op_timeout):
                 await pipe.execute()
-        except _IO_ERRORS as e:
+        except IO_ERRORS as e:
             # keep everything for the next try; after a reconnect a full rewrite covers the counts anyway
             self._dirty |= dirty
             self._pins.restore_writes(pin_sets, touches)
@@ -416,7 +404,7 @@ class RedisRegistry:
             if self._up and (self._resync_due or loop.time() >= self._resync_at):
                 try:
                     await self._resync()
-                except _IO_ERRORS as e:
+                except IO_ERRORS as e:
                     self._down(e)
             await asyncio.sleep(self._sync_interval)
 
@@ -430,7 +418,7 @@ class RedisRegistry:
                     keys=[k.replicas, k.version, k.epoch],
                     args=[k.lease_prefix, k.inflight_prefix, self.replica_id],
                 )
-        except _IO_ERRORS as e:
+        except IO_ERRORS as e:
             self._down(e)
             return
         t1 = now()
@@ -497,7 +485,7 @@ class RedisRegistry:
                 t = time.monotonic()
                 for key, url in zip(sessions, found, strict=True):
                     self._pins.answer(key, None if url is None else str(url), t, batch[key])
-            except _IO_ERRORS as e:
+            except IO_ERRORS as e:
                 self._down(e)
             except Exception:  # requests wait on these futures: no bug here may leave them waiting
                 log.exception("registry: pin lookup failed")
@@ -527,46 +515,10 @@ class RedisRegistry:
         if abs(estimate - self._offset) > max(0.005, t1 - t0):
             self._offset = estimate
 
-    def _restart_feed(self) -> None:
-        if self._feed_task is not None:
-            self._feed_task.cancel()
-        self._feed_task = asyncio.create_task(self._feed())
-
-    async def _feed(self) -> None:
-        """Applies change-feed messages to the mirror; resubscribes with backoff when the connection drops."""
-        assert self._redis is not None
-        backoff = K.RECONNECT_MIN
-        # a replaced feed task stops even if its cancellation was swallowed (see close)
-        while not self._closing and self._feed_task is asyncio.current_task():
-            pubsub = self._redis.pubsub()
-            try:
-                async with asyncio.timeout(self._op_timeout):
-                    await pubsub.subscribe(self.keys.channel)
-                    while (msg := await pubsub.get_message(timeout=self._op_timeout)) is None or (
-                        msg["type"] != "subscribe"
-                    ):
-                        pass
-                # anything published while we were not subscribed is lost: re-read the fleet (cached pins are
-                # revalidated within PIN_REVALIDATE anyway)
-                self._feed_up = True
-                self._subscribed.set()
-                self._resync_due = True
-                backoff = K.RECONNECT_MIN
-                while not self._closing:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                    if msg is not None and msg["type"] == "message":
-                        self._apply(str(msg["data"]))
-            except _IO_ERRORS as e:
-                log.debug("registry: change feed lost: %r", e)
-            finally:
-                if self._feed_task is asyncio.current_task():
-                    self._feed_up = False
-                    self._subscribed.clear()
-                with contextlib.suppress(*_IO_ERRORS):
-                    async with asyncio.timeout(self._op_timeout):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, K.RECONNECT_MAX)
+    def _feed_subscribed(self) -> None:
+        # anything published while we were not subscribed is lost: re-read the fleet (cached pins are
+        # revalidated within PIN_REVALIDATE anyway)
+        self._resync_due = True
 
     def _apply(self, data: str) -> None:
         change = parse_message(data)

@@ -355,3 +355,19 @@ async def test_first_replica_on_an_empty_redis_claims_it_after_a_grace(make: Fac
     await eventually(lambda: a._mirror.epoch != "", 2.0, "A to claim the data set")
     assert await raw.get(Keys(PREFIX).epoch) == a._mirror.epoch
     assert [r.url for r in a.records()] == [W1]
+
+
+async def test_starts_while_redis_is_down_and_joins_later(make: Factory, redis_server: RedisServer) -> None:
+    redis_server.kill()
+    t0 = time.monotonic()
+    a = await make("a", op_timeout=0.3)  # does not raise, does not hang
+    assert time.monotonic() - t0 < 2.0
+    assert a.health()["reachable"] is False and a.snapshot() == ()
+    await a.acquire(W1)
+    with pytest.raises(RegistryUnavailable):
+        await a.upsert(rec())
+    redis_server.start()
+    await eventually(lambda: a.health()["reachable"], 6.0, "A to connect")
+    await a.upsert(rec())
+    b = await make("b")
+    await eventually(lambda: b.in_flight(W1) == 1, 2.0, "A's count, taken while Redis was down, seen by B")

@@ -342,3 +342,31 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_server_stopped_on_purpose_ends_the_agent(logs: Path, proxy: Proc) -> None:
+    # SIGTERM to the server itself (an operator, or LMDeploy's /terminate): deregister and exit 0
+    agent = start_agent(logs, proxy.url, "term")
+    try:
+        os.kill(child_pid(logs, "term"), signal.SIGTERM)
+        wait_until(lambda: not agent.alive(), 10, what="agent exits after its server was stopped")
+        assert agent.popen.returncode == 0
+        assert state(proxy.url, agent.url) is None
+        assert agent.output().count("server started") == 1
+    finally:
+        stop_agent(agent, logs, "term")
+
+
+def test_restart_always_restarts_a_cleanly_stopped_server(logs: Path, proxy: Proc) -> None:
+    agent = start_agent(logs, proxy.url, "always", ["--restart", "always"])
+    try:
+        first = child_pid(logs, "always")
+        os.kill(first, signal.SIGTERM)
+        wait_until(
+            lambda: child_pid(logs, "always") != first and state(proxy.url, agent.url) == "ready",
+            15,
+            what="server restarted and ready",
+        )
+        assert agent.alive()
+    finally:
+        stop_agent(agent, logs, "always")

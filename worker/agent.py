@@ -4,7 +4,9 @@ Life of a worker, as the agent drives it:
 
     start (launch mode) -> wait for /health 200 and /v1/models -> register (models, role, labels, GPU, TTL)
       -> heartbeat with /metrics load every interval (404 -> register again)
-      -> server exits:      mark ejected at once, restart with capped exponential backoff, register again
+      -> server crashes:    mark ejected at once, restart with capped exponential backoff, register again
+                            (exit 0 or by SIGTERM/SIGINT from someone else: deregister and exit, unless
+                            --restart always)
       -> /health fails N x: mark ejected, keep probing (a launched server hung past the startup timeout is
                             restarted), register again once it answers
       -> SIGTERM/SIGINT:    drain (proxy stops routing to it), wait for the proxy's in-flight count and the
@@ -61,6 +63,7 @@ class AgentConfig:
     restart_backoff: float = 1.0
     restart_backoff_max: float = 60.0
     stable_after: float = 60.0  # a server healthy this long starts the backoff over
+    restart: str = "on-failure"  # or "always": also restart a server that exited 0 or by SIGTERM/SIGINT
     stop_timeout: float = 30.0
     probe_timeout: float = 3.0
     pid_file: str | None = None
@@ -130,7 +133,7 @@ class Agent:
                 await self.child.start()
             models = await self._wait_ready()
             if models is None:
-                if self.stop_requested.is_set():
+                if self.stop_requested.is_set() or self._stopped_on_purpose():
                     break
                 if self.child is not None:  # died or hung during startup: start over after a pause
                     await self.child.stop(self.cfg.stop_timeout)
@@ -148,6 +151,8 @@ class Agent:
             if reason == "stop":
                 break
             heartbeats = None
+            if reason == "exited" and self._stopped_on_purpose():
+                break
             self.state = EJECTED
             await self._set_state_all(EJECTED)
             if time.monotonic() - up_since >= self.cfg.stable_after:
@@ -160,6 +165,21 @@ class Agent:
             # is stopped and started again there)
         await self._shutdown(heartbeats)
         return 0
+
+    def _stopped_on_purpose(self) -> bool:
+        """A launched server that exited 0 or by SIGTERM/SIGINT someone else sent (an operator, LMDeploy's
+        `/terminate`) was stopped on purpose: with `--restart on-failure` the agent deregisters and exits."""
+        if self.child is None or self.cfg.restart == "always":
+            return False
+        status = self.child.returncode
+        if status not in (0, -signal.SIGTERM, -signal.SIGINT):
+            return False
+        log.warning(
+            "server exited with status %s, as asked by someone: deregistering and exiting "
+            "(--restart always would restart it)",
+            status,
+        )
+        return True
 
     async def _restart_pause(self, attempt: int) -> None:
         delay = backoff_delay(attempt, self.cfg.restart_backoff, self.cfg.restart_backoff_max)

@@ -95,6 +95,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--restart-backoff-max", type=float, default=60.0, metavar="S", help="(default 60)")
     parser.add_argument(
+        "--restart",
+        choices=("on-failure", "always"),
+        default="on-failure",
+        help="on-failure (default): a server that exits 0 or by SIGTERM/SIGINT (e.g. LMDeploy's /terminate) ends "
+        "the agent; always: restart it too",
+    )
+    parser.add_argument(
         "--stop-timeout",
         type=float,
         default=30.0,
@@ -148,6 +155,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str], detect: b
         unhealthy_threshold=args.unhealthy_threshold,
         restart_backoff=args.restart_backoff,
         restart_backoff_max=args.restart_backoff_max,
+        restart=args.restart,
         stop_timeout=args.stop_timeout,
         pid_file=args.pid_file,
         gpu_facts=args.gpu_facts,

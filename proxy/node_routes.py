@@ -192,9 +192,13 @@ async def terminate_all(request: web.Request) -> web.Response:
 
 
 async def _terminate(app: web.Application, url: str) -> None:
+    # LMDeploy's api_server serves `GET /terminate` (with --allow-terminate-by-client), as its own proxy calls it
     try:
-        async with app[CLIENT].post(url + "/terminate", timeout=aiohttp.ClientTimeout(total=5)) as r:
+        async with app[CLIENT].get(url + "/terminate", timeout=aiohttp.ClientTimeout(total=5)) as r:
             await r.read()
+            if r.status != 200:
+                log.warning("%s/terminate answered %d (is --allow-terminate-by-client set?); removing it anyway",
+                            url, r.status)
     except (aiohttp.ClientError, OSError, TimeoutError):
         pass  # a server that exits may drop the connection before answering
     await _write(app[REGISTRY].remove(url))

@@ -219,3 +219,18 @@ def test_health_and_metrics(fleet: tuple[Proc, list[Proc]]) -> None:
     assert status == 200 and body["ready_workers"] == 2 and body["registry"]["backend"] == "memory"
     status, text = http_json("GET", proxy.url + "/metrics")
     assert status == 200 and "turbofleet_requests_total" in text and "turbofleet_worker_in_flight" in text
+
+
+def test_nodes_terminate(tmp_path: Path) -> None:
+    """LMDeploy's /nodes/terminate asks the api_server to exit (GET /terminate) and forgets it."""
+    sim = start_sim(tmp_path, "term-model")
+    proxy = start_proxy(tmp_path, ["--worker", sim.url])
+    try:
+        wait_until(lambda: sim.url in http_json("GET", proxy.url + "/nodes/status")[1], what="worker")
+        assert http_json("POST", proxy.url + "/nodes/terminate", {"url": sim.url})[0] == 200
+        assert sim.url not in http_json("GET", proxy.url + "/nodes/status")[1]
+        wait_until(lambda: not sim.alive(), 10, what="the sim to exit")
+        assert http_json("POST", proxy.url + "/nodes/terminate", {"url": sim.url})[0] == 404
+    finally:
+        proxy.stop()
+        sim.stop()

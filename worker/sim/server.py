@@ -7,8 +7,11 @@ Simulator admin (never touched by faults): GET /sim/stats, GET|POST|DELETE /sim/
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import secrets
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -43,6 +46,12 @@ def build_state(config: SimConfig) -> SimState:
 
     st.faults.on_change = on_change
     return st
+
+
+async def terminate(request: web.Request) -> web.Response:
+    """LMDeploy's `GET /terminate` (its --allow-terminate-by-client): answer, then shut down like on SIGTERM."""
+    asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+    return web.json_response({"status": "terminating"})
 
 
 def build_app(config: SimConfig) -> web.Application:
@@ -81,6 +90,7 @@ def build_app(config: SimConfig) -> web.Application:
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_post("/abort_request", abort_request)
+    r.add_get("/terminate", terminate)
     r.add_get("/sim/stats", sim_stats)
     r.add_get("/sim/faults", get_faults)
     r.add_post("/sim/faults", set_faults)

@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-session-header", action="store_true", help="do not send X-Session-ID: user-K")
 
     g = parser.add_argument_group("shared-prefix / random")
-    g.add_argument("--groups", type=int, default=16, help="shared-prefix groups (default 16)")
-    g.add_argument("--prompts-per-group", type=int, default=12, help="prompts per group (default 12)")
+    g.add_argument("--groups", type=int, default=48, help="shared-prefix groups (default 48)")
+    g.add_argument("--prompts-per-group", type=int, default=6, help="prompts per group (default 6)")
     g.add_argument("--system-tokens", type=int, default=1000, help="shared system prompt tokens (default 1000)")
     g.add_argument("--question-tokens", type=int, default=50, help="question tokens (default 50)")
     g.add_argument("--output-tokens", type=int, default=100, help="max_tokens (default 100)")

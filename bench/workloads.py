@@ -91,22 +91,24 @@ def apply_arrivals(specs: list[RequestSpec], arrival: str, rate: float | None, s
 def shared_prefix(
     groups: int, prompts_per_group: int, system_tokens: int, question_tokens: int, output_tokens: int, seed: int = 0
 ) -> list[RequestSpec]:
-    """SGLang bench_serving style: each group shares one system prompt; questions differ. Interleaved order
-    (g0q0, g1q0, ..., g0q1, ...) so a router must find the group again rather than ride a run of equals."""
+    """SGLang bench_serving style: each group shares one system prompt; questions differ. Sent in a seeded
+    shuffled order: a router must find the group again (a fixed interleave would let round-robin pin groups by
+    accident whenever the group count is a multiple of the worker count)."""
     systems = [words(sub_rng(seed, "system", g), system_tokens) for g in range(groups)]
+    order = [(g, q) for q in range(prompts_per_group) for g in range(groups)]
+    sub_rng(seed, "order").shuffle(order)
     specs: list[RequestSpec] = []
-    for q in range(prompts_per_group):
-        for g in range(groups):
-            question = words(sub_rng(seed, "question", g, q), question_tokens)
-            specs.append(
-                RequestSpec(
-                    index=len(specs),
-                    max_tokens=output_tokens,
-                    session=f"group-{g}",
-                    messages=[{"role": "system", "content": systems[g]}, {"role": "user", "content": question}],
-                    prompt_tokens=system_tokens + question_tokens,
-                )
+    for g, q in order:
+        question = words(sub_rng(seed, "question", g, q), question_tokens)
+        specs.append(
+            RequestSpec(
+                index=len(specs),
+                max_tokens=output_tokens,
+                session=f"group-{g}",
+                messages=[{"role": "system", "content": systems[g]}, {"role": "user", "content": question}],
+                prompt_tokens=system_tokens + question_tokens,
             )
+        )
     return specs
 
 

@@ -39,8 +39,8 @@ def test_shared_prefix_groups_share_system_and_are_seeded() -> None:
     assert len({next(iter(v)) for v in systems.values()}) == 3  # and they differ between groups
     questions = [s.messages[1]["content"] for s in specs]
     assert len(set(questions)) == 12
-    # interleaved: consecutive requests come from different groups
-    assert specs[0].session != specs[1].session
+    # shuffled, not grouped: most neighbours belong to different groups
+    assert sum(a.session == b.session for a, b in itertools.pairwise(specs)) < len(specs) // 2
     again = wl.shared_prefix(groups=3, prompts_per_group=4, system_tokens=20, question_tokens=5, output_tokens=7)
     assert [s.messages for s in again] == [s.messages for s in specs]
     other = wl.shared_prefix(3, 4, 20, 5, 7, seed=1)

@@ -73,18 +73,42 @@ class Soak:
         self.restarts = 0
 
     def _sim_argv(self, i: int) -> list[str]:
-        return [sys.executable, "-m", "turbofleet", "sim-worker", "--host", "127.0.0.1", "--port", str(self.ports[i]),
-                "--model", MODEL, *shlex.split(self.args.sim_args)]
+        return [
+            sys.executable,
+            "-m",
+            "turbofleet",
+            "sim-worker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.ports[i]),
+            "--model",
+            MODEL,
+            *shlex.split(self.args.sim_args),
+        ]
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         for i in range(len(self.ports)):
             self.sims[i] = spawn(f"sim{i}", self._sim_argv(i), self.log_dir)
-        await asyncio.gather(*(wait_ready(session, f"http://127.0.0.1:{p}/health", c)
-                               for p, c in zip(self.ports, self.sims, strict=True)))
+        await asyncio.gather(
+            *(
+                wait_ready(session, f"http://127.0.0.1:{p}/health", c)
+                for p, c in zip(self.ports, self.sims, strict=True)
+            )
+        )
         port = free_port()
-        argv = [sys.executable, "-m", "turbofleet", "proxy", "--host", "127.0.0.1", "--port", str(port),
-                *[a for p in self.ports for a in ("--worker", f"http://127.0.0.1:{p}")],
-                *shlex.split(self.args.proxy_args)]
+        argv = [
+            sys.executable,
+            "-m",
+            "turbofleet",
+            "proxy",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *[a for p in self.ports for a in ("--worker", f"http://127.0.0.1:{p}")],
+            *shlex.split(self.args.proxy_args),
+        ]
         self.proxy = spawn("proxy", argv, self.log_dir)
         self.proxy_url = f"http://127.0.0.1:{port}"
         await wait_ready(session, self.proxy_url + "/health", self.proxy)
@@ -134,8 +158,9 @@ class Soak:
                 break
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
             words = " ".join(rng.choice(WORDS) for _ in range(self.args.prompt_words))
-            spec = RequestSpec(index=i, messages=[{"role": "user", "content": f"{i}: {words}"}],
-                               max_tokens=self.args.max_tokens)
+            spec = RequestSpec(
+                index=i, messages=[{"role": "user", "content": f"{i}: {words}"}], max_tokens=self.args.max_tokens
+            )
             task = asyncio.create_task(self._one(session, spec, t0))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -150,8 +175,13 @@ class Soak:
         """The proxy's retry, ejection and request counters, one entry per labelled sample."""
         async with session.get(self.proxy_url + "/metrics") as r:
             text = await r.text()
-        keep = ("turbofleet_retries_total", "turbofleet_ejections_total", "turbofleet_retry_budget_exhausted_total",
-                "turbofleet_requests_total", "turbofleet_client_disconnects_total")
+        keep = (
+            "turbofleet_retries_total",
+            "turbofleet_ejections_total",
+            "turbofleet_retry_budget_exhausted_total",
+            "turbofleet_requests_total",
+            "turbofleet_client_disconnects_total",
+        )
         out: dict[str, float] = {}
         for line in text.splitlines():
             if line.startswith(keep):
@@ -159,15 +189,27 @@ class Soak:
                 out[name] = float(value)
         return out
 
-    def report(self, proxy_metrics: dict[str, float], rss_start: int | None, rss_end: int | None,
-               wall_s: float) -> dict[str, Any]:
+    def report(
+        self, proxy_metrics: dict[str, float], rss_start: int | None, rss_end: int | None, wall_s: float
+    ) -> dict[str, Any]:
         kinds = Counter(classify(r) for r in self.results)
         errors = Counter(f"{classify(r)}:{r.error}" for r in self.results if not r.ok)
-        sample = [{"i": r.index, "kind": classify(r), "error": r.error, "detail": r.error_detail[:160],
-                   "t": round(r.start, 1)} for r in self.results if not r.ok][:20]
+        sample = [
+            {
+                "i": r.index,
+                "kind": classify(r),
+                "error": r.error,
+                "detail": r.error_detail[:160],
+                "t": round(r.start, 1),
+            }
+            for r in self.results
+            if not r.ok
+        ][:20]
         return {
             "command": "python -m bench.soak " + " ".join(sys.argv[1:]),
-            "minutes": self.args.minutes, "rate": self.args.rate, "workers": len(self.ports),
+            "minutes": self.args.minutes,
+            "rate": self.args.rate,
+            "workers": len(self.ports),
             "wall_s": round(wall_s, 1),
             "sent": len(self.results),
             "succeeded": kinds["ok"],
@@ -178,8 +220,7 @@ class Soak:
             "kills": sum(1 for e in self.events if e["event"] == "kill -9"),
             "restarts": self.restarts,
             "events": self.events,
-            "proxy_rss_kib": {"start": rss_start, "end": rss_end,
-                              "peak": max((v for _, v in self.rss), default=None)},
+            "proxy_rss_kib": {"start": rss_start, "end": rss_end, "peak": max((v for _, v in self.rss), default=None)},
             "proxy_metrics": proxy_metrics,
         }
 
@@ -193,8 +234,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rss_start = rss_kib(soak.proxy.popen.pid)
         t0 = time.perf_counter()
         end = t0 + args.minutes * 60.0
-        await asyncio.gather(soak.traffic(session, t0, end), soak.chaos(session, t0, end),
-                             soak.sample_rss(t0, end))
+        await asyncio.gather(soak.traffic(session, t0, end), soak.chaos(session, t0, end), soak.sample_rss(t0, end))
         wall = time.perf_counter() - t0
         rss_end = rss_kib(soak.proxy.popen.pid)
         metrics = await soak.proxy_metrics(session)
@@ -228,9 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     ok = report["failed_before_first_byte"] == 0
-    print(f"\nsent {report['sent']}, succeeded {report['succeeded']}, failed before the first byte "
-          f"{report['failed_before_first_byte']} (target 0), failed mid-stream {report['failed_mid_stream']}; "
-          f"proxy RSS {report['proxy_rss_kib']['start']} -> {report['proxy_rss_kib']['end']} KiB", file=sys.stderr)
+    print(
+        f"\nsent {report['sent']}, succeeded {report['succeeded']}, failed before the first byte "
+        f"{report['failed_before_first_byte']} (target 0), failed mid-stream {report['failed_mid_stream']}; "
+        f"proxy RSS {report['proxy_rss_kib']['start']} -> {report['proxy_rss_kib']['end']} KiB",
+        file=sys.stderr,
+    )
     return 0 if ok else 1
 
 

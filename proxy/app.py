@@ -41,7 +41,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    connector = aiohttp.TCPConnector(limit=s.pool_size, limit_per_host=s.pool_per_host, keepalive_timeout=60,
+    # idle pooled connections close after 4 s, before the worker's side does (uvicorn, LMDeploy's server,
+    # closes them after 5 s): a request sent on a connection the worker is closing would fail for nothing
+    connector = aiohttp.TCPConnector(limit=s.pool_size, limit_per_host=s.pool_per_host, keepalive_timeout=4.0,
                                      ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
     app[CLIENT] = session

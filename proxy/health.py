@@ -118,6 +118,14 @@ class Outliers:
         if self._states.pop(worker, None) is not None:
             self._refresh()
 
+    def keep_only(self, workers: Sequence[str]) -> None:
+        """Drop the state of workers that left the registry (expired heartbeats, another replica's remove)."""
+        gone = self._states.keys() - set(workers)
+        for w in gone:
+            del self._states[w]
+        if gone:
+            self._refresh()
+
     # ---------------------------------------------------------------- views
     def _refresh(self) -> None:
         now = self._clock()
@@ -216,6 +224,7 @@ class HealthChecker:
 
     async def run_once(self) -> None:
         urls = list(self.urls())
+        self.outliers.keep_only(urls)
         if urls:
             await asyncio.gather(*(self.check(u) for u in urls))
 

@@ -146,6 +146,11 @@ class _Deadline:
             return None
         return why
 
+    def absorb(self) -> bool:
+        """Consume a cancellation that came from elsewhere (the client left after the stream's end). True when
+        no other cancellation is pending, so the caller may finish normally."""
+        return self._task.uncancel() <= self._base
+
     def close(self) -> None:
         self._handle.cancel()
 
@@ -429,25 +434,31 @@ class Relay:
                 await _end_with_error(resp, 502, f"The worker failed mid-stream: {type(failed).__name__}.",
                                       "upstream_failed")
                 return resp
-            tail = prev[-4096:] + last
-            trace.usage = _usage_from_sse_tail(tail)
-            if path in SSE_PATHS and not tail.rstrip().endswith(b"[DONE]"):
+            if path in SSE_PATHS and not _ended(prev, last):
                 # the worker closed the connection without finishing the stream
                 self.outliers.failure(worker, "truncated stream")
                 await _end_with_error(resp, 502, "The worker ended the stream early.", "upstream_truncated")
                 return resp
-            trace.status, trace.ok = 200, True
+            _succeeded(trace, prev, last)
             await resp.write_eof()
             return resp
         except ConnectionError:
             # a write to the client failed: it went away (aiohttp may not have cancelled the handler yet)
+            if path in SSE_PATHS and _ended(prev, last):
+                _succeeded(trace, prev, last)  # ... after `data: [DONE]`: it has the whole answer
+                return resp
             trace.status = 499
             self.metrics.inc("turbofleet_client_disconnects_total")
             return resp
         except asyncio.CancelledError:
             why = dl.caught()
             if why is None:
-                raise  # the client went away
+                # the client went away. Right after `data: [DONE]` (many clients hang up on it, before the
+                # worker's end of stream arrives) that is a success, not a disconnect
+                if path in SSE_PATHS and _ended(prev, last) and dl.absorb():
+                    _succeeded(trace, prev, last)
+                    return resp
+                raise
             transport = request.transport
             if why == SHUTDOWN:
                 trace.status = 503
@@ -477,6 +488,16 @@ class _Trace:
 
     def outcome(self) -> str:
         return "ok" if self.ok else "cancelled" if self.status == 499 else "failed"
+
+
+def _ended(prev: bytes, last: bytes) -> bool:
+    """The relayed stream's last event was `data: [DONE]` (possibly split over the last two chunks)."""
+    return (prev[-16:] + last).rstrip().endswith(b"[DONE]")
+
+
+def _succeeded(trace: _Trace, prev: bytes, last: bytes) -> None:
+    trace.usage = _usage_from_sse_tail(prev[-4096:] + last)
+    trace.status, trace.ok = 200, True
 
 
 async def _end_with_error(resp: web.StreamResponse, status: int, message: str, code: str) -> None:

@@ -113,3 +113,4 @@ def test_many_disconnects_leak_nothing(fleet: Fleet) -> None:
         c.close()
     wait_until(lambda: fleet["A"].stats()["requests"]["cancelled"] == n + 10, 5, what="ten cancellations")
     settled(fleet)
+

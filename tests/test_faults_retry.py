@@ -9,6 +9,7 @@ the admin port and the fleet is healed afterwards.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,3 +262,26 @@ def test_retry_budget_spent_means_no_retry(fleet: Fleet, tmp_path: Path) -> None
     finally:
         proxy.stop()
         fleet["A"].clear()
+
+
+def test_hanging_up_right_after_done_is_a_success(fl: Fleet) -> None:
+    """Many clients close the connection as soon as they read `data: [DONE]`, often before the worker's end of
+    stream reached the proxy. The client has the whole answer: that counts as 200, not as a disconnect."""
+    before = metric(fl.proxy, "turbofleet_client_disconnects_total")
+    ok_before = metric(fl.proxy, "turbofleet_requests_total", status="200")
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "short"}], "max_tokens": 3,
+                       "stream": True}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", fl.proxy.port), timeout=10) as s:
+            s.sendall(request)
+            got = b""
+            while b"data: [DONE]\n\n" not in got:
+                data = s.recv(65536)
+                assert data, got
+                got += data
+        # closed right here, without waiting for the end of the chunked body
+    no_leaks(fl.proxy)
+    assert metric(fl.proxy, "turbofleet_requests_total", status="200") == ok_before + 20
+    assert metric(fl.proxy, "turbofleet_client_disconnects_total") == before

@@ -141,3 +141,12 @@ def test_only_ready_workers_count_for_the_last_one_rule(ready_states: Sequence[s
     assert o.out() == {"w0"}
     fail(o, "w2", 3)
     assert o.out() == {"w0"}  # w1 drains: w2 is the last ready one
+
+
+def test_workers_that_left_the_registry_are_forgotten() -> None:
+    o, _, _ = make()
+    fail(o, "w0", 3)
+    fail(o, "w1", 1)
+    o.keep_only(["w1", "w2"])
+    assert o.out() == frozenset() and o.state("w0") == {"out": False}
+    assert o.state("w1")["consecutive_failures"] == 1

@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import aiohttp
 
@@ -49,8 +50,13 @@ class _State:
 class Outliers:
     """Tracks failures per worker and says which workers are out. Synchronous; the clock is injectable."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, snapshot: Callable[[], Sequence[WorkerView]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        snapshot: Callable[[], Sequence[WorkerView]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self._snapshot = snapshot
@@ -87,8 +93,9 @@ class Outliers:
         st.consecutive_failures = 0
         self._refresh()
         self.metrics.inc("turbofleet_ejections_total", cause="passive")
-        log.warning("ejected %s for %gs (ejection %d) after repeated failures (%s)", worker, span,
-                    st.times_ejected, reason)
+        log.warning(
+            "ejected %s for %gs (ejection %d) after repeated failures (%s)", worker, span, st.times_ejected, reason
+        )
 
     # ---------------------------------------------------------------- active
     def check_result(self, worker: str, ok: bool, reason: str = "") -> None:
@@ -111,8 +118,13 @@ class Outliers:
             st.down = True
             self._refresh()
             self.metrics.inc("turbofleet_ejections_total", cause="active")
-            log.warning("worker %s failed %d health checks (%s): out until it passes %d", worker,
-                        st.check_failures, reason, self.settings.healthy_threshold)
+            log.warning(
+                "worker %s failed %d health checks (%s): out until it passes %d",
+                worker,
+                st.check_failures,
+                reason,
+                self.settings.healthy_threshold,
+            )
 
     def forget(self, worker: str) -> None:
         if self._states.pop(worker, None) is not None:
@@ -146,15 +158,20 @@ class Outliers:
             self._refresh()
         return self._out
 
-    def state(self, worker: str) -> dict[str, object]:
+    def state(self, worker: str) -> dict[str, Any]:
         """This replica's health view of one worker (for /nodes/status and tests)."""
         st = self._states.get(worker)
         if st is None:
             return {"out": False}
         left = st.ejected_until - self._clock()
-        return {"out": worker in self.out(), "down": st.down, "ejected_for_s": round(max(0.0, left), 3),
-                "times_ejected": st.times_ejected, "consecutive_failures": st.consecutive_failures,
-                "reason": st.last_reason}
+        return {
+            "out": worker in self.out(),
+            "down": st.down,
+            "ejected_for_s": round(max(0.0, left), 3),
+            "times_ejected": st.times_ejected,
+            "consecutive_failures": st.consecutive_failures,
+            "reason": st.last_reason,
+        }
 
     def reason(self, worker: str) -> str:
         st = self._states.get(worker)
@@ -193,8 +210,9 @@ class Outliers:
 class HealthChecker:
     """Background loop: GET /health on every registered worker, feeding `Outliers.check_result`."""
 
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession, outliers: Outliers,
-                 urls: Callable[[], Sequence[str]]) -> None:
+    def __init__(
+        self, settings: Settings, session: aiohttp.ClientSession, outliers: Outliers, urls: Callable[[], Sequence[str]]
+    ) -> None:
         self.settings = settings
         self.session = session
         self.outliers = outliers

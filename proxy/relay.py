@@ -6,7 +6,7 @@ Everything a request can go through lives here, in one place:
 - retries on another worker while nothing has reached the client yet (connect refused/reset, a broken or
   empty answer, a first-byte timeout on a stream, 429/502/503 from the worker), bounded by `max_tries` and by
   a retry budget; never once a byte went to the client;
-- timeouts, one timer per try (`_Deadline`): connect; first byte (longer for long prompts); idle gap between
+- timeouts, one timer per try (`Deadline`): connect; first byte (longer for long prompts); idle gap between
   chunks; the whole answer of a non-streaming request;
 - client disconnects: the handler is cancelled (aiohttp handler_cancellation), which closes the upstream
   connection at once, so the worker stops generating, also while still waiting for the first byte;
@@ -31,6 +31,7 @@ from aiohttp import web
 from balancer.policy import Decision, Outcome, Policy, RouteRequest, RoutingError, WorkerView, route
 
 from .config import Settings
+from .deadline import SHUTDOWN, Deadline
 from .errors import (
     NoWorkerAvailable,
     ProxyError,
@@ -55,8 +56,6 @@ ROUTE_HEADER = "X-Turbofleet-Route"
 WORKER_HEADER = "X-Turbofleet-Worker"
 #: OpenAI streaming routes, whose streams always end with `data: [DONE]`
 SSE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-#: why a deadline ended a try
-TIMEOUT, SHUTDOWN = "timeout", "shutdown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,86 +80,28 @@ class _Retry(Exception):
 
 
 def _shutting_down() -> ProxyError:
-    return ProxyError("The proxy is shutting down; retry on another replica.", status=503, code="shutting_down",
-                      headers={"Retry-After": "1"})
-
-
-class _Deadline:
-    """One timer per try that cancels the try's task when the worker makes no progress in time: first within
-    the first-byte budget, then within the idle gap between chunks.
-
-    Marking progress is a float store (`last = loop.time()`), so relaying a chunk costs no timer churn;
-    `asyncio.timeout(...).reschedule()` would create a new timer per chunk. The timer re-arms itself lazily.
-    """
-
-    __slots__ = ("_base", "_due", "_handle", "_loop", "_span", "_task", "last", "why")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, span: float) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._loop = loop
-        self._task = task
-        self._base = task.cancelling()
-        self._span = span
-        self.last = loop.time()
-        self._due = self.last + span
-        self.why: str | None = None
-        self._handle = loop.call_at(self._due, self._check)
-
-    def rearm(self, span: float) -> None:
-        """From now on allow `span` seconds between marks."""
-        self._span = span
-        self.last = now = self._loop.time()
-        if now + span < self._due:  # the pending timer would fire too late
-            self._handle.cancel()
-            self._due = now + span
-            self._handle = self._loop.call_at(self._due, self._check)
-
-    def _check(self) -> None:
-        due = self.last + self._span
-        if self._loop.time() + 0.001 >= due:  # timers may fire a hair early (millisecond resolution)
-            self._fire(TIMEOUT)
-        else:
-            self._due = due
-            self._handle = self._loop.call_at(due, self._check)
-
-    def _fire(self, why: str) -> None:
-        if self.why is None:
-            self.why = why
-            self._task.cancel()
-
-    def abort(self) -> None:
-        """End the try now: the proxy is shutting down."""
-        self._handle.cancel()
-        self._fire(SHUTDOWN)
-
-    def caught(self) -> str | None:
-        """Call on CancelledError. Returns why this deadline cancelled the task (the caller then handles it
-        instead of the CancelledError), or None when someone else cancelled it too: the client went away."""
-        why = self.why
-        if why is None:
-            return None
-        self.why = None
-        self._handle.cancel()
-        if self._task.uncancel() > self._base:
-            return None
-        return why
-
-    def absorb(self) -> bool:
-        """Consume a cancellation that came from elsewhere (the client left after the stream's end). True when
-        no other cancellation is pending, so the caller may finish normally."""
-        return self._task.uncancel() <= self._base
-
-    def close(self) -> None:
-        self._handle.cancel()
+    return ProxyError(
+        "The proxy is shutting down; retry on another replica.",
+        status=503,
+        code="shutting_down",
+        headers={"Retry-After": "1"},
+    )
 
 
 class Relay:
     """Owns the request path. One instance per app; its state is counters (in flight, retrying) and the live
     tries, which shutdown may have to end."""
 
-    def __init__(self, *, session: aiohttp.ClientSession, registry: Registry, policy: Policy,
-                 settings: Settings, metrics: Metrics, outliers: Outliers) -> None:
+    def __init__(
+        self,
+        *,
+        session: aiohttp.ClientSession,
+        registry: Registry,
+        policy: Policy,
+        settings: Settings,
+        metrics: Metrics,
+        outliers: Outliers,
+    ) -> None:
         self.session = session
         self.registry = registry
         self.policy = policy
@@ -172,7 +113,7 @@ class Relay:
         self.retrying = 0
         #: set once shutdown gave up waiting: new requests get 503
         self.closed = False
-        self._live: set[_Deadline] = set()
+        self._live: set[Deadline] = set()
         # only the TCP handshake: waiting for a pooled connection is part of the first-byte budget
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout)
 
@@ -183,8 +124,9 @@ class Relay:
             rest = [w for w in snapshot if w.id not in exclude]
             # a model whose every worker was tried is "no healthy worker" (503), not "unknown" (404)
             if not any(route_req.model in w.models for w in rest):
-                raise NoWorkerAvailable(f"Every worker serving `{route_req.model}` failed this request.",
-                                        code="no_worker")
+                raise NoWorkerAvailable(
+                    f"Every worker serving `{route_req.model}` failed this request.", code="no_worker"
+                )
             snapshot = rest
         return route(self.policy, route_req, snapshot)
 
@@ -205,8 +147,7 @@ class Relay:
         """Serve one inference request: route, forward, relay, and account for it exactly once."""
         limit = self.settings.max_concurrency
         if limit and self.active >= limit:
-            raise TooManyRequests("The proxy is at its concurrency limit; retry later.",
-                                  headers={"Retry-After": "1"})
+            raise TooManyRequests("The proxy is at its concurrency limit; retry later.", headers={"Retry-After": "1"})
         if self.closed:
             raise _shutting_down()
         self.active += 1
@@ -230,12 +171,17 @@ class Relay:
             self.metrics.inc("turbofleet_requests_total", route=path, status=str(status))
             self.metrics.observe("turbofleet_request_seconds", time.monotonic() - started)
 
-    async def _forward_with_retries(self, request: web.Request, path: str, body: bytes,
-                                    facts: Facts) -> tuple[web.StreamResponse, int]:
+    async def _forward_with_retries(
+        self, request: web.Request, path: str, body: bytes, facts: Facts
+    ) -> tuple[web.StreamResponse, int]:
         pin = await self.registry.get_pin(facts.session_key) if facts.session_key else None
-        route_req = RouteRequest(model=facts.model, session_key=facts.session_key,
-                                 prefix_hashes=facts.prefix_hashes, pinned_worker=pin,
-                                 prompt_tokens=facts.prompt_tokens)
+        route_req = RouteRequest(
+            model=facts.model,
+            session_key=facts.session_key,
+            prefix_hashes=facts.prefix_hashes,
+            pinned_worker=pin,
+            prompt_tokens=facts.prompt_tokens,
+        )
         tried: set[str] = set()
         last: _Retry | None = None
         for attempt in range(max(1, self.settings.max_tries)):
@@ -257,9 +203,13 @@ class Relay:
             except _Retry as r:
                 last = r
                 if route_req.pinned_worker is not None:  # a pin to a failing worker must not hold the session
-                    route_req = RouteRequest(model=route_req.model, session_key=route_req.session_key,
-                                             prefix_hashes=route_req.prefix_hashes, pinned_worker=None,
-                                             prompt_tokens=route_req.prompt_tokens)
+                    route_req = RouteRequest(
+                        model=route_req.model,
+                        session_key=route_req.session_key,
+                        prefix_hashes=route_req.prefix_hashes,
+                        pinned_worker=None,
+                        prompt_tokens=route_req.prompt_tokens,
+                    )
         assert last is not None
         raise last.error
 
@@ -278,8 +228,16 @@ class Relay:
             return self.settings.request_timeout
         return self.settings.first_byte_timeout + self.settings.first_byte_timeout_per_token * facts.prompt_tokens
 
-    async def _try(self, request: web.Request, path: str, body: bytes, facts: Facts, decision: Decision,
-                   route_req: RouteRequest, retry: bool) -> tuple[web.StreamResponse, int]:
+    async def _try(
+        self,
+        request: web.Request,
+        path: str,
+        body: bytes,
+        facts: Facts,
+        decision: Decision,
+        route_req: RouteRequest,
+        retry: bool,
+    ) -> tuple[web.StreamResponse, int]:
         """One try on one worker. Returns the response and the status to account it under (a stream that
         broke mid-way went out as 200 but is counted as the error it ended with)."""
         worker = decision.worker_id
@@ -301,36 +259,49 @@ class Relay:
                 await self.registry.release(worker, facts.session_key)
                 self.metrics.inc("turbofleet_upstream_tries_total", outcome=trace.outcome())
                 usage = trace.usage
-                self.policy.observe(Outcome(
-                    worker_id=worker, prefix_hashes=route_req.prefix_hashes, ok=trace.ok,
-                    latency_s=time.monotonic() - trace.t0, ttft_s=trace.ttft,
-                    prompt_tokens=_int(usage, "prompt_tokens"),
-                    cached_tokens=_cached_tokens(usage),
-                ))
+                self.policy.observe(
+                    Outcome(
+                        worker_id=worker,
+                        prefix_hashes=route_req.prefix_hashes,
+                        ok=trace.ok,
+                        latency_s=time.monotonic() - trace.t0,
+                        ttft_s=trace.ttft,
+                        prompt_tokens=_int(usage, "prompt_tokens"),
+                        cached_tokens=_cached_tokens(usage),
+                    )
+                )
         finally:
             if trace.retry:
                 self.retrying -= 1
 
-    async def _exchange(self, request: web.Request, path: str, body: bytes, facts: Facts, worker: str,
-                        reason: str, trace: _Trace) -> web.StreamResponse:
+    async def _exchange(
+        self, request: web.Request, path: str, body: bytes, facts: Facts, worker: str, reason: str, trace: _Trace
+    ) -> web.StreamResponse:
         """Send the request and relay the answer, under one deadline."""
         loop = asyncio.get_running_loop()
         budget = self._first_byte_budget(facts)
-        dl = _Deadline(loop, budget)
+        dl = Deadline(loop, budget)
         self._live.add(dl)
         upstream: aiohttp.ClientResponse | None = None
         try:
             # ---- before the first byte reaches the client: every failure here may be retried
             try:
-                upstream = await self.session.post(worker + path, data=body, headers=self._headers(request),
-                                                   timeout=self._timeout, allow_redirects=False)
+                upstream = await self.session.post(
+                    worker + path,
+                    data=body,
+                    headers=self._headers(request),
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                )
                 status = upstream.status
                 if status in RETRYABLE_STATUS:
                     text = await upstream.content.read(64 * 1024)
                     if status != 429:  # 429 is load shedding, not a fault: it does not count towards ejection
                         self.outliers.failure(worker, f"status {status}")
-                    raise _Retry(f"status_{status}", UpstreamFailed(_upstream_message(text, status), status=status,
-                                                                   headers=_retry_after(upstream)))
+                    raise _Retry(
+                        f"status_{status}",
+                        UpstreamFailed(_upstream_message(text, status), status=status, headers=_retry_after(upstream)),
+                    )
                 if facts.stream and status == 200:
                     first = await upstream.content.readany()
                     if not first:
@@ -348,20 +319,25 @@ class Relay:
                 if not facts.stream:
                     # the whole-answer cap is spent: another try would double the client's wait (no retry)
                     raise UpstreamTimeout(f"The worker did not answer within {budget:g}s.") from None
-                raise _Retry("first_byte_timeout", UpstreamTimeout(
-                    f"The worker sent no token within {budget:g}s.")) from None
+                raise _Retry(
+                    "first_byte_timeout", UpstreamTimeout(f"The worker sent no token within {budget:g}s.")
+                ) from None
             except UPSTREAM_ERRORS as e:
                 self.outliers.failure(worker, type(e).__name__)
                 if upstream is None:
                     why = _before_answer(e)
                     if why == "connect_timeout":
-                        raise _Retry(why, UpstreamTimeout(
-                            f"The worker did not accept a connection within {self.settings.connect_timeout:g}s.")
+                        raise _Retry(
+                            why,
+                            UpstreamTimeout(
+                                f"The worker did not accept a connection within {self.settings.connect_timeout:g}s."
+                            ),
                         ) from e
                     raise _Retry(why, UpstreamFailed(f"The worker could not be reached: {type(e).__name__}.")) from e
                 # nothing went to the client yet, so another worker may still save the request
-                raise _Retry("broken", UpstreamFailed(
-                    f"The worker broke the connection before answering: {type(e).__name__}.")) from e
+                raise _Retry(
+                    "broken", UpstreamFailed(f"The worker broke the connection before answering: {type(e).__name__}.")
+                ) from e
             trace.ttft = time.monotonic() - trace.t0
             self.metrics.observe("turbofleet_ttft_seconds", trace.ttft)
             if trace.retry:  # the retry got its answer: it no longer counts against the budget
@@ -376,8 +352,9 @@ class Relay:
             if upstream is not None:
                 upstream.release()  # back to the pool when read to the end; closed otherwise
 
-    def _whole(self, upstream: aiohttp.ClientResponse, data: bytes, worker: str, reason: str,
-               trace: _Trace) -> web.Response:
+    def _whole(
+        self, upstream: aiohttp.ClientResponse, data: bytes, worker: str, reason: str, trace: _Trace
+    ) -> web.Response:
         """A complete answer (non-streaming, or an error status on a stream), sent in one piece."""
         status = upstream.status
         trace.status = status
@@ -396,9 +373,17 @@ class Relay:
         headers[WORKER_HEADER] = worker
         return web.Response(status=status, body=data, headers=headers)
 
-    async def _relay_stream(self, request: web.Request, upstream: aiohttp.ClientResponse, worker: str,
-                            reason: str, path: str, trace: _Trace, first: bytes,
-                            dl: _Deadline) -> web.StreamResponse:
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        worker: str,
+        reason: str,
+        path: str,
+        trace: _Trace,
+        first: bytes,
+        dl: Deadline,
+    ) -> web.StreamResponse:
         """Pass SSE bytes through as they arrive. The downstream headers went nowhere before the first chunk,
         so everything before it could still be retried; from here on a failure ends the stream with an error
         event instead."""
@@ -406,12 +391,15 @@ class Relay:
         dl.rearm(idle)
         loop = asyncio.get_running_loop()
         content = upstream.content
-        resp = web.StreamResponse(status=200, headers={
-            "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
-            "Cache-Control": "no-cache",
-            ROUTE_HEADER: reason,
-            WORKER_HEADER: worker,
-        })
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
+                "Cache-Control": "no-cache",
+                ROUTE_HEADER: reason,
+                WORKER_HEADER: worker,
+            },
+        )
         prev, last = b"", first
         failed: BaseException | None = None
         trace.status = 502
@@ -431,8 +419,9 @@ class Relay:
                 await resp.write(chunk)
             if failed is not None:
                 self.outliers.failure(worker, type(failed).__name__)
-                await _end_with_error(resp, 502, f"The worker failed mid-stream: {type(failed).__name__}.",
-                                      "upstream_failed")
+                await _end_with_error(
+                    resp, 502, f"The worker failed mid-stream: {type(failed).__name__}.", "upstream_failed"
+                )
                 return resp
             if path in SSE_PATHS and not _ended(prev, last):
                 # the worker closed the connection without finishing the stream
@@ -545,7 +534,7 @@ def _usage_from_sse_tail(tail: bytes) -> dict[str, Any] | None:
     if start < 0:
         return None
     try:
-        event = json.loads(tail[start + 6: end if end > 0 else None])
+        event = json.loads(tail[start + 6 : end if end > 0 else None])
     except ValueError:
         return None
     usage = event.get("usage") if isinstance(event, dict) else None

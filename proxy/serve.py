@@ -53,20 +53,32 @@ async def drain(runner: web.AppRunner, grace: float) -> int:
 async def _serve(settings: Settings) -> None:
     app = build_app(settings)
     # handler_cancellation: a client that goes away cancels its handler, which closes the upstream request
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=min(settings.shutdown_grace, _FINAL_S),
-                           access_log=log if settings.access_log else None)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=min(settings.shutdown_grace, _FINAL_S),
+        access_log=log if settings.access_log else None,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=2048, reuse_address=True)
     await site.start()
-    log.info("turbofleet proxy on http://%s:%d (policy %s, registry %s)", settings.host, settings.port,
-             settings.policy, settings.registry or "memory")
+    log.info(
+        "turbofleet proxy on http://%s:%d (policy %s, registry %s)",
+        settings.host,
+        settings.port,
+        settings.policy,
+        settings.registry or "memory",
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: listener closed; finishing %d requests in flight (up to %gs)",
-             app[RELAY].active, settings.shutdown_grace)
+    log.info(
+        "shutting down: listener closed; finishing %d requests in flight (up to %gs)",
+        app[RELAY].active,
+        settings.shutdown_grace,
+    )
     await drain(runner, settings.shutdown_grace)
     await runner.cleanup()
     log.info("stopped")

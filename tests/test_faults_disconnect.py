@@ -36,11 +36,13 @@ def open_request(fleet: Fleet, body: dict[str, Any]) -> http.client.HTTPConnecti
 
 def cancelled_since(fleet: Fleet, n: int) -> dict[str, Any]:
     """The worker's record of the (n+1)-th cancellation, once it exists."""
+
     def got() -> dict[str, Any] | None:
         stats = fleet["A"].stats()
         if stats["requests"]["cancelled"] > n:
             return dict(stats["recent_cancelled"][-1])
         return None
+
     return dict(wait_until(got, 5, what="the worker to cancel the generation"))
 
 
@@ -54,7 +56,8 @@ def test_stream_closed_mid_way_stops_the_generation(fleet: Fleet) -> None:
     """The official SDK closes its stream after a few chunks."""
     n = fleet["A"].stats()["requests"]["cancelled"]
     stream = client(fleet.proxy).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "tell me a long story"}], stream=True)
+        model=MODEL, messages=[{"role": "user", "content": "tell me a long story"}], stream=True
+    )
     got = 0
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -75,8 +78,7 @@ def test_disconnect_during_prefill_before_the_first_byte(fleet: Fleet) -> None:
     n = fleet["A"].stats()["requests"]["cancelled"]
     before = metric(fleet.proxy, "turbofleet_client_disconnects_total")
     prompt = " ".join(f"w{i}" for i in range(400))
-    conn = open_request(fleet, {"model": MODEL, "messages": [{"role": "user", "content": prompt}],
-                                "stream": True})
+    conn = open_request(fleet, {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "stream": True})
     wait_until(lambda: fleet["A"].stats()["requests"]["running"] == 1, 5, what="prefill to start")
     closed_at = time.time()
     conn.close()
@@ -90,8 +92,9 @@ def test_disconnect_during_prefill_before_the_first_byte(fleet: Fleet) -> None:
 def test_non_streaming_disconnect(fleet: Fleet) -> None:
     n = fleet["A"].stats()["requests"]["cancelled"]
     generated = fleet["A"].stats()["tokens"]["generation"]
-    conn = open_request(fleet, {"model": MODEL, "messages": [{"role": "user", "content": "no stream"}],
-                                "max_tokens": 400})
+    conn = open_request(
+        fleet, {"model": MODEL, "messages": [{"role": "user", "content": "no stream"}], "max_tokens": 400}
+    )
     wait_until(lambda: fleet["A"].stats()["requests"]["running"] == 1, 5, what="generation to start")
     wait_until(lambda: fleet["A"].stats()["tokens"]["generation"] > generated, 5, what="some tokens")
     closed_at = time.time()
@@ -105,12 +108,19 @@ def test_non_streaming_disconnect(fleet: Fleet) -> None:
 def test_many_disconnects_leak_nothing(fleet: Fleet) -> None:
     """Ten clients leave at once, some before and some after their first byte."""
     n = fleet["A"].stats()["requests"]["cancelled"]
-    conns = [open_request(fleet, {"model": MODEL, "stream": i % 2 == 0,
-                                  "messages": [{"role": "user", "content": f"many {i} " + "x " * (i * 20)}]})
-             for i in range(10)]
+    conns = [
+        open_request(
+            fleet,
+            {
+                "model": MODEL,
+                "stream": i % 2 == 0,
+                "messages": [{"role": "user", "content": f"many {i} " + "x " * (i * 20)}],
+            },
+        )
+        for i in range(10)
+    ]
     wait_until(lambda: fleet["A"].stats()["requests"]["active"] == 10, 5, what="all ten at the worker")
     for c in conns:
         c.close()
     wait_until(lambda: fleet["A"].stats()["requests"]["cancelled"] == n + 10, 5, what="ten cancellations")
     settled(fleet)
-

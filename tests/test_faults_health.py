@@ -11,9 +11,22 @@ from tests.procs import wait_until
 from tests.test_faults_kit import Fleet, chat, metric, node, post, start_fleet
 
 PROXY_FLAGS = [
-    "--policy", "round_robin", "--health-interval", "0.2", "--health-timeout", "0.5",
-    "--unhealthy-threshold", "2", "--healthy-threshold", "2",
-    "--eject-consecutive-failures", "3", "--eject-base-s", "1", "--eject-max-s", "2.5",
+    "--policy",
+    "round_robin",
+    "--health-interval",
+    "0.2",
+    "--health-timeout",
+    "0.5",
+    "--unhealthy-threshold",
+    "2",
+    "--healthy-threshold",
+    "2",
+    "--eject-consecutive-failures",
+    "3",
+    "--eject-base-s",
+    "1",
+    "--eject-max-s",
+    "2.5",
 ]
 
 
@@ -102,8 +115,9 @@ def test_never_the_last_healthy_worker(fl: Fleet) -> None:
     wait_until(lambda: out(fl, "A") or out(fl, "B"), 5, what="one worker out")
     # several more check rounds: still only one out
     rounds = metric(fl.proxy, "turbofleet_ejections_total")
-    wait_until(lambda: max(fl[n].stats()["faults_fired"].get("status", 0) for n in "AB") >= 8, 5,
-               what="more failed checks")
+    wait_until(
+        lambda: max(fl[n].stats()["faults_fired"].get("status", 0) for n in "AB") >= 8, 5, what="more failed checks"
+    )
     assert [out(fl, "A"), out(fl, "B")].count(True) == 1
     assert metric(fl.proxy, "turbofleet_ejections_total") == rounds
     status, _, _ = post(fl.proxy.url + "/v1/chat/completions", chat(9))

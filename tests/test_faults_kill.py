@@ -19,8 +19,18 @@ from tests.redis_server import RedisServer, redis_binary
 from tests.test_faults_kit import MODEL, Fleet, chat, client, no_leaks, node, post, sse_events, start_fleet
 
 SLOW = ["--decode-ms-base", "20", "--default-max-tokens", "8"]
-PROXY_FLAGS = ["--policy", "round_robin", "--health-interval", "0.2", "--health-timeout", "0.5",
-               "--unhealthy-threshold", "2", "--healthy-threshold", "2"]
+PROXY_FLAGS = [
+    "--policy",
+    "round_robin",
+    "--health-interval",
+    "0.2",
+    "--health-timeout",
+    "0.5",
+    "--unhealthy-threshold",
+    "2",
+    "--healthy-threshold",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +45,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 def stream_via_sdk(c: openai.OpenAI, i: int, started: threading.Event) -> dict[str, Any]:
     """One streaming chat through the SDK: which worker served it, the text, and the error it raised."""
     raw = c.chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": f"kill test {i}"}], max_tokens=100, stream=True)
+        model=MODEL, messages=[{"role": "user", "content": f"kill test {i}"}], max_tokens=100, stream=True
+    )
     out: dict[str, Any] = {"worker": raw.headers["X-Turbofleet-Worker"], "text": "", "error": None}
     try:
         for ch in raw.parse():
@@ -76,8 +87,9 @@ def test_kill_9_mid_stream(fleet: Fleet) -> None:
     no_leaks(fleet.proxy)
     fleet.restart("A")
     wait_until(lambda: not node(fleet.proxy, a.url)["health"]["out"], 5, what="A back")
-    assert a.url in {post(fleet.proxy.url + "/v1/chat/completions", chat(i))[1]["X-Turbofleet-Worker"]
-                     for i in range(3)}
+    assert a.url in {
+        post(fleet.proxy.url + "/v1/chat/completions", chat(i))[1]["X-Turbofleet-Worker"] for i in range(3)
+    }
 
 
 @pytest.mark.redis
@@ -86,8 +98,10 @@ def test_redis_killed_while_serving(fleet: Fleet, tmp_path: Path) -> None:
     """The proxy routes from its local mirror while Redis is gone, and resyncs when it is back (empty)."""
     redis = RedisServer(tmp_path / "redis")
     redis.start()
-    proxy = start_proxy(tmp_path, ["--registry", redis.url, "--health-interval", "0.2",
-                                   *[a for n in "AB" for a in ("--worker", fleet[n].url)]])
+    proxy = start_proxy(
+        tmp_path,
+        ["--registry", redis.url, "--health-interval", "0.2", *[a for n in "AB" for a in ("--worker", fleet[n].url)]],
+    )
     try:
         wait_until(lambda: len(http_json("GET", proxy.url + "/nodes/status")[1]) == 2, what="workers in redis")
         assert http_json("GET", proxy.url + "/health")[1]["registry"]["reachable"]
@@ -100,14 +114,20 @@ def test_redis_killed_while_serving(fleet: Fleet, tmp_path: Path) -> None:
             redis.kill()
             results = [f.result(30) for f in futures]
         assert all(r["error"] is None and len(r["text"].split()) == 100 for r in results)
-        wait_until(lambda: not http_json("GET", proxy.url + "/health")[1]["registry"]["reachable"], 10,
-                   what="the proxy to notice Redis is gone")
+        wait_until(
+            lambda: not http_json("GET", proxy.url + "/health")[1]["registry"]["reachable"],
+            10,
+            what="the proxy to notice Redis is gone",
+        )
         for i in range(4):  # routing goes on from the local snapshot
             r = c.chat.completions.create(**chat(i))
             assert len((r.choices[0].message.content or "").split()) == 8
         redis.start()  # same port, no data
-        wait_until(lambda: http_json("GET", proxy.url + "/health")[1]["registry"]["reachable"], 15,
-                   what="the proxy to reconnect")
+        wait_until(
+            lambda: http_json("GET", proxy.url + "/health")[1]["registry"]["reachable"],
+            15,
+            what="the proxy to reconnect",
+        )
         store = redis_client.Redis(port=redis.port)
         try:  # the proxy wrote its fleet back into the empty Redis
             wait_until(lambda: len(store.smembers(Keys().workers)) == 2, 10, what="fleet reseeded in Redis")

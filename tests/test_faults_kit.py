@@ -11,7 +11,6 @@ import re
 import socket
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,32 +91,23 @@ class Fleet:
             p.stop()
 
 
-def start_worker(logs: Path, name: str, extra: list[str] | None = None, port: int | None = None,
-                 admin_port: int | None = None) -> Worker:
+def start_worker(
+    logs: Path, name: str, extra: list[str] | None = None, port: int | None = None, admin_port: int | None = None
+) -> Worker:
     admin_port = admin_port or free_port()
     extra = list(extra or FAST_SIM)
-    proc = start_sim(logs, MODEL, name=f"{name}-{time.monotonic_ns()}", port=port,
-                     extra=["--admin-port", str(admin_port), *extra])
+    proc = start_sim(
+        logs, MODEL, name=f"{name}-{time.monotonic_ns()}", port=port, extra=["--admin-port", str(admin_port), *extra]
+    )
     return Worker(name, proc, admin_port, extra)
 
 
-def start_fleet(logs: Path, names: list[str], proxy_flags: list[str], sim_extra: list[str] | None = None,
-                env: dict[str, str] | None = None) -> Fleet:
+def start_fleet(logs: Path, names: list[str], proxy_flags: list[str], sim_extra: list[str] | None = None) -> Fleet:
     workers = {n: start_worker(logs, n, sim_extra) for n in names}
-    flags = [*proxy_flags, *[a for w in workers.values() for a in ("--worker", w.url)]]
-    proxy = start_proxy(logs, flags) if env is None else _start_proxy_env(logs, flags, env)
+    proxy = start_proxy(logs, [*proxy_flags, *[a for w in workers.values() for a in ("--worker", w.url)]])
     fleet = Fleet(logs, proxy, workers)
     wait_until(lambda: len(http_json("GET", proxy.url + "/nodes/status")[1]) == len(names), what="workers added")
     return fleet
-
-
-def _start_proxy_env(logs: Path, flags: list[str], env: dict[str, str]) -> Proc:
-    from tests.procs import spawn, wait_http
-
-    port = free_port()
-    proc = spawn(["proxy", "--host", "127.0.0.1", "--port", str(port), *flags], logs, f"proxy-{port}", port, env=env)
-    wait_http(proc.url + "/health")
-    return proc
 
 
 def client(proxy: Proc, timeout: float = 20.0) -> openai.OpenAI:
@@ -125,8 +115,12 @@ def client(proxy: Proc, timeout: float = 20.0) -> openai.OpenAI:
 
 
 def chat(n: int = 0, max_tokens: int = 8, stream: bool = False, content: str | None = None) -> dict[str, Any]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content or f"question {n}"}],
-            "max_tokens": max_tokens, "stream": stream}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content or f"question {n}"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
 
 
 def post(url: str, body: dict[str, Any] | bytes, timeout: float = 20.0) -> tuple[int, dict[str, str], bytes]:
@@ -157,9 +151,11 @@ def node(proxy: Proc, url: str) -> dict[str, Any]:
 
 def no_leaks(proxy: Proc, timeout: float = 5.0) -> None:
     """Every in-flight count the proxy took was given back."""
+
     def settled() -> bool:
         status = http_json("GET", proxy.url + "/nodes/status")[1]
         return all(w["unfinished"] == 0 for w in status.values())
+
     wait_until(settled, timeout, what="in-flight counts back to zero")
 
 
@@ -197,8 +193,3 @@ class Blackhole:
     def close(self) -> None:
         self._fill.close()
         self.sock.close()
-
-
-def iter_stream(resp: Any) -> Iterator[Any]:
-    """The chunks of an openai SDK stream (helper so callers can collect until an error)."""
-    yield from resp

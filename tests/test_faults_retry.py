@@ -13,18 +13,18 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
-from tests.procs import http_json, spawn, wait_http, wait_until
+from tests.procs import http_json, start_proxy, wait_until
 from tests.test_faults_kit import (
     MODEL,
     Blackhole,
     Fleet,
     chat,
     client,
-    free_port,
     metric,
     no_leaks,
     post,
@@ -33,9 +33,24 @@ from tests.test_faults_kit import (
 )
 
 PROXY_FLAGS = [
-    "--policy", "round_robin", "--health-interval", "0", "--eject-consecutive-failures", "1000",
-    "--max-tries", "2", "--connect-timeout", "0.5", "--first-byte-timeout", "1",
-    "--first-byte-timeout-per-token", "0", "--idle-timeout", "1", "--request-timeout", "3",
+    "--policy",
+    "round_robin",
+    "--health-interval",
+    "0",
+    "--eject-consecutive-failures",
+    "1000",
+    "--max-tries",
+    "2",
+    "--connect-timeout",
+    "0.5",
+    "--first-byte-timeout",
+    "1",
+    "--first-byte-timeout-per-token",
+    "0",
+    "--idle-timeout",
+    "1",
+    "--request-timeout",
+    "3",
 ]
 
 
@@ -64,8 +79,9 @@ def only_a(fl: Fleet) -> None:
 
 def one(c: openai.OpenAI, i: int, stream: bool) -> tuple[str, str]:
     """One chat request through the SDK; returns (worker that answered, text)."""
-    raw = c.chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": f"retry me {i}"}], max_tokens=8, stream=stream)
+    raw: Any = c.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": f"retry me {i}"}], max_tokens=8, stream=stream
+    )
     worker = raw.headers["X-Turbofleet-Worker"]
     if stream:
         text = "".join(ch.choices[0].delta.content or "" for ch in raw.parse() if ch.choices)
@@ -93,11 +109,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("mode", "params", "stream", "reason"), CASES,
-                         ids=[f"{m}{p.get('code', p.get('chunks', ''))}-{'stream' if s else 'whole'}"
-                              for m, p, s, _ in CASES])
-def test_fault_before_first_byte_is_retried(fl: Fleet, mode: str, params: dict[str, int], stream: bool,
-                                            reason: str | None) -> None:
+@pytest.mark.parametrize(
+    ("mode", "params", "stream", "reason"),
+    CASES,
+    ids=[f"{m}{p.get('code', p.get('chunks', ''))}-{'stream' if s else 'whole'}" for m, p, s, _ in CASES],
+)
+def test_fault_before_first_byte_is_retried(
+    fl: Fleet, mode: str, params: dict[str, int], stream: bool, reason: str | None
+) -> None:
     a = fl["A"]
     before = metric(fl.proxy, "turbofleet_retries_total")
     fired0 = a.fired(mode)
@@ -234,8 +253,12 @@ def test_slow_worker_is_slower_not_failed(fl: Fleet) -> None:
 def test_connect_timeout_is_retried(fl: Fleet) -> None:
     hole = Blackhole()
     try:
-        assert http_json("POST", fl.proxy.url + "/nodes/add",
-                         {"url": hole.url, "status": {"models": [MODEL], "role": 1}})[0] == 200
+        assert (
+            http_json("POST", fl.proxy.url + "/nodes/add", {"url": hole.url, "status": {"models": [MODEL], "role": 1}})[
+                0
+            ]
+            == 200
+        )
         c = client(fl.proxy)
         for i in range(4):  # four workers in turn: one first try goes into the hole
             worker, text = one(c, i, False)
@@ -248,12 +271,19 @@ def test_connect_timeout_is_retried(fl: Fleet) -> None:
 
 def test_retry_budget_spent_means_no_retry(fleet: Fleet, tmp_path: Path) -> None:
     """A budget of zero (and no minimum) allows no retry: the first failure is the answer."""
-    port = free_port()
-    flags = ["proxy", "--host", "127.0.0.1", "--port", str(port), *PROXY_FLAGS, "--retry-budget", "0",
-             *[a for n in "AB" for a in ("--worker", fleet[n].url)]]
-    proxy = spawn(flags, tmp_path, "proxy-budget", port, env={"TURBOFLEET_RETRY_MIN_CONCURRENCY": "0"})
+    proxy = start_proxy(
+        tmp_path,
+        [
+            *PROXY_FLAGS,
+            "--retry-budget",
+            "0",
+            "--retry-min-concurrency",
+            "0",
+            *[a for n in "AB" for a in ("--worker", fleet[n].url)],
+        ],
+    )
     try:
-        wait_http(proxy.url + "/health")
+        wait_until(lambda: len(http_json("GET", proxy.url + "/nodes/status")[1]) == 2, what="workers added")
         fleet["A"].fault("status", code=503)
         statuses = [post(proxy.url + "/v1/chat/completions", chat(i))[0] for i in range(2)]
         assert sorted(statuses) == [200, 503]  # round robin: one first try on A, not retried
@@ -269,10 +299,13 @@ def test_hanging_up_right_after_done_is_a_success(fl: Fleet) -> None:
     stream reached the proxy. The client has the whole answer: that counts as 200, not as a disconnect."""
     before = metric(fl.proxy, "turbofleet_client_disconnects_total")
     ok_before = metric(fl.proxy, "turbofleet_requests_total", status="200")
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "short"}], "max_tokens": 3,
-                       "stream": True}).encode()
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    body = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "short"}], "max_tokens": 3, "stream": True}
+    ).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     for _ in range(20):
         with socket.create_connection(("127.0.0.1", fl.proxy.port), timeout=10) as s:
             s.sendall(request)

@@ -69,8 +69,9 @@ def launch(pool: ThreadPoolExecutor, proxy: Proc, bodies: list[dict[str, Any]]) 
     for e in events:
         assert e.wait(10)
     # every request reached the relay (and so the worker) before the signal
-    wait_until(lambda: http_json("GET", proxy.url + "/health")[1]["in_flight"] == len(bodies), 5,
-               what="requests in flight")
+    wait_until(
+        lambda: http_json("GET", proxy.url + "/health")[1]["in_flight"] == len(bodies), 5, what="requests in flight"
+    )
     return futures
 
 

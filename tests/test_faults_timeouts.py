@@ -22,8 +22,16 @@ def slow_prefill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Wor
     """One worker that prefills 5 ms per prompt token, behind two proxies: with and without the allowance."""
     logs = tmp_path_factory.mktemp("timeouts")
     w = start_worker(logs, "A", ["--prefill-ms-per-token", "5", "--no-prefix-cache", "--default-max-tokens", "4"])
-    common = ["--worker", w.url, "--health-interval", "0", "--first-byte-timeout", "0.5",
-              "--max-body-bytes", str(LIMIT)]
+    common = [
+        "--worker",
+        w.url,
+        "--health-interval",
+        "0",
+        "--first-byte-timeout",
+        "0.5",
+        "--max-body-bytes",
+        str(LIMIT),
+    ]
     with_allowance = start_proxy(logs, [*common, "--first-byte-timeout-per-token", "0.01"])
     without = start_proxy(logs, [*common, "--first-byte-timeout-per-token", "0"])
     try:
@@ -42,7 +50,8 @@ def test_long_prompt_gets_a_longer_first_byte_allowance(slow_prefill: tuple[Work
     _, with_allowance, _ = slow_prefill
     t0 = time.monotonic()
     stream = client(with_allowance).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": LONG}], stream=True)
+        model=MODEL, messages=[{"role": "user", "content": LONG}], stream=True
+    )
     text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
     assert len(text.split()) == 4 and time.monotonic() - t0 > 1.5
 
@@ -54,8 +63,7 @@ def test_first_byte_timeout_without_allowance_is_504(slow_prefill: tuple[Worker,
     assert len("".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices).split()) == 8
     cancelled = w.stats()["requests"]["cancelled"]
     t0 = time.monotonic()
-    status, _, body = post(without.url + "/v1/chat/completions",
-                           {**chat(content=LONG + " again"), "stream": True})
+    status, _, body = post(without.url + "/v1/chat/completions", {**chat(content=LONG + " again"), "stream": True})
     took = time.monotonic() - t0
     assert status == 504 and 0.4 < took < 1.5, (status, took)
     err = json.loads(body)["error"]
@@ -68,8 +76,10 @@ def test_connect_timeout_alone_is_504(tmp_path: Path) -> None:
     hole = Blackhole()
     proxy = start_proxy(tmp_path, ["--health-interval", "0", "--connect-timeout", "0.3"])
     try:
-        assert http_json("POST", proxy.url + "/nodes/add",
-                         {"url": hole.url, "status": {"models": [MODEL], "role": 1}})[0] == 200
+        assert (
+            http_json("POST", proxy.url + "/nodes/add", {"url": hole.url, "status": {"models": [MODEL], "role": 1}})[0]
+            == 200
+        )
         t0 = time.monotonic()
         status, _, body = post(proxy.url + "/v1/chat/completions", chat(0))
         assert status == 504 and time.monotonic() - t0 < 2
@@ -97,12 +107,13 @@ def test_body_over_the_limit_is_413_when_chunked(slow_prefill: tuple[Worker, Pro
 
     def pieces() -> Iterator[bytes]:
         for i in range(0, len(payload), 16_384):
-            yield payload[i:i + 16_384]
+            yield payload[i : i + 16_384]
 
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
     try:
-        conn.request("POST", "/v1/chat/completions", pieces(), {"Content-Type": "application/json"},
-                     encode_chunked=True)
+        conn.request(
+            "POST", "/v1/chat/completions", pieces(), {"Content-Type": "application/json"}, encode_chunked=True
+        )
         resp = conn.getresponse()
         body = json.loads(resp.read())
     finally:

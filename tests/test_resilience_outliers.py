@@ -21,9 +21,17 @@ class Clock:
 
 
 def make(n: int = 3, **overrides: float) -> tuple[Outliers, Clock, list[WorkerView]]:
-    settings = Settings(**{"eject_consecutive_failures": 3, "eject_base_s": 10.0, "eject_max_s": 25.0,
-                           "unhealthy_threshold": 2, "healthy_threshold": 2, "eject_max_fraction": 0.5,
-                           **overrides})
+    settings = Settings.model_validate(
+        {
+            "eject_consecutive_failures": 3,
+            "eject_base_s": 10.0,
+            "eject_max_s": 25.0,
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 2,
+            "eject_max_fraction": 0.5,
+            **overrides,
+        }
+    )
     views = [WorkerView(id=f"w{i}", models=frozenset({"m"})) for i in range(n)]
     clock = Clock()
     return Outliers(settings, Metrics(), lambda: views, clock), clock, views

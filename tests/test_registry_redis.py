@@ -276,12 +276,22 @@ async def test_crashed_replica_counts_expire_with_its_lease(
     )
     try:
         assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 15)
-        assert line.strip() == b"ready", line + await proc.stdout.read()
+        out: list[bytes] = []
+
+        async def ready() -> bool:
+            while line := await proc.stdout.readline():  # type: ignore[union-attr]
+                out.append(line)
+                if line.strip() == b"ready":
+                    return True
+            return False
+
+        assert await asyncio.wait_for(ready(), 15), b"".join(out)
+        if len(out) > 1:
+            print(b"".join(out).decode(errors="replace"))  # shown when the test fails
         await eventually(lambda: b.in_flight(W1) == 3, 2.0, "the other replica's 3 in flight")
         await b.acquire(W1)
         proc.send_signal(signal.SIGKILL)  # no release, no goodbye
-        await proc.wait()
+        await asyncio.wait_for(proc.wait(), 10)
         killed = time.monotonic()
         await eventually(lambda: b.in_flight(W1) == 1, 4.0, "the dead replica's counts to expire")
         assert time.monotonic() - killed < 1.5 + 1.0  # lease TTL + a sync interval or so
@@ -291,7 +301,7 @@ async def test_crashed_replica_counts_expire_with_its_lease(
     finally:
         if proc.returncode is None:
             proc.kill()
-            await proc.wait()
+            await asyncio.wait_for(proc.wait(), 10)
 
 
 async def test_close_withdraws_the_replica(make: Factory, raw: Redis) -> None:

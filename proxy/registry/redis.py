@@ -260,8 +260,8 @@ class RedisRegistry:
     async def release(self, url: str, session_key: str | None = None) -> None:
         self._mirror.release(url)
         self._dirty.add(url)
-        if session_key is not None:
-            self._pins.touched(session_key)
+        if session_key is not None and self._pins.last_known(session_key) is not None:
+            self._pins.touched(session_key)  # slide the pin's TTL (get_pin has cached every pin routed on)
         self._wake.set()
 
     async def get_pin(self, session_key: str) -> str | None:
@@ -459,8 +459,8 @@ class RedisRegistry:
                 epoch, version, flat = await self._s_read_fleet(
                     keys=[k.workers, k.version, k.epoch], args=[k.worker_prefix]
                 )
-            if seeded and recs:
-                log.warning("registry: redis at %s had no fleet; seeded it with %d workers", self._where, len(recs))
+            if seeded and self._mirror.epoch:
+                log.warning("registry: redis at %s lost its data; restored %d workers", self._where, len(recs))
         records = [self._decode(pairs(h)) for h in flat[1::2]]
         self._mirror.load(str(epoch), int(version), records)
         self._prev_remote_version = 0

@@ -74,7 +74,8 @@ return {redis.call('GET', KEYS[3]) or '', redis.call('GET', KEYS[2]) or '0', out
 
 #: KEYS: epoch, workers set, version. ARGV: new epoch, worker key prefix, JSON [[url, [f, v, ...]], ...].
 #: Check-and-write in one step so that only the first replica to find Redis empty (first start, or a restart
-#: that lost the data) seeds it, from its local snapshot; the others then read that fleet back.
+#: that lost the data) seeds it, from its local snapshot, adding only workers Redis does not have; the others
+#: then read that fleet back.
 #: Returns 1 when it seeded, 0 when Redis already had a data set.
 SEED = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -82,9 +83,10 @@ redis.call('SET', KEYS[1], ARGV[1])
 local v = redis.call('INCR', KEYS[3])
 for _, rec in ipairs(cjson.decode(ARGV[3])) do
   local key = ARGV[2] .. rec[1]
-  redis.call('DEL', key)
-  redis.call('HSET', key, 'v', v, unpack(rec[2]))
-  redis.call('SADD', KEYS[2], rec[1])
+  if redis.call('EXISTS', key) == 0 then  -- a worker written since is newer than our copy
+    redis.call('HSET', key, 'v', v, unpack(rec[2]))
+    redis.call('SADD', KEYS[2], rec[1])
+  end
 end
 return 1
 """

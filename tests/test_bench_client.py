@@ -203,3 +203,13 @@ async def test_session_survives_many_requests(fake: tuple[str, list[dict[str, An
     results = await run_static(specs, Targets([url]), RunOptions("m", concurrency=150, progress=False))
     assert all(r.ok for r in results)
     assert isinstance(results[0], RequestResult)
+
+
+async def test_python_load_generator(fake: tuple[str, list[dict[str, Any]]]) -> None:
+    """The overhead bench's fallback when wrk is missing: closed loop for a fixed time."""
+    from bench.overhead import python_load, request_body
+
+    url, received = fake
+    r = await python_load(url + "/v1/chat/completions", request_body("m", stream=False), connections=4, duration=0.3)
+    assert r["tool"] == "python" and r["errors"] == 0
+    assert r["requests"] == len(received) > 4 and r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0

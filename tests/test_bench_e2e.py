@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,6 +117,8 @@ def test_compare_on_fresh_fleets(tmp_path: Path) -> None:
     except RuntimeError as e:
         pytest.skip(f"`turbofleet sim-worker` did not start: {str(e).splitlines()[0]}")
     out = tmp_path / "cmp.json"
+    # two replicas on one Redis too, when there is a redis-server to start
+    routers = ["turbofleet:round_robin"] + (["turbofleet-x2:round_robin"] if shutil.which("redis-server") else [])
     rc = bench(
         [
             "compare",
@@ -133,7 +136,7 @@ def test_compare_on_fresh_fleets(tmp_path: Path) -> None:
             "--sim-args",
             " ".join(SIM_FAST),
             "--routers",
-            "turbofleet:round_robin",
+            ",".join(routers),
             "--ideal-pinning",
             "--quiet",
             "--json",
@@ -145,11 +148,14 @@ def test_compare_on_fresh_fleets(tmp_path: Path) -> None:
     assert rc == 0
     data = json.loads(out.read_text())
     runs = data["runs"]
-    assert set(runs) == {"turbofleet:round_robin", "ideal:hash"}
+    assert set(runs) == {*routers, "ideal:hash"}
     for s in runs.values():
         assert s["ok"] == 8 and s["errors"] == 0
         assert set(s["workers"]) == {"w0", "w1"} and sum(s["workers"].values()) == 8
+        # a run this small may use less than one clock tick of CPU: only the bookkeeping is checked
+        assert s["cpu"]["workers_s"] >= 0 and s["cpu"]["wall_s"] > 0
     assert runs["turbofleet:round_robin"]["imbalance"] == pytest.approx(1.0)  # 4 and 4
+    assert runs["turbofleet:round_robin"]["cpu"]["router_s"] >= 0 and runs["ideal:hash"]["cpu"]["router_s"] is None
     assert data["machine"]["cpus"] >= 1
 
 

@@ -27,12 +27,17 @@ DEFAULT_PREFIX = "turbofleet"
 LEASE_TTL = 10.0
 #: how often a replica renews its lease and rewrites its in-flight hash from its exact local counts
 LEASE_REFRESH = 2.0
+#: how long the writer lets changes gather before sending them (one pipeline for many requests)
+FLUSH_DELAY = 0.002
 #: how often a replica reads the other replicas' in-flight counts (one script call, one round trip)
 SYNC_INTERVAL = 0.2
 #: a full re-read of the fleet even when the change feed looked complete (belt and braces)
 RESYNC_INTERVAL = 30.0
 #: how long a replica trusts a pin it set or read before reading it again (see pins.py)
 PIN_REVALIDATE = 10.0
+#: a pin's sliding TTL is renewed by a release at most once per min(PIN_SLIDE_SHARE x TTL, PIN_SLIDE_MAX) s
+PIN_SLIDE_SHARE = 0.05
+PIN_SLIDE_MAX = 30.0
 #: how long a looked-up "no pin" answer is trusted locally
 PIN_MISS_TTL = 1.0
 #: pins kept in each replica's local cache (LRU)

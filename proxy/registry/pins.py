@@ -13,6 +13,7 @@ one message per request of the whole fleet.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 
 from . import keys as K
 from .mirror import PinCache
@@ -25,6 +26,10 @@ class Pins:
         self.cache = PinCache(capacity)
         #: how long a known pin is used without asking Redis (never past the pin's own TTL)
         self._trust = min(pin_ttl, K.PIN_REVALIDATE)
+        #: a pin's TTL is slid at most this often (not on every release: a TTL of minutes needs no
+        #: millisecond precision, and each slide is a Redis command)
+        self._slide_every = min(pin_ttl * K.PIN_SLIDE_SHARE, K.PIN_SLIDE_MAX)
+        self._slid: OrderedDict[str, float] = OrderedDict()
         #: session -> (worker url, publish as a re-pin)
         self.sets: dict[str, tuple[str, bool]] = {}
         #: sessions whose pin TTL a release slides
@@ -44,16 +49,27 @@ class Pins:
 
     def pinned(self, key: str, url: str, t: float) -> None:
         prev = self.cache.peek(key)
+        if prev == url and self.cache.lookup(key, t)[0]:
+            return  # pinned there already and recently confirmed: the release slides the TTL
         self.cache.put(key, url, t + self._trust)
         queued = self.sets.get(key)
         if queued is None and len(self.sets) >= self._capacity:
             return  # Redis has been away long: the local cache still routes this session
         repin = (prev is not None and prev != url) or (queued is not None and queued[1])
         self.sets[key] = (url, repin)
+        self._slide_noted(key, t)
 
-    def touched(self, key: str) -> None:
-        if len(self.touches) < self._capacity:
-            self.touches.add(key)
+    def touched(self, key: str, t: float) -> None:
+        if t - self._slid.get(key, -1e18) < self._slide_every or len(self.touches) >= self._capacity:
+            return
+        self.touches.add(key)
+        self._slide_noted(key, t)
+
+    def _slide_noted(self, key: str, t: float) -> None:
+        self._slid[key] = t
+        self._slid.move_to_end(key)
+        while len(self._slid) > self._capacity:
+            self._slid.popitem(last=False)
 
     def ask(self, key: str) -> asyncio.Future[str | None]:
         """A future for the pin in Redis; requests for one session share one lookup."""

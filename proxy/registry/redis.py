@@ -261,7 +261,7 @@ class RedisRegistry:
         self._mirror.release(url)
         self._dirty.add(url)
         if session_key is not None and self._pins.last_known(session_key) is not None:
-            self._pins.touched(session_key)  # slide the pin's TTL (get_pin has cached every pin routed on)
+            self._pins.touched(session_key, time.monotonic())  # slide the TTL (get_pin cached every pin used)
         self._wake.set()
 
     async def get_pin(self, session_key: str) -> str | None:
@@ -340,6 +340,9 @@ class RedisRegistry:
                         await self._wake.wait()
             self._wake.clear()
             if self._up:
+                # gather the changes of a few more requests into this batch: other replicas read our counts
+                # every SYNC_INTERVAL anyway, so a millisecond or two here costs them nothing
+                await asyncio.sleep(K.FLUSH_DELAY)
                 await self._flush()
 
     async def _flush(self) -> None:

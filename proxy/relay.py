@@ -56,6 +56,12 @@ ROUTE_HEADER = "X-Turbofleet-Route"
 WORKER_HEADER = "X-Turbofleet-Worker"
 #: OpenAI streaming routes, whose streams always end with `data: [DONE]`
 SSE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+#: what a timeout of 0 (or less) means: no limit
+NO_LIMIT = 1e9
+
+
+def _limit(seconds: float) -> float:
+    return seconds if seconds > 0 else NO_LIMIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +121,10 @@ class Relay:
         self.closed = False
         self._live: set[Deadline] = set()
         # only the TCP handshake: waiting for a pooled connection is part of the first-byte budget
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout or None)
+        self._first_byte = _limit(settings.first_byte_timeout)
+        self._idle = _limit(settings.idle_timeout)
+        self._whole_answer = _limit(settings.request_timeout)
 
     # ------------------------------------------------------------------ routing
     def _decide(self, route_req: RouteRequest, exclude: set[str]) -> Decision:
@@ -225,8 +234,8 @@ class Relay:
     def _first_byte_budget(self, facts: Facts) -> float:
         if not facts.stream:
             # a non-streaming answer has no early byte: LMDeploy answers when the generation is done
-            return self.settings.request_timeout
-        return self.settings.first_byte_timeout + self.settings.first_byte_timeout_per_token * facts.prompt_tokens
+            return self._whole_answer
+        return self._first_byte + self.settings.first_byte_timeout_per_token * facts.prompt_tokens
 
     async def _try(
         self,
@@ -387,7 +396,7 @@ class Relay:
         """Pass SSE bytes through as they arrive. The downstream headers went nowhere before the first chunk,
         so everything before it could still be retried; from here on a failure ends the stream with an error
         event instead."""
-        idle = self.settings.idle_timeout
+        idle = self._idle
         dl.rearm(idle)
         loop = asyncio.get_running_loop()
         content = upstream.content

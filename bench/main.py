@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--token-scale",
         type=float,
         default=0.02,
-        help="shrink input/output lengths and the 512-token blocks alike (default 0.02: ~285-token prompts)",
+        help="shrink input/output lengths and the 512-token blocks alike (default 0.02: ~280-token prompts)",
     )
 
     g = parser.add_argument_group("compare / overhead")

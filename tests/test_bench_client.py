@@ -213,3 +213,23 @@ async def test_python_load_generator(fake: tuple[str, list[dict[str, Any]]]) -> 
     r = await python_load(url + "/v1/chat/completions", request_body("m", stream=False), connections=4, duration=0.3)
     assert r["tool"] == "python" and r["errors"] == 0
     assert r["requests"] == len(received) > 4 and r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+
+
+async def test_run_multiround_poisson_users(fake: tuple[str, list[dict[str, Any]]]) -> None:
+    url, _ = fake
+    cfg = wl.MultiroundConfig(
+        users=4,
+        rounds=2,
+        system_tokens=3,
+        first_doc_tokens=0,
+        question_tokens=2,
+        answer_tokens=2,
+        think_time=0.0,
+        session_header=False,
+    )
+    results = await run_multiround(
+        wl.multiround_users(cfg), Targets([url]), RunOptions("m", progress=False), user_rate=100.0, seed=2
+    )
+    assert len(results) == 8 and all(r.ok for r in results)
+    firsts = sorted(r.start for r in results if r.index % 2 == 0)
+    assert firsts[-1] > firsts[0]  # users arrive over time, not all at once

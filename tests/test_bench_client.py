@@ -233,3 +233,22 @@ async def test_run_multiround_poisson_users(fake: tuple[str, list[dict[str, Any]
     assert len(results) == 8 and all(r.ok for r in results)
     firsts = sorted(r.start for r in results if r.index % 2 == 0)
     assert firsts[-1] > firsts[0]  # users arrive over time, not all at once
+
+
+def test_progress_bar_draws_only_when_enabled() -> None:
+    import io
+
+    from bench.runner import Progress
+
+    buf = io.StringIO()
+    p = Progress(2, "x ", enabled=True, stream=buf)
+    p.update(RequestResult(index=0, session=None, url="u", start=0.0))
+    p.update(RequestResult(index=1, session=None, url="u", start=0.0, error="timeout"))
+    p.close()
+    out = buf.getvalue()
+    assert "2/2 req" in out and "err 1" in out and out.endswith("\n") and "#" * 30 in out
+    quiet = io.StringIO()
+    q = Progress(1, enabled=False, stream=quiet)
+    q.update(RequestResult(index=0, session=None, url="u", start=0.0))
+    q.close()
+    assert quiet.getvalue() == ""

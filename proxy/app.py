@@ -19,11 +19,12 @@ from . import node_routes, openai_routes
 from .config import Settings
 from .errors import Handler, Unauthorized, error_middleware
 from .health import HealthChecker, Outliers
-from .keys import BLOCK_CHARS, CLIENT, HEALTH, METRICS, OUTLIERS, POLICY, REGISTRY, RELAY, SETTINGS, STARTED
+from .keys import BLOCK_CHARS, CLIENT, HEALTH, METRICS, OUTLIERS, POLICY, POOL, REGISTRY, RELAY, SETTINGS, STARTED
 from .metrics import Metrics
 from .registry import open_registry
 from .registry.base import RegistryUnavailable, WorkerRecord
 from .relay import Relay
+from .upstream import UpstreamPool
 
 log = logging.getLogger("turbofleet.proxy")
 
@@ -47,7 +48,12 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
                                      ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
     app[CLIENT] = session
+    # the request path uses its own lean keep-alive pool; idle connections are dropped after 4 s, below
+    # uvicorn's (LMDeploy's server) 5 s keep-alive, so a request seldom lands on a connection being closed
+    pool = UpstreamPool(keepalive_timeout=4.0, max_idle_per_host=s.pool_size, connect_timeout=s.connect_timeout)
+    app[POOL] = pool
     yield
+    await pool.close()
     await session.close()
 
 
@@ -79,7 +85,7 @@ async def _health(app: web.Application) -> AsyncIterator[None]:
     checker = HealthChecker(app[SETTINGS], app[CLIENT], app[OUTLIERS],
                             lambda: [r.url for r in app[REGISTRY].records()])
     app[HEALTH] = checker
-    app[RELAY] = Relay(session=app[CLIENT], registry=app[REGISTRY], policy=app[POLICY], settings=app[SETTINGS],
+    app[RELAY] = Relay(pool=app[POOL], registry=app[REGISTRY], policy=app[POLICY], settings=app[SETTINGS],
                        metrics=app[METRICS], outliers=app[OUTLIERS])
     checker.start()
     yield

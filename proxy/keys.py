@@ -12,6 +12,7 @@ from .health import HealthChecker, Outliers
 from .metrics import Metrics
 from .registry.base import Registry
 from .relay import Relay
+from .upstream import UpstreamPool
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", Registry)
@@ -20,6 +21,7 @@ METRICS = web.AppKey("metrics", Metrics)
 OUTLIERS = web.AppKey("outliers", Outliers)
 HEALTH = web.AppKey("health", HealthChecker)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
+POOL = web.AppKey("pool", UpstreamPool)
 RELAY = web.AppKey("relay", Relay)
 STARTED = web.AppKey("started", float)
 #: characters per prefix block the policy indexes; 0 when the policy does not look at prefixes

@@ -43,6 +43,7 @@ from .errors import (
 from .health import Outliers
 from .metrics import Metrics
 from .registry.base import Registry
+from .upstream import UpstreamConnectError, UpstreamConnectTimeout, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("turbofleet.relay")
 
@@ -101,14 +102,14 @@ class Relay:
     def __init__(
         self,
         *,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         registry: Registry,
         policy: Policy,
         settings: Settings,
         metrics: Metrics,
         outliers: Outliers,
     ) -> None:
-        self.session = session
+        self.pool = pool
         self.registry = registry
         self.policy = policy
         self.settings = settings
@@ -120,8 +121,6 @@ class Relay:
         #: set once shutdown gave up waiting: new requests get 503
         self.closed = False
         self._live: set[Deadline] = set()
-        # only the TCP handshake: waiting for a pooled connection is part of the first-byte budget
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout or None)
         self._first_byte = _limit(settings.first_byte_timeout)
         self._idle = _limit(settings.idle_timeout)
         self._whole_answer = _limit(settings.request_timeout)
@@ -291,17 +290,11 @@ class Relay:
         budget = self._first_byte_budget(facts)
         dl = Deadline(loop, budget)
         self._live.add(dl)
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: UpstreamResponse | None = None
         try:
             # ---- before the first byte reaches the client: every failure here may be retried
             try:
-                upstream = await self.session.post(
-                    worker + path,
-                    data=body,
-                    headers=self._headers(request),
-                    timeout=self._timeout,
-                    allow_redirects=False,
-                )
+                upstream = await self.pool.post(worker + path, body, self._headers(request))
                 status = upstream.status
                 if status in RETRYABLE_STATUS:
                     text = await upstream.content.read(64 * 1024)
@@ -362,7 +355,7 @@ class Relay:
                 upstream.release()  # back to the pool when read to the end; closed otherwise
 
     def _whole(
-        self, upstream: aiohttp.ClientResponse, data: bytes, worker: str, reason: str, trace: _Trace
+        self, upstream: UpstreamResponse, data: bytes, worker: str, reason: str, trace: _Trace
     ) -> web.Response:
         """A complete answer (non-streaming, or an error status on a stream), sent in one piece."""
         status = upstream.status
@@ -385,7 +378,7 @@ class Relay:
     async def _relay_stream(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         worker: str,
         reason: str,
         path: str,
@@ -510,9 +503,9 @@ async def _end_with_error(resp: web.StreamResponse, status: int, message: str, c
 
 def _before_answer(e: BaseException) -> str:
     """The retry reason for a failure before the worker answered anything."""
-    if isinstance(e, aiohttp.ServerTimeoutError):  # no read timeout is set: this is the connect timeout
+    if isinstance(e, UpstreamConnectTimeout | aiohttp.ServerTimeoutError):
         return "connect_timeout"
-    if isinstance(e, aiohttp.ClientConnectorError):
+    if isinstance(e, UpstreamConnectError | aiohttp.ClientConnectorError):
         return "connect"
     return "reset"  # connected, sent the request, and the connection broke
 
@@ -528,7 +521,7 @@ def _upstream_message(text: bytes, status: int) -> str:
     return f"Worker answered {status}."
 
 
-def _retry_after(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+def _retry_after(upstream: UpstreamResponse) -> dict[str, str]:
     ra = upstream.headers.get("Retry-After")
     return {"Retry-After": ra} if ra else {}
 

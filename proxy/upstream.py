@@ -33,6 +33,10 @@ class UpstreamConnectError(aiohttp.ClientConnectionError):
     """The worker could not be connected to (refused, unreachable, connect timeout)."""
 
 
+class UpstreamConnectTimeout(UpstreamConnectError):
+    """The worker did not accept the connection within the connect timeout."""
+
+
 class UpstreamDisconnected(aiohttp.ServerDisconnectedError):
     """The worker closed the connection before the response was complete."""
 
@@ -410,10 +414,10 @@ class UpstreamPool:
                 self._ssl = ssl.create_default_context()
             ssl_ctx = self._ssl
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(self.connect_timeout or None):
                 _, conn = await loop.create_connection(lambda: _Conn(self, key), host, port, ssl=ssl_ctx)
         except TimeoutError as e:
-            raise UpstreamConnectError(f"connect to {host}:{port} timed out") from e
+            raise UpstreamConnectTimeout(f"connect to {host}:{port} timed out") from e
         except OSError as e:
             raise UpstreamConnectError(f"cannot connect to {host}:{port}: {e.strerror or e}") from e
         self._all.add(conn)

@@ -48,6 +48,12 @@ class WorkerView:
     latencies: tuple[float, ...] = ()
     role: int = 1
 
+    def with_in_flight(self, in_flight: int) -> WorkerView:
+        """A copy with another in-flight count: the registry's per-request update, faster than
+        dataclasses.replace (which inspects the fields on every call)."""
+        return WorkerView(self.id, self.models, self.state, in_flight, self.running, self.waiting, self.kv_usage,
+                          self.speed, self.latencies, self.role)
+
     @property
     def load(self) -> int:
         """The load figure every load-aware policy uses: routed-in-flight plus reported waiting."""

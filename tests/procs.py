@@ -53,7 +53,7 @@ def wait_until(predicate: Any, timeout: float = 15.0, interval: float = 0.05, wh
             value = predicate()
             if value:
                 return value
-        except Exception as e:  # noqa: BLE001 - polled conditions may fail until ready
+        except Exception as e:
             last_exc = e
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")

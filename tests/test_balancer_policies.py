@@ -199,3 +199,12 @@ def test_policies_never_pick_outside_the_list() -> None:
             d = p.choose(RouteRequest(M, session_key=f"s{k % 5}", prefix_hashes=(k % 4 + 1,)), fleet)
             assert d.worker_id in {x.id for x in fleet}
             p.observe(Outcome(d.worker_id, (k % 4 + 1,), latency_s=0.01 * k, prompt_tokens=100, cached_tokens=0))
+
+
+def test_with_in_flight_copies_every_other_field() -> None:
+    import dataclasses
+
+    from balancer.policy import WorkerView
+
+    v = WorkerView("w", frozenset({"m"}), "draining", 3, 4, 5, 0.5, 2.0, (0.1, 0.2), 2)
+    assert v.with_in_flight(9) == dataclasses.replace(v, in_flight=9)

@@ -15,8 +15,9 @@ def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def open_registry(url: str | None, *, prefix: str = "turbofleet", pin_ttl: float = 1800.0,
-                  replica_id: str | None = None) -> Registry:
+def open_registry(
+    url: str | None, *, prefix: str = "turbofleet", pin_ttl: float = 1800.0, replica_id: str | None = None
+) -> Registry:
     """`None`/"memory" -> MemoryRegistry; "redis://..." -> RedisRegistry (imported only then)."""
     if not url or url == "memory":
         return MemoryRegistry(pin_ttl=pin_ttl)

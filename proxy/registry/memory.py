@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 from balancer.policy import WorkerView
@@ -43,7 +42,7 @@ class MemoryRegistry:
     def _count_changed(self, url: str, count: int) -> None:
         view = self._views.get(url)
         if view is not None:
-            self._views[url] = replace(view, in_flight=count)
+            self._views[url] = view.with_in_flight(count)
             self._tuple = None
 
     def snapshot(self) -> Sequence[WorkerView]:

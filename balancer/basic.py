@@ -12,6 +12,8 @@ class RoundRobin:
     """Each eligible worker in turn (the cursor wraps over whatever list the call gets)."""
 
     name = "round_robin"
+    #: never pins sessions, so the proxy need not look pins up for it
+    uses_pins = False
 
     def __init__(self) -> None:
         self._next = 0
@@ -32,6 +34,8 @@ class Random:
     """Uniformly at random; weighted by `WorkerView.speed` when speeds differ (LMDeploy's `random`)."""
 
     name = "random"
+    #: never pins sessions, so the proxy need not look pins up for it
+    uses_pins = False
 
     def __init__(self, seed: int | None = None, by_speed: bool = True) -> None:
         self._rng = random.Random(seed)
@@ -65,6 +69,8 @@ class LeastQueue:
     """Fewest `in_flight + waiting` (`WorkerView.load`); equal loads take turns instead of list order."""
 
     name = "least_queue"
+    #: never pins sessions, so the proxy need not look pins up for it
+    uses_pins = False
 
     def __init__(self) -> None:
         self._cursor = 0

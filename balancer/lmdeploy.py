@@ -26,6 +26,8 @@ class MinExpectedLatency:
     """Fewest in-flight requests per unit of speed; ties broken at random (LMDeploy shuffles the nodes)."""
 
     name = "min_expected_latency"
+    #: never pins sessions, so the proxy need not look pins up for it
+    uses_pins = False
 
     def __init__(self, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
@@ -71,6 +73,8 @@ class MinObservedLatency:
     """
 
     name = "min_observed_latency"
+    #: never pins sessions, so the proxy need not look pins up for it
+    uses_pins = False
 
     def __init__(self, window: int = LATENCY_WINDOW) -> None:
         if window < 1:

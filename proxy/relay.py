@@ -121,6 +121,8 @@ class Relay:
         #: set once shutdown gave up waiting: new requests get 503
         self.closed = False
         self._live: set[Deadline] = set()
+        # a policy that never pins saves the pin lookup (a Redis round trip for a new session)
+        self._uses_pins = bool(getattr(policy, "uses_pins", True))
         self._first_byte = _limit(settings.first_byte_timeout)
         self._idle = _limit(settings.idle_timeout)
         self._whole_answer = _limit(settings.request_timeout)
@@ -182,7 +184,7 @@ class Relay:
     async def _forward_with_retries(
         self, request: web.Request, path: str, body: bytes, facts: Facts
     ) -> tuple[web.StreamResponse, int]:
-        pin = await self.registry.get_pin(facts.session_key) if facts.session_key else None
+        pin = await self.registry.get_pin(facts.session_key) if facts.session_key and self._uses_pins else None
         route_req = RouteRequest(
             model=facts.model,
             session_key=facts.session_key,

@@ -208,3 +208,9 @@ def test_with_in_flight_copies_every_other_field() -> None:
 
     v = WorkerView("w", frozenset({"m"}), "draining", 3, 4, 5, 0.5, 2.0, (0.1, 0.2), 2)
     assert v.with_in_flight(9) == dataclasses.replace(v, in_flight=9)
+
+
+def test_only_kv_aware_uses_pins() -> None:
+    from balancer import POLICIES, make_policy
+
+    assert {n for n in POLICIES if getattr(make_policy(n), "uses_pins", True)} == {"kv_aware"}

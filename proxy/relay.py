@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ log = logging.getLogger("turbofleet.relay")
 RETRYABLE_STATUS = frozenset({429, 502, 503})
 #: what reading from or writing to a worker raises when it fails (OSError: resets below aiohttp's wrappers)
 UPSTREAM_ERRORS = (aiohttp.ClientError, OSError)
+_DIGITS = re.compile(r"\d+")
 #: response headers worth passing on from the worker
 PASS_HEADERS = ("Content-Type", "Retry-After")
 ROUTE_HEADER = "X-Turbofleet-Route"
@@ -123,6 +125,7 @@ class Relay:
         self._live: set[Deadline] = set()
         # a policy that never pins saves the pin lookup (a Redis round trip for a new session)
         self._uses_pins = bool(getattr(policy, "uses_pins", True))
+        self._kinds: dict[str, str] = {}
         self._first_byte = _limit(settings.first_byte_timeout)
         self._idle = _limit(settings.idle_timeout)
         self._whole_answer = _limit(settings.request_timeout)
@@ -139,6 +142,19 @@ class Relay:
                 )
             snapshot = rest
         return route(self.policy, route_req, snapshot)
+
+    def _account(self, decision: Decision, facts: Facts) -> None:
+        """Count the decision by kind of reason and log it: re-pins always, every decision at debug level."""
+        kind = self._kinds.get(decision.reason)
+        if kind is None:
+            kind = _DIGITS.sub("N", decision.reason.split(":", 1)[0].split(" (", 1)[0])
+            if len(self._kinds) < 4096:
+                self._kinds[decision.reason] = kind
+        self.metrics.inc("turbofleet_route_decisions_total", reason=kind)
+        if kind == "re-pin":
+            log.info("session %s -> %s (%s)", facts.session_key, decision.worker_id, decision.reason)
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s -> %s (%s)", facts.model, facts.session_key or "-", decision.worker_id, decision.reason)
 
     def _retry_allowed(self) -> bool:
         budget = max(self.settings.retry_min_concurrency, int(self.settings.retry_budget * self.active))
@@ -205,6 +221,7 @@ class Relay:
                     break
                 raise
             tried.add(decision.worker_id)
+            self._account(decision, facts)
             if last is not None:
                 self.metrics.inc("turbofleet_retries_total", reason=last.reason)
                 log.info("retry %d of %s on %s after %s", attempt, path, decision.worker_id, last.reason)

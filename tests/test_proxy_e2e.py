@@ -234,3 +234,27 @@ def test_nodes_terminate(tmp_path: Path) -> None:
     finally:
         proxy.stop()
         sim.stop()
+
+
+def test_route_reason_header_metric_and_log(tmp_path: Path) -> None:
+    """kv_aware explains every decision: in X-Turbofleet-Route, in the decision metric, and in the log."""
+    sims = [start_sim(tmp_path, MODEL) for _ in range(2)]
+    proxy = start_proxy(tmp_path, ["--policy", "kv_aware", "--log-level", "debug",
+                                   *[a for s in sims for a in ("--worker", s.url)]])
+    try:
+        wait_until(lambda: len(http_json("GET", proxy.url + "/nodes/status")[1]) == 2, what="2 workers")
+        c = client(proxy)
+        reasons = []
+        for i in range(3):
+            raw = c.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": f"turn {i} " * 50}], max_tokens=2,
+                extra_headers={"X-Session-ID": "conv-1"})
+            reasons.append(raw.headers["X-Turbofleet-Route"])
+        assert reasons[0].startswith("new session") and reasons[1:] == ["pin", "pin"]
+        metrics = http_json("GET", proxy.url + "/metrics")[1]
+        assert 'turbofleet_route_decisions_total{reason="pin"} 2' in metrics
+        wait_until(lambda: "conv-1" in proxy.output() and "(pin)" in proxy.output(), 5, what="decisions logged")
+    finally:
+        proxy.stop()
+        for s in sims:
+            s.stop()

@@ -23,7 +23,7 @@ from bench import aio, report
 from bench.client import RequestResult, make_session, send_chat
 from bench.fleet import Child, Fleet, cpu_busy, cpu_times, free_port, group_cpu_seconds, spawn, wait_ready
 from bench.output import write_json
-from bench.peers import RouterSpec, build_launch, parse_routers
+from bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
 from bench.plan import Plan, PlanError, build_plan, execute
 from bench.runner import RunOptions, Targets
 from bench.stats import summarize
@@ -165,11 +165,11 @@ async def _compare(args: argparse.Namespace, plan: Plan, specs: list[RouterSpec]
     results: dict[str, list[RequestResult]] = {}
     print(f"{plan.describe()}; {args.workers} sim workers {args.sim_args!r}", file=sys.stderr)
     try:
-        if any(s.kind == "turbofleet-x2" for s in specs) and not redis_url:
+        if any(s.kind in REDIS_KINDS for s in specs) and not redis_url:
             try:
                 redis_child, redis_url = await start_redis(log_dir)
             except (RuntimeError, OSError) as e:
-                print(f"bench: no redis for turbofleet-x2: {e}", file=sys.stderr)
+                print(f"bench: no redis for {', '.join(sorted(REDIS_KINDS))}: {e}", file=sys.stderr)
         async with make_session(timeout=30) as session:
             for spec in specs:
                 try:

@@ -103,7 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run the client-side pseudo-router: session -> worker hash(session) %% N",
     )
-    g.add_argument("--redis", help="redis://H:P/DB for turbofleet-x2 (default: start a redis-server)")
+    g.add_argument(
+        "--redis", help="redis://H:P/DB for turbofleet-redis and turbofleet-x2 (default: start a redis-server)"
+    )
     g.add_argument("--peers-venv", help="venv holding peer routers (default: .venv-peers, then PATH)")
     g.add_argument("--log-dir", help="keep process logs here (default: a temp dir, removed)")
     g.add_argument("--connections", type=int, default=64, help="overhead: concurrent connections (default 64)")

@@ -18,16 +18,17 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from bench import aio, report
-from bench.compare import DEFAULT_MODEL, machine
+from bench.compare import DEFAULT_MODEL, machine, start_redis
 from bench.fleet import Child, free_port, spawn, wait_ready
 from bench.output import write_json
-from bench.peers import RouterSpec, build_launch, parse_routers
+from bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
 from bench.stats import percentile
 
 NGINX = "/usr/sbin/nginx"
@@ -311,12 +312,20 @@ async def measure(url: str, args: argparse.Namespace, d: Path, model: str, strea
 
 
 async def one_router(
-    spec: RouterSpec | None, args: argparse.Namespace, d: Path, model: str, stream: bool, backends: list[str]
+    spec: RouterSpec | None,
+    args: argparse.Namespace,
+    d: Path,
+    model: str,
+    stream: bool,
+    backends: list[str],
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
     label = spec.label if spec else "direct"
     if spec is None:
         return {"router": label, "stream": stream, **await measure(backends[0], args, d, model, stream)}
-    launch = build_launch(spec, backends, free_port, peers_venv=args.peers_venv, run_id=str(os.getpid()))
+    launch = build_launch(
+        spec, backends, free_port, peers_venv=args.peers_venv, redis_url=redis_url, run_id=uuid.uuid4().hex[:8]
+    )
     cpus = ROUTER_CPUS if args.pin_cores else None
     children = [spawn(f"{label.replace(':', '-')}-{i}", argv, d, cpus) for i, argv in enumerate(launch.argvs)]
     try:
@@ -337,12 +346,19 @@ async def _overhead(args: argparse.Namespace, specs: list[RouterSpec], d: Path, 
     rows: list[dict[str, Any]] = []
     stream = bool(args.stream)
     backends_children, backends = await start_backends(args, d, model, stream, use_nginx)
+    redis_url = getattr(args, "redis", None)
     try:
+        if any(s.kind in REDIS_KINDS for s in specs) and not redis_url:
+            try:
+                redis_child, redis_url = await start_redis(d)
+                backends_children.append(redis_child)
+            except (RuntimeError, OSError) as e:
+                print(f"bench overhead: no redis: {e}", file=sys.stderr)
         for spec in [None, *[s for s in specs if s.kind != "ideal"]]:
             label = spec.label if spec else "direct"
             print(f"bench overhead: {label} ({'stream' if stream else 'json'}) ...", file=sys.stderr)
             try:
-                rows.append(await one_router(spec, args, d, model, stream, backends))
+                rows.append(await one_router(spec, args, d, model, stream, backends, redis_url))
             except (LookupError, RuntimeError, ValueError) as e:
                 rows.append({"router": label, "stream": stream, "skipped": str(e).splitlines()[0][:100]})
                 print(f"bench overhead: {label}: {e}", file=sys.stderr)

@@ -13,9 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("turbofleet", "turbofleet-x2", "lmdeploy", "sglang", "vllm", "ideal")
+KINDS = ("turbofleet", "turbofleet-redis", "turbofleet-x2", "lmdeploy", "sglang", "vllm", "ideal")
+#: turbofleet kinds that need a Redis: one proxy on the Redis registry, or two replicas sharing one
+REDIS_KINDS = frozenset({"turbofleet-redis", "turbofleet-x2"})
 DEFAULT_POLICY = {
     "turbofleet": "kv_aware",
+    "turbofleet-redis": "kv_aware",
     "turbofleet-x2": "kv_aware",
     "lmdeploy": "min_expected_latency",
     "sglang": "cache_aware",
@@ -90,10 +93,10 @@ def build_launch(
     """The command lines for `spec`. Raises LookupError when a peer is not installed."""
     if spec.kind == "ideal":
         return Launch(argvs=[], ports=[], ready_path="", pin_workers=True)
-    if spec.kind in ("turbofleet", "turbofleet-x2"):
+    if spec.kind in ("turbofleet", *REDIS_KINDS):
         replicas = 2 if spec.kind == "turbofleet-x2" else 1
-        if replicas == 2 and not redis_url:
-            raise LookupError("turbofleet-x2 needs --redis URL or a redis-server on PATH")
+        if spec.kind in REDIS_KINDS and not redis_url:
+            raise LookupError(f"{spec.kind} needs --redis URL or a redis-server on PATH")
         ports = [free_port() for _ in range(replicas)]
         argvs = []
         for i, port in enumerate(ports):
@@ -113,7 +116,7 @@ def build_launch(
             ]
             for w in workers:
                 argv += ["--worker", w]
-            if redis_url:
+            if redis_url and spec.kind in REDIS_KINDS:
                 # A fresh key prefix per run: no pins or prefix index survive from an earlier router's run.
                 argv += ["--registry", redis_url, "--registry-prefix", f"tf-{run_id}", "--replica-id", f"r{i}"]
             argvs.append(argv)

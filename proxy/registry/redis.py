@@ -341,7 +341,7 @@ class RedisRegistry:
             self._wake.clear()
             if self._up:
                 # gather the changes of a few more requests into this batch: other replicas read our counts
-                # every SYNC_INTERVAL anyway, so a millisecond or two here costs them nothing
+                # every SYNC_INTERVAL anyway, so a short wait here costs them nothing
                 await asyncio.sleep(K.FLUSH_DELAY)
                 await self._flush()
 

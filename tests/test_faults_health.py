@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.faults_kit import Fleet, chat, metric, node, post, start_fleet
 from tests.procs import wait_until
-from tests.test_faults_kit import Fleet, chat, metric, node, post, start_fleet
 
 PROXY_FLAGS = [
     "--policy",

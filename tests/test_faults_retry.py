@@ -18,8 +18,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.procs import http_json, start_proxy, wait_until
-from tests.test_faults_kit import (
+from tests.faults_kit import (
     MODEL,
     Blackhole,
     Fleet,
@@ -31,6 +30,7 @@ from tests.test_faults_kit import (
     sse_events,
     start_fleet,
 )
+from tests.procs import http_json, start_proxy, wait_until
 
 PROXY_FLAGS = [
     "--policy",

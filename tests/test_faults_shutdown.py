@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.faults_kit import Worker, chat, sse_events, start_worker
 from tests.procs import Proc, http_json, start_proxy, wait_until
-from tests.test_faults_kit import Worker, chat, sse_events, start_worker
 
 SIM = ["--decode-ms-base", "20", "--default-max-tokens", "8"]
 

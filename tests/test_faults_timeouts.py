@@ -11,8 +11,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.faults_kit import MODEL, Blackhole, Worker, chat, client, post, start_worker
 from tests.procs import Proc, http_json, start_proxy, wait_until
-from tests.test_faults_kit import MODEL, Blackhole, Worker, chat, client, post, start_worker
 
 LIMIT = 100_000
 

@@ -128,6 +128,23 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, child: Child | No
     raise RuntimeError(f"{url} not ready after {wait_s:.0f}s ({last})\n{tail}")
 
 
+def sim_argv(port: int, model: str, extra: Sequence[str] = ()) -> list[str]:
+    """The command line of one simulated worker on 127.0.0.1:port."""
+    return [
+        sys.executable,
+        "-m",
+        "turbofleet",
+        "sim-worker",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        model,
+        *extra,
+    ]
+
+
 class Fleet:
     """N simulated LMDeploy api_servers (`turbofleet sim-worker`) on free 127.0.0.1 ports."""
 
@@ -143,20 +160,7 @@ class Fleet:
     async def start(self, session: aiohttp.ClientSession) -> None:
         self.ports = [free_port() for _ in range(self.n)]
         for i, port in enumerate(self.ports):
-            argv = [
-                sys.executable,
-                "-m",
-                "turbofleet",
-                "sim-worker",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--model",
-                self.model,
-                *self.sim_args,
-            ]
-            self.children.append(spawn(f"sim{i}{self.tag}", argv, self.log_dir))
+            self.children.append(spawn(f"sim{i}{self.tag}", sim_argv(port, self.model, self.sim_args), self.log_dir))
         await asyncio.gather(
             *(wait_ready(session, f"{u}/health", c) for u, c in zip(self.urls, self.children, strict=True))
         )

@@ -26,7 +26,7 @@ import aiohttp
 
 from bench import aio, report
 from bench.compare import DEFAULT_MODEL, machine, start_redis
-from bench.fleet import Child, free_port, spawn, wait_ready
+from bench.fleet import Child, free_port, sim_argv, spawn, wait_ready
 from bench.output import write_json
 from bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
 from bench.stats import percentile
@@ -257,27 +257,7 @@ async def start_backends(
     else:
         if stream:
             print("bench overhead: --stream with sim backends streams what the sim sends", file=sys.stderr)
-        children = [
-            spawn(
-                f"sim{i}",
-                [
-                    sys.executable,
-                    "-m",
-                    "turbofleet",
-                    "sim-worker",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(p),
-                    "--model",
-                    model,
-                    "--instant",
-                ],
-                d,
-                cpus,
-            )
-            for i, p in enumerate(ports)
-        ]
+        children = [spawn(f"sim{i}", sim_argv(p, model, ["--instant"]), d, cpus) for i, p in enumerate(ports)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     async with aiohttp.ClientSession() as s:
         for i, u in enumerate(urls):

@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 
 from bench.client import RequestResult, make_session, send_chat
-from bench.fleet import Child, free_port, spawn, wait_ready
+from bench.fleet import Child, free_port, sim_argv, spawn, wait_ready
 from bench.workloads import RequestSpec
 
 MODEL = "soak-model"
@@ -73,19 +73,7 @@ class Soak:
         self.restarts = 0
 
     def _sim_argv(self, i: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "turbofleet",
-            "sim-worker",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.ports[i]),
-            "--model",
-            MODEL,
-            *shlex.split(self.args.sim_args),
-        ]
+        return sim_argv(self.ports[i], MODEL, shlex.split(self.args.sim_args))
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         for i in range(len(self.ports)):

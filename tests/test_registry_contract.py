@@ -10,7 +10,7 @@ import pytest
 
 from proxy.registry.base import EJECTED, READY, LoadReport, Registry, WorkerRecord
 from proxy.registry.memory import MemoryRegistry
-from tests.redis_server import eventually, redis_binary, redis_server  # noqa: F401 (fixture)
+from tests.redis_server import eventually, redis_binary
 
 Factory = Callable[..., Awaitable[Registry]]
 

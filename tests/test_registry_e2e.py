@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.procs import Proc, http_json, start_proxy, start_sim, wait_until
-from tests.redis_server import RedisServer, needs_redis, redis_binary
+from tests.redis_server import RedisServer, needs_redis
 
 pytestmark = [pytest.mark.redis, needs_redis]
 
@@ -34,15 +34,8 @@ def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Proc]]:
 
 
 @pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if redis_binary() is None:
-        pytest.skip("no redis-server binary (scripts/install-redis.sh)")
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def redis(redis_server: RedisServer) -> RedisServer:
+    return redis_server
 
 
 @pytest.fixture

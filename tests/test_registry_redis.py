@@ -4,7 +4,6 @@ Against a real redis-server on a free port (tests/redis_server.py), including ou
 replica killed with requests in flight (a subprocess, kill -9).
 """
 
-# ruff: noqa: F811 - pytest fixtures imported by name and then requested as arguments
 
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from proxy.registry.base import LoadReport, RegistryUnavailable, WorkerRecord
 from proxy.registry.keys import Keys
 from proxy.registry.redis import RedisRegistry
 from tests.procs import ROOT
-from tests.redis_server import RedisServer, eventually, needs_redis, redis_server  # noqa: F401 - fixture
+from tests.redis_server import RedisServer, eventually, needs_redis
 
 pytestmark = [pytest.mark.redis, needs_redis]
 

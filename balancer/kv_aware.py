@@ -3,22 +3,30 @@
 Decision order:
 1. A pinned session stays on its worker while that worker is eligible and under the load cap ("pin").
 2. Otherwise (new session, session-less request, or a re-pin) eligible workers under the caps are scored
-   by an estimate of their time to first token, in prompt tokens, and the cheapest wins:
-       cost(w) = busy(w) [+ session_weight x sessions(w)] - credit(matched_blocks(w))
-   - busy: the prefill still to do on the worker before this request's:
-     prefill_share x max(queue_tokens x load, uncached tokens routed there and not yet answered),
-     queue_tokens being the mean uncached prompt per request (prompt_tokens - cached_tokens) and
-     prefill_share the part of a request's time in flight spent before its first token (ttft / latency);
-   - credit: tokens_per_block x matched blocks, the prefill the cache saves; blocks that more than one
-     worker holds count half (SHARED_CREDIT): a system prompt everyone uses is on its way to every worker,
-     so paying for it once more elsewhere buys balance instead of piling onto its first holder;
+   by an estimate, in prompt tokens of prefill, of what sending the request there costs, and the cheapest
+   wins:
+       cost(w) = busy(w) [+ session_weight x sessions(w)] + work_weight x uncached(w)
+   - busy: the prefill the request would wait for there: the worker's modelled prefill backlog (see
+     balancer/backlog.py: what was routed there, drained at a learned prefill rate, cut by every response),
+     or, if more, queue_tokens x prefill_share x load (the mean uncached prompt per request, and the part
+     of a request's time in flight spent before its first token): the load counts requests other proxy
+     replicas routed, which this one's backlog does not see;
+   - uncached: tokens_per_block x the blocks of the prompt the worker's cache lacks, by the prefix index.
+     Blocks that more than one worker holds count as half cached (SHARED_CREDIT): a system prompt everyone
+     uses is on its way to every worker, so paying for it once more elsewhere buys balance instead of
+     piling onto its first holder. A block listed on a worker only because a request still queued there
+     will compute it does not count as cached (`_usable`): this request would be prefilled in the same
+     batch, computing it again;
+   - work_weight (WORK_WEIGHT, 2): a token of prefill costs the request itself, and about as much again the
+     requests that reach the worker while it is computed: a cache hit is worth waiting up to twice the
+     prefill it saves (it also keeps a conversation's history in one place);
    - session_weight = prefill_share x queue_tokens x mean session length, when placing a session: each
      session on a worker keeps sending requests there.
-   tokens_per_block, queue_tokens, prefill_share and the session length are learned from `observe()`.
-   The baseline, which a deeper match must beat (ties go to it), is the least busy worker, taken in turn on
-   ties, for a session-less request, and for a session being placed the worker with the fewest active
-   sessions, then least busy: sessions are what a pinning policy really places, and keeping their counts
-   even (as ideal pinning does) keeps pinned workers from overloading later.
+   tokens_per_block, queue_tokens, prefill_share, the session length and the backlog's rates are learned
+   from `observe()`. The baseline, which a deeper match must beat (ties go to it), is the least busy
+   worker, taken in turn on ties, for a session-less request, and for a session being placed the worker
+   with the fewest active sessions, then least busy: sessions are what a pinning policy really places, and
+   keeping their counts even (as ideal pinning does) keeps pinned workers from overloading later.
 
 Bounded loads, as in "consistent hashing with bounded loads" (Mirrokni, Thorup, Zadimoghaddam, 2018), on two
 levels. Requests: a worker may take a request only while `load + 1 <= ceil((1 + epsilon) * mean) + slack`,
@@ -29,9 +37,11 @@ whole cached context, so it must be rare, and session placement already keeps lo
 backstop that bounds the hottest worker at 1.5x the mean. The absolute `slack` (default 2) keeps tiny loads
 (1 vs 0) from breaking pins and cache affinity, where the imbalance costs nothing.
 
-Cost per decision: one pass over the workers' loads (list comprehensions plus sum/min) up to `exact_limit`
-(128) workers, a random window of `sample` (32) beyond; O(groups x log(blocks)) in the prefix index; O(1)
-per candidate through a cached id -> position map. Measured by bench/microbench_decision.py.
+Cost per decision: one pass over the workers' loads and backlogs (list comprehensions plus sum/min) up to
+`exact_limit` (128) workers, a random window of `sample` (32) beyond; O(groups x log(blocks)) in the prefix
+index; O(1) per candidate through a cached id -> position map, at most GROUP_SCAN candidates per matched
+depth (a prefix every worker holds is sampled from a random member on). Measured by
+bench/microbench_decision.py.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from balancer.backlog import Backlog, Routed
 from balancer.policy import PIN_UNAVAILABLE, Decision, Outcome, RouteRequest, WorkerView
 from balancer.positions import Positions
 from balancer.prefix import DEFAULT_BLOCK_CHARS, DEFAULT_MAX_BLOCKS, PrefixIndex
@@ -58,11 +69,16 @@ DEFAULT_PREFILL_SHARE = 0.5
 LEARN_RATE = 0.05
 #: the part of a matched prefix's prefill credited when more than one worker holds it (see _cheapest)
 SHARED_CREDIT = 0.5
+#: what a token of prefill a request adds to a worker costs, in tokens of queue: this request waits for it,
+#: and so, about as much again, do the requests that reach the worker while it is being computed
+WORK_WEIGHT = 2.0
 #: members of one prefix group scored at most (a group is every worker holding that many blocks)
-GROUP_SCAN = 64
+GROUP_SCAN = 16
 #: new blocks listed on the chosen worker at decision time (the rest when the response confirms them): enough
 #: for concurrent requests with the same prefix to find it, without paying for a whole long prompt up front
 OPTIMISTIC_BLOCKS = 16
+#: optimistically listed blocks remembered with the request that listed them (see `_usable`)
+MAX_LISTED = OPTIMISTIC_BLOCKS * 4096
 #: routed requests remembered until their outcome arrives (for the cache-report correction)
 MAX_PENDING = 16384
 #: fleets up to this size are surveyed exactly for least load and mean load; larger ones by a sample
@@ -96,6 +112,7 @@ class KvAware:
         sample: int = SAMPLE,
         seed: int | None = None,
         shared_credit: float = SHARED_CREDIT,
+        work_weight: float = WORK_WEIGHT,
     ) -> None:
         if epsilon < 0 or slack < 0:
             raise ValueError("epsilon and slack must not be negative")
@@ -104,6 +121,7 @@ class KvAware:
         self.epsilon = epsilon
         self.slack = slack
         self.shared_credit = shared_credit
+        self.work_weight = work_weight
         #: the block size this policy expects `RouteRequest.prefix_hashes` to be made with
         self.block_chars = block_chars
         self.index = index if index is not None else PrefixIndex(max_blocks)
@@ -122,16 +140,20 @@ class KvAware:
         self._session_requests = PRIOR_SESSION_LENGTH * PRIOR_PLACEMENTS
         self._placements = PRIOR_PLACEMENTS
         # (worker, last block hash) -> (blocks matched when routed, age of the deepest matched block then,
-        # uncached prompt tokens sent)
-        self._pending: OrderedDict[tuple[str, int], tuple[int, int | None, float]] = OrderedDict()
-        # worker -> uncached prompt tokens routed there whose response has not come back yet
-        self._ahead: dict[str, float] = {}
+        # what the backlog recorded)
+        self._pending: OrderedDict[tuple[str, int], tuple[int, int | None, Routed]] = OrderedDict()
+        #: each worker's prefill still to do, modelled
+        self.backlog = Backlog()
+        # worker -> optimistically listed block -> (tokens routed to the worker before the request that listed
+        # it, the blocks that request matched): the block exists only once that request's prefill has started
+        self._listed: dict[str, dict[int, tuple[float, int]]] = {}
 
     def cap(self, total: int, workers: int) -> int:
         """The most a worker may carry after taking one more; `total` (load or sessions) counts that one."""
         return math.ceil((1.0 + self.epsilon) * total / workers) + self.slack
 
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
+        self.backlog.tick += 1
         n = len(workers)
         window = self._window(workers)
         loads = [w.in_flight + w.waiting for w in window]
@@ -152,22 +174,16 @@ class KvAware:
             else:
                 load = workers[i].in_flight + workers[i].waiting
                 if load < cap:
-                    m = self.index.match(pinned, hashes) if hashes else 0
+                    m = self._usable(pinned, hashes, self.index.match(pinned, hashes)) if hashes else 0
                     self._dispatch(pinned, hashes, m)
                     if key is not None:
                         self.sessions.seen(key, pinned)
                     return Decision(pinned, "pin", matched_blocks=m)
                 why = f"re-pin: pinned worker overloaded load={load} mean={total / n:.1f}"
-        # what a worker's queue costs a new request, in prompt tokens: the prefill still to do there, i.e.
-        # the mean uncached prompt per request in flight, or what this policy sent there and has not seen
-        # answered if more, times the part of a request's time spent before its first token
-        share = self.prefill_share
-        qt = self.queue_tokens * share
-        ahead = self._ahead
-        busy = [qt * load for load in loads]
-        if ahead:
-            get = ahead.get
-            busy = [b if b > (t := share * get(w.id, 0.0)) else t for w, b in zip(window, busy, strict=True)]
+        # what a worker's queue costs a new request, in prompt tokens: its modelled prefill backlog, or the
+        # mean prefill ahead per request in flight times the load (which counts other replicas' requests)
+        qt = self.queue_tokens * self.prefill_share
+        busy = [b if b > (t := qt * load) else t for b, load in zip(self.backlog.values(window), loads, strict=True)]
         floor = min(busy)
         counts: dict[str, int] | None = None
         session_cap = 0
@@ -257,34 +273,42 @@ class KvAware:
         if not groups:
             return a, 0, False
         a_id = workers[a].id
-        m_a = index.match(a_id, hashes)
+        m_a = self._usable(a_id, hashes, index.match(a_id, hashes))
         # a prefix that several workers hold is credited at SHARED_CREDIT: it is on its way to every
         # worker (a shared system prompt), so paying its prefill once more elsewhere buys balance
         shared = next((d for d, mask in groups if mask & (mask - 1)), 0)
         discount = (1.0 - self.shared_credit) * shared
         tpb = self.tokens_per_block
-        share = self.prefill_share
-        qt = self.queue_tokens * share
-        ahead = self._ahead
+        ww = self.work_weight * tpb
+        qt = self.queue_tokens * self.prefill_share
+        blocks = len(hashes) + 0.5
+        backlog = self.backlog
+        drain = backlog.drain()
+        tick = backlog.tick
+        state = backlog.state
+        listed = self._listed
         # placing a session: each session already on a worker keeps sending requests there, so it weighs
         # like a request ahead for every request a session sends on average
         qs = 0.0 if counts is None else qt * self.session_length()
         least_sessions = 0 if counts is None else counts.get(a_id, 0)
         best_i, best_m, best_busy = a, m_a, a_busy
-        best_cost = a_busy + qs * least_sessions - tpb * (m_a - min(discount, m_a))
+        # cost = queue + sessions + the prefill this request adds (see WORK_WEIGHT)
+        best_cost = a_busy + qs * least_sessions + ww * (blocks - m_a + min(discount, m_a))
         capped_depth = 0
         seen = index.bit(a_id)
         positions = self._positions
         for depth, mask in groups:
+            work = ww * (blocks - depth + min(discount, depth))
             # groups come deepest first: once even the least cost at this depth cannot beat the best,
             # no shallower group can either
-            credit = tpb * (depth - min(discount, depth))
-            if depth <= m_a or floor + qs * least_sessions - credit >= best_cost:
+            if depth <= m_a or floor + qs * least_sessions + work >= best_cost:
                 break
             todo = mask & ~seen
             seen |= mask
             scanned = 0
-            for wid in index.members(todo):
+            # a big group (a prefix every worker holds) is sampled: from a rotating bit, at most GROUP_SCAN
+            start = self._rng.randrange(todo.bit_length()) if todo.bit_count() > GROUP_SCAN else 0
+            for wid in index.members(todo, start):
                 j = positions.lookup(workers, wid)
                 if j < 0:
                     continue
@@ -294,12 +318,27 @@ class KvAware:
                 if load >= cap or (counts is not None and sessions >= session_cap):
                     capped_depth = max(capped_depth, depth)
                     continue
-                busy = max(qt * load, share * ahead.get(wid, 0.0))
-                cost = busy + qs * sessions - credit
-                if cost < best_cost or (cost == best_cost and busy < best_busy):
-                    best_i, best_m, best_busy, best_cost = j, depth, busy, cost
                 scanned += 1
-                if (busy <= floor and sessions <= least_sessions) or scanned >= GROUP_SCAN:
+                busy = qt * load
+                cost = busy + qs * sessions + work  # a lower bound, before the backlog and usable depth
+                if cost <= best_cost:
+                    m = depth
+                    st = state.get(wid)
+                    if st is not None:
+                        left = st[0] - drain * (tick - st[1])
+                        if left > busy:
+                            busy = left
+                        marks = listed.get(wid)
+                        if marks:  # inlined self._usable
+                            mark = marks.get(hashes[depth - 1])
+                            if mark is not None and st[2] - (left if left > 0.0 else 0.0) < mark[0]:
+                                m = min(depth, mark[1])
+                    cost = busy + qs * sessions + (work if m == depth else ww * (blocks - m + min(discount, m)))
+                    if cost < best_cost or (cost == best_cost and busy < best_busy):
+                        best_i, best_m, best_busy, best_cost = j, m, busy, cost
+                    if busy <= floor and sessions <= least_sessions:
+                        break
+                if scanned >= GROUP_SCAN:
                     break
         return best_i, best_m, capped_depth > best_m
 
@@ -314,22 +353,44 @@ class KvAware:
         age = index.age(worker_id, hashes[matched - 1], confirmed=True) if matched else None
         index.insert(worker_id, hashes[: matched + OPTIMISTIC_BLOCKS], matched, confirmed=False)
         uncached = (len(hashes) + 0.5 - matched) * self.tokens_per_block
-        self._ahead[worker_id] = self._ahead.get(worker_id, 0.0) + uncached
+        routed = self.backlog.add(worker_id, uncached)
+        if routed[1] > 0.0:  # the worker is busy: this request's blocks appear only once it starts (`_usable`)
+            marks = self._listed.get(worker_id)
+            if marks is None:
+                marks = self._listed[worker_id] = {}
+            elif len(marks) > MAX_LISTED:  # entries of requests that never came back
+                marks.clear()
+            mark = (routed[2] - uncached, matched)
+            for h in hashes[matched : matched + OPTIMISTIC_BLOCKS]:
+                marks.setdefault(h, mark)
         pending = self._pending
-        k = (worker_id, hashes[-1])
-        if k in pending:  # the same prompt twice at once: keep one entry, counting both prefills
-            uncached += pending[k][2]
-        pending[k] = (matched, age, uncached)
+        # the same prompt twice at once keeps one entry (the later): the earlier one's outcome is not learned from
+        pending[(worker_id, hashes[-1])] = (matched, age, routed)
         if len(pending) > MAX_PENDING:
-            (old, _), (_, _, lost) = pending.popitem(last=False)
-            self._settle(old, lost)
+            pending.popitem(last=False)
 
-    def _settle(self, worker_id: str, uncached: float) -> None:
-        left = self._ahead.get(worker_id, 0.0) - uncached
-        if left > 1.0:
-            self._ahead[worker_id] = left
-        else:
-            self._ahead.pop(worker_id, None)
+    def _usable(self, worker_id: str, hashes: tuple[int, ...], depth: int) -> int:
+        """How many of the `depth` blocks the index lists on the worker a request routed there now would find
+        cached. A block listed only optimistically, by a request whose prefill the backlog says has not
+        started, is not there yet: routed there now, this request would be prefilled in the same batch as
+        that one, computing the block again. Then only what that request matched counts."""
+        if not depth:
+            return 0
+        marks = self._listed.get(worker_id)
+        mark = marks.get(hashes[depth - 1]) if marks else None
+        if mark is None or self.backlog.done_tokens(worker_id) >= mark[0]:
+            return depth
+        return min(depth, mark[1])
+
+    def _unlist(self, worker_id: str, hashes: tuple[int, ...], matched: int) -> None:
+        """The request that listed these blocks came back: they are confirmed or taken back."""
+        marks = self._listed.get(worker_id)
+        if not marks:
+            return
+        for h in hashes[matched : matched + OPTIMISTIC_BLOCKS]:
+            mark = marks.get(h)
+            if mark is not None and mark[1] == matched:
+                del marks[h]
 
     def observe(self, outcome: Outcome) -> None:
         """Learn token sizes and queue cost; confirm or correct the index with the worker's report."""
@@ -337,7 +398,7 @@ class KvAware:
         wid = outcome.worker_id
         routed = self._pending.pop((wid, hashes[-1]), None) if hashes else None
         if routed is not None:
-            self._settle(wid, routed[2])
+            self._unlist(wid, hashes, routed[0])
         if not outcome.ok:
             if routed is not None:
                 # the optimistic listing was never confirmed: take back the blocks the worker lacked
@@ -357,6 +418,8 @@ class KvAware:
                 self.queue_tokens = max(self.queue_tokens, self.tokens_per_block)
         if not hashes:
             return
+        if routed is not None and prompt and cached is not None:
+            self.backlog.done(wid, routed[2], max(prompt - cached, 0), outcome.ttft_s, outcome.latency_s)
         if prompt and cached is not None:
             self.index.correct(
                 wid,
@@ -372,6 +435,7 @@ class KvAware:
     def forget(self, worker_id: str) -> None:
         self.index.forget(worker_id)
         self.sessions.forget(worker_id)
-        self._ahead.pop(worker_id, None)
+        self.backlog.forget(worker_id)
+        self._listed.pop(worker_id, None)
         for key in [k for k in self._pending if k[0] == worker_id]:
             del self._pending[key]

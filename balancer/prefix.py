@@ -113,9 +113,14 @@ class PrefixIndex:
         wb = self._workers.get(worker_id)
         return 1 << wb.bit if wb else 0
 
-    def members(self, mask: int) -> Iterator[str]:
-        """The worker ids in a holders mask, lowest bit first."""
+    def members(self, mask: int, start: int = 0) -> Iterator[str]:
+        """The worker ids in a holders mask, lowest bit first; with `start`, from bit `start` on, then the
+        rest (so that a caller reading only the first few does not always favour the same workers)."""
         ids = self._ids
+        if start:
+            high = mask >> start << start
+            yield from self.members(high)
+            mask ^= high
         while mask:
             low = mask & -mask
             yield ids[low.bit_length() - 1]

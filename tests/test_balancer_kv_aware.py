@@ -293,3 +293,51 @@ def test_pending_prefill_steers_new_work_but_never_past_the_cap() -> None:
     loads[int(idle[1:])] = 10  # the idle one by this policy's count is overloaded by other traffic
     d3 = p.choose(req(text(23, 2_000)), fleet(*loads))
     assert d3.worker_id in busy
+
+
+# --- the prefill backlog ---
+
+
+def test_a_cold_burst_counts_routed_prefill_in_full() -> None:
+    p = KvAware()
+    big = p.choose(req(text(30, 20_000)), fleet(0, 0, 0, 0))
+    # nothing has come back yet, so nothing is known to be prefilled: two dozen short prompts (about a
+    # tenth of the long one each) all go around the worker still busy with the long one
+    picks = Counter(p.choose(req(text(31 + k, 2_000)), fleet(0, 0, 0, 0)).worker_id for k in range(24))
+    assert big.worker_id not in picks and sum(picks.values()) == 24 and max(picks.values()) == 8
+
+
+def test_a_prefix_listed_by_a_request_still_queued_is_not_there_yet() -> None:
+    p = KvAware()
+    p.choose(req(text(40, 60_000)), fleet(0, 0, 0))  # w0: a long prefill
+    d_doc = p.choose(req(text(41, 8_000)), fleet(0, 0, 0))
+    d_other = p.choose(req(text(42, 8_000)), fleet(0, 0, 0))
+    assert {d_doc.worker_id, d_other.worker_id} == {"w1", "w2"}
+    shared = text(43, 8_000)
+    first = req(shared + " one")
+    d1 = p.choose(first, fleet(0, 0, 0))
+    assert d1.worker_id in ("w1", "w2") and d1.matched_blocks == 0  # queued behind one 8k prompt
+    # the same prefix again: on d1's worker it would be prefilled in the same batch as `first` (which has
+    # not started), so it is worth nothing there, and the other worker is less busy
+    d2 = p.choose(req(shared + " two"), fleet(0, 0, 0))
+    assert d2.worker_id != d1.worker_id and d2.matched_blocks == 0
+    # once the request ahead of `first` on that worker comes back, `first` has started: its prefix counts
+    ahead = d_doc if d_doc.worker_id == d1.worker_id else d_other
+    served(p, ahead, req(text(41 if ahead is d_doc else 42, 8_000)), cached=0)
+    d3 = p.choose(req(shared + " three"), fleet(0, 0, 0))
+    assert d3.worker_id == d1.worker_id and d3.matched_blocks == len(first.prefix_hashes)
+
+
+@pytest.mark.parametrize(("work_weight", "follows"), [(2.0, True), (1.0, False)])
+def test_a_cache_hit_is_worth_its_prefill_and_the_queue_it_spares(work_weight: float, follows: bool) -> None:
+    p = KvAware(work_weight=work_weight)
+    doc = text(50, 20_000)
+    first = req(doc)
+    d1 = p.choose(first, fleet(0, 0))
+    served(p, d1, first, cached=0)
+    saved = len(first.prefix_hashes) * p.tokens_per_block
+    p.backlog.add(d1.worker_id, 1.5 * saved)  # the holder is busy for 1.5x what its cache saves
+    d2 = p.choose(req(doc + " a follow-up"), fleet(0, 0))
+    # the hit spares this request `saved` tokens of prefill, and as much again to the requests queued behind
+    # it: worth a 1.5x wait with WORK_WEIGHT 2, not when only the request's own wait counts
+    assert (d2.worker_id == d1.worker_id) is follows

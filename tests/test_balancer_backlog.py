@@ -1,0 +1,63 @@
+"""The per-worker prefill backlog model (pure: no event loop)."""
+
+from __future__ import annotations
+
+import pytest
+
+from balancer import WorkerView
+from balancer.backlog import MIN_OUTCOMES, Backlog
+
+
+def views(*ids: str) -> list[WorkerView]:
+    return [WorkerView(i, frozenset({"m"})) for i in ids]
+
+
+def test_cold_start_counts_every_routed_token_as_still_to_do() -> None:
+    b = Backlog()
+    assert b.drain() == 0.0 and b.values(views("a", "b")) == [0.0, 0.0]
+    first = b.add("a", 1000.0)
+    b.tick += 50  # decisions pass, but nothing has taught the policy how fast a worker prefills
+    second = b.add("a", 500.0)
+    assert first == (0, 0.0, 1000.0)
+    assert second == (50, 1000.0, 1500.0)  # the second waits behind the first
+    assert b.values(views("a", "b")) == [1500.0, 0.0]
+    assert b.done_tokens("a") == 0.0
+
+
+def test_a_finished_request_proves_everything_before_it_was_prefilled() -> None:
+    b = Backlog()
+    r1 = b.add("a", 1000.0)
+    b.add("a", 300.0)
+    b.add("b", 700.0)
+    b.done("a", r1, uncached=1000.0, ttft_s=0.2, latency_s=1.0)
+    # FIFO admission: only what was routed to `a` after r1 may still be waiting
+    assert b.of("a") == 300.0 and b.done_tokens("a") == 1000.0
+    assert b.of("b") == 700.0  # other workers are untouched
+
+
+def test_drain_is_learned_prefill_speed_over_decision_rate() -> None:
+    b = Backlog()
+    for _ in range(MIN_OUTCOMES):
+        r = b.add("a", 2000.0)
+        b.tick += 10  # 10 decisions while the request was in flight
+        # 2000 tokens (plus what was ahead) in 0.4 s to the first token; 10 decisions in 1 s of latency
+        b.done("a", r, uncached=2000.0, ttft_s=0.4, latency_s=1.0)
+    # speed = 5000 tokens/s, rate = 10 decisions/s: 500 tokens per decision
+    assert b.drain() == pytest.approx(500.0)
+    b.add("w", 3000.0)
+    b.tick += 2
+    assert b.of("w") == pytest.approx(2000.0)
+    b.tick += 10
+    assert b.of("w") == 0.0 and b.done_tokens("w") == 3000.0
+
+
+def test_outcomes_without_timings_teach_nothing_and_forget_drops_a_worker() -> None:
+    b = Backlog()
+    for _ in range(2 * MIN_OUTCOMES):
+        r = b.add("a", 100.0)
+        b.tick += 1
+        b.done("a", r, uncached=100.0, ttft_s=None, latency_s=None)
+    assert b.drain() == 0.0
+    b.add("a", 100.0)
+    b.forget("a")
+    assert b.of("a") == 0.0 and b.values(views("a")) == [0.0]

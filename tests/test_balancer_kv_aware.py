@@ -328,7 +328,7 @@ def test_a_prefix_listed_by_a_request_still_queued_is_not_there_yet() -> None:
     assert d3.worker_id == d1.worker_id and d3.matched_blocks == len(first.prefix_hashes)
 
 
-@pytest.mark.parametrize(("work_weight", "follows"), [(2.0, True), (1.0, False)])
+@pytest.mark.parametrize(("work_weight", "follows"), [(3.0, True), (2.0, True), (1.0, False)])
 def test_a_cache_hit_is_worth_its_prefill_and_the_queue_it_spares(work_weight: float, follows: bool) -> None:
     p = KvAware(work_weight=work_weight)
     doc = text(50, 20_000)
@@ -338,6 +338,6 @@ def test_a_cache_hit_is_worth_its_prefill_and_the_queue_it_spares(work_weight: f
     saved = len(first.prefix_hashes) * p.tokens_per_block
     p.backlog.add(d1.worker_id, 1.5 * saved)  # the holder is busy for 1.5x what its cache saves
     d2 = p.choose(req(doc + " a follow-up"), fleet(0, 0))
-    # the hit spares this request `saved` tokens of prefill, and as much again to the requests queued behind
-    # it: worth a 1.5x wait with WORK_WEIGHT 2, not when only the request's own wait counts
+    # the hit spares this request `saved` tokens of prefill, and as much to the requests that would queue behind
+    # that prefill elsewhere: worth a 1.5x wait at work_weight 2, not when only the request's own wait counts
     assert (d2.worker_id == d1.worker_id) is follows

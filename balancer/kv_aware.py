@@ -52,7 +52,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from balancer.backlog import Backlog, Routed
-from balancer.policy import PIN_UNAVAILABLE, Decision, Outcome, RouteRequest, WorkerView
+from balancer.policy import PIN_UNAVAILABLE, READY, Decision, Outcome, RouteRequest, WorkerView
 from balancer.positions import Positions
 from balancer.prefix import DEFAULT_BLOCK_CHARS, DEFAULT_MAX_BLOCKS, PrefixIndex
 from balancer.sessions import SessionTracker
@@ -155,9 +155,32 @@ class KvAware:
         return math.ceil((1.0 + self.epsilon) * total / workers) + self.slack
 
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
-        self.backlog.tick += 1
-        n = len(workers)
+        decision = self._choose(request, workers, None)
+        assert decision is not None  # only an unfiltered choice gives up
+        return decision
+
+    def choose_unfiltered(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision | None:
+        """`choose` on a whole fleet snapshot, skipping workers that are not ready or do not serve the model.
+
+        For fleets beyond `exact_limit`, where `eligible`'s pass over every worker would cost about as much as
+        the decision: only the sampled window and the candidates are checked. None (the caller filters and
+        calls `choose`) for smaller fleets, and when fewer than half of the sample are eligible.
+        """
+        if len(workers) <= self.exact_limit:
+            return None
+        return self._choose(request, workers, request.model)
+
+    def _choose(self, request: RouteRequest, workers: Sequence[WorkerView], model: str | None) -> Decision | None:
+        """The decision; `model` is set when `workers` is not filtered (see `choose_unfiltered`)."""
         window = self._window(workers)
+        n = len(workers)
+        if model is not None:
+            sampled = len(window)
+            window = [w for w in window if w.state == READY and model in w.models]
+            if 2 * len(window) < sampled:
+                return None
+            n = max(1, n * len(window) // sampled)  # eligible workers in the fleet, estimated
+        self.backlog.tick += 1
         loads = [w.in_flight + w.waiting for w in window]
         total = round(sum(loads) * n / len(window)) + 1
         cap = self.cap(total, n)
@@ -171,6 +194,8 @@ class KvAware:
             self._session_requests = self._session_requests * SESSION_DECAY + 1.0
         if pinned is not None:
             i = positions.lookup(workers, pinned)
+            if i >= 0 and model is not None and (workers[i].state != READY or model not in workers[i].models):
+                i = -1
             if i < 0:
                 why = PIN_UNAVAILABLE
             else:
@@ -203,7 +228,7 @@ class KvAware:
         a_busy = busy[a]
         if not exact:
             a = positions.lookup(workers, window[a].id)
-        i, m, capped = self._cheapest(workers, a, a_busy, floor, cap, hashes, counts, session_cap)
+        i, m, capped = self._cheapest(workers, a, a_busy, floor, cap, hashes, counts, session_cap, model)
         wid = workers[i].id
         if exact:
             self._cursor = i + 1
@@ -261,12 +286,14 @@ class KvAware:
         hashes: tuple[int, ...],
         counts: dict[str, int] | None,
         session_cap: int,
+        model: str | None = None,
     ) -> tuple[int, int, bool]:
         """(index, matched blocks, whether a deeper match was passed over for a cap).
 
         `a` is the baseline, with queue cost `a_busy`; a worker with a deeper match must beat its cost.
         `floor` is the least queue cost seen, the best any candidate can have. With `counts`, a session is
-        being placed: sessions weigh in the cost, and workers at `session_cap` are not candidates.
+        being placed: sessions weigh in the cost, and workers at `session_cap` are not candidates. With
+        `model`, `workers` is unfiltered: candidates not ready or not serving it are skipped.
         """
         if not hashes:
             return a, 0, False
@@ -315,6 +342,8 @@ class KvAware:
                 if j < 0:
                     continue
                 w = workers[j]
+                if model is not None and (w.state != READY or model not in w.models):
+                    continue
                 load = w.in_flight + w.waiting
                 sessions = 0 if counts is None else counts.get(wid, 0)
                 if load >= cap or (counts is not None and sessions >= session_cap):

@@ -137,8 +137,16 @@ def eligible(model: str, workers: Sequence[WorkerView]) -> list[WorkerView]:
 
 
 def route(policy: Policy, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
-    """Filter by model and health, then let the policy choose among what is left."""
-    decision = policy.choose(request, eligible(request.model, workers))
+    """Filter by model and health, then let the policy choose among what is left.
+
+    A policy may offer `choose_unfiltered(request, workers) -> Decision | None`, which looks at the model and
+    readiness of only the workers it considers (in a big fleet, a sample), sparing the filtering pass over
+    every worker; when it returns None the workers are filtered and `choose` decides.
+    """
+    lazy = getattr(policy, "choose_unfiltered", None)
+    decision = lazy(request, workers) if lazy is not None else None
+    if decision is None:
+        decision = policy.choose(request, eligible(request.model, workers))
     if request.pinned_worker is not None and decision.reason.startswith(PIN_UNAVAILABLE):
         why = unavailable_because(request.pinned_worker, request.model, workers)
         rest = decision.reason[len(PIN_UNAVAILABLE) :]

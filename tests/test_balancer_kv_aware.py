@@ -341,3 +341,36 @@ def test_a_cache_hit_is_worth_its_prefill_and_the_queue_it_spares(work_weight: f
     # the hit spares this request `saved` tokens of prefill, and as much to the requests that would queue behind
     # that prefill elsewhere: worth a 1.5x wait at work_weight 2, not when only the request's own wait counts
     assert (d2.worker_id == d1.worker_id) is follows
+
+
+def test_large_fleet_routes_without_filtering_yet_never_to_an_ineligible_worker() -> None:
+    p = KvAware(seed=2)
+    ws = [WorkerView(f"w{i}", frozenset({M}), in_flight=i % 5) for i in range(1000)]
+    doc = text(60, 12_000)
+    first = req(doc, "s1")
+    d1 = route(p, first, ws)
+    served(p, d1, first)
+    holder = int(d1.worker_id[1:])
+    # the session's worker is ejected and every tenth worker serves another model
+    ws[holder] = WorkerView(d1.worker_id, frozenset({M}), state=EJECTED)
+    for i in range(0, 1000, 10):
+        if i != holder:
+            ws[i] = WorkerView(f"w{i}", frozenset({"other"}))
+    d2 = route(p, req(doc + " next", "s1", pinned=d1.worker_id), ws)
+    assert d2.reason.startswith("re-pin: pinned worker not ready (ejected)") and d2.pin
+    assert int(d2.worker_id[1:]) % 10 != 0 and d2.worker_id != d1.worker_id
+    # without a session the prefix still points at the ejected holder: it is skipped
+    for k in range(50):
+        d = route(p, req(f"{doc} question {k}"), ws)
+        i = int(d.worker_id[1:])
+        assert i != holder and i % 10 != 0
+    assert p.choose_unfiltered(req(doc), ws) is not None  # the fast path was taken
+
+
+def test_unfiltered_choice_gives_up_when_few_workers_serve_the_model() -> None:
+    p = KvAware(seed=3)
+    ws = [WorkerView(f"w{i}", frozenset({M} if i % 50 == 0 else {"other"})) for i in range(1000)]
+    assert p.choose_unfiltered(req(text(61, 3000)), ws) is None
+    assert p.choose_unfiltered(req(text(61, 3000)), ws[:100]) is None  # small fleets are filtered first
+    picks = {route(p, req(text(62 + k, 3000)), ws).worker_id for k in range(40)}
+    assert picks <= {f"w{i}" for i in range(0, 1000, 50)} and len(picks) > 5

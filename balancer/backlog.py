@@ -36,7 +36,7 @@ MIN_OUTCOMES = 4
 class Backlog:
     """Per-worker prefill backlog in tokens on a clock counted in decisions."""
 
-    __slots__ = ("_decisions", "_latency", "_n", "_ttft", "_work", "state", "tick")
+    __slots__ = ("_decisions", "_drain", "_latency", "_n", "_ttft", "_work", "state", "tick")
 
     def __init__(self) -> None:
         #: decisions so far (the clock)
@@ -50,12 +50,11 @@ class Backlog:
         self._decisions = 0.0
         self._latency = 0.0
         self._n = 0
+        self._drain = 0.0
 
     def drain(self) -> float:
         """Tokens prefilled per decision (0 until learned)."""
-        if self._n < MIN_OUTCOMES or self._ttft <= 0 or self._decisions <= 0:
-            return 0.0
-        return (self._work / self._ttft) * (self._latency / self._decisions)
+        return self._drain
 
     def of(self, worker_id: str, drain: float | None = None) -> float:
         st = self.state.get(worker_id)
@@ -111,6 +110,8 @@ class Backlog:
             self._decisions = self._decisions * DECAY + (self.tick - tick)
             self._latency = self._latency * DECAY + latency_s
             self._n += 1
+            if self._n >= MIN_OUTCOMES and self._ttft > 0 and self._decisions > 0:
+                self._drain = (self._work / self._ttft) * (self._latency / self._decisions)
 
     def forget(self, worker_id: str) -> None:
         self.state.pop(worker_id, None)

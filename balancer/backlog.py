@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 from balancer.policy import WorkerView
 
-#: what `add` returns and `done` takes back: (tick, backlog ahead, tokens ever routed to the worker)
-Routed = tuple[int, float, float]
+#: what `add` returns and `done` takes back: (tick, backlog ahead, tokens ever routed to the worker, tokens added)
+Routed = tuple[int, float, float, float]
 
 #: weight of each outcome in the decayed sums behind `speed` and `rate`
 DECAY = 0.98
@@ -85,19 +85,21 @@ class Backlog:
         st = self.state.get(worker_id)
         total = (st[2] if st else 0.0) + tokens
         self.state[worker_id] = (ahead + tokens, self.tick, total)
-        return self.tick, ahead, total
+        return self.tick, ahead, total, tokens
 
     def done(
         self,
         worker_id: str,
         routed: Routed,
-        uncached: float,
+        uncached: float | None,
         ttft_s: float | None,
         latency_s: float | None,
     ) -> None:
         """A request routed with `add` (its return value `routed`) finished; `uncached` is what the worker
-        says it really prefilled."""
-        tick, ahead, total = routed
+        says it really prefilled (None when it did not say: what was routed counts)."""
+        tick, ahead, total, tokens = routed
+        if uncached is None:
+            uncached = tokens
         st = self.state.get(worker_id)
         if st is not None:
             # FIFO: everything routed there up to this request is prefilled; only what came since may be left

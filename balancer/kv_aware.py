@@ -391,7 +391,7 @@ class KvAware:
                 marks = self._listed[worker_id] = {}
             elif len(marks) > MAX_LISTED:  # entries of requests that never came back
                 marks.clear()
-            mark = (routed[2] - uncached, matched)
+            mark = (routed[2] - routed[3], matched)
             for h in hashes[matched : matched + OPTIMISTIC_BLOCKS]:
                 marks.setdefault(h, mark)
         pending = self._pending
@@ -447,10 +447,12 @@ class KvAware:
                 uncached = max(prompt - cached, 0)
                 self.queue_tokens += LEARN_RATE * (uncached - self.queue_tokens)
                 self.queue_tokens = max(self.queue_tokens, self.tokens_per_block)
+        if routed is not None:
+            # without a usage report, what was routed counts as prefilled
+            prefilled = max(prompt - cached, 0) if prompt and cached is not None else None
+            self.backlog.done(wid, routed[2], prefilled, outcome.ttft_s, outcome.latency_s)
         if not hashes:
             return
-        if routed is not None and prompt and cached is not None:
-            self.backlog.done(wid, routed[2], max(prompt - cached, 0), outcome.ttft_s, outcome.latency_s)
         if prompt and cached is not None:
             self.index.correct(
                 wid,

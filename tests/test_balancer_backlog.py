@@ -18,8 +18,8 @@ def test_cold_start_counts_every_routed_token_as_still_to_do() -> None:
     first = b.add("a", 1000.0)
     b.tick += 50  # decisions pass, but nothing has taught the policy how fast a worker prefills
     second = b.add("a", 500.0)
-    assert first == (0, 0.0, 1000.0)
-    assert second == (50, 1000.0, 1500.0)  # the second waits behind the first
+    assert first == (0, 0.0, 1000.0, 1000.0)
+    assert second == (50, 1000.0, 1500.0, 500.0)  # the second waits behind the first
     assert b.values(views("a", "b")) == [1500.0, 0.0]
     assert b.done_tokens("a") == 0.0
 
@@ -61,3 +61,13 @@ def test_outcomes_without_timings_teach_nothing_and_forget_drops_a_worker() -> N
     b.add("a", 100.0)
     b.forget("a")
     assert b.of("a") == 0.0 and b.values(views("a")) == [0.0]
+
+
+def test_a_response_without_a_usage_report_still_cuts_and_teaches() -> None:
+    b = Backlog()
+    for _ in range(MIN_OUTCOMES):
+        r = b.add("a", 1000.0)
+        b.tick += 4
+        b.done("a", r, uncached=None, ttft_s=0.2, latency_s=1.0)  # what was routed counts as prefilled
+    assert b.of("a") == 0.0
+    assert b.drain() == pytest.approx(1000.0 / 0.2 * 1.0 / 4)

@@ -374,3 +374,12 @@ def test_unfiltered_choice_gives_up_when_few_workers_serve_the_model() -> None:
     assert p.choose_unfiltered(req(text(61, 3000)), ws[:100]) is None  # small fleets are filtered first
     picks = {route(p, req(text(62 + k, 3000)), ws).worker_id for k in range(40)}
     assert picks <= {f"w{i}" for i in range(0, 1000, 50)} and len(picks) > 5
+
+
+def test_workers_that_report_no_usage_still_have_their_backlog_cut() -> None:
+    p = KvAware()
+    r = req(text(70, 20_000))
+    d = p.choose(r, fleet(0, 0))
+    assert p.backlog.of(d.worker_id) > 0
+    p.observe(Outcome(d.worker_id, r.prefix_hashes, True, 1.0, 0.2, None, None))  # no usage in the response
+    assert p.backlog.of(d.worker_id) == 0.0

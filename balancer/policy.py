@@ -51,8 +51,18 @@ class WorkerView:
     def with_in_flight(self, in_flight: int) -> WorkerView:
         """A copy with another in-flight count: the registry's per-request update, faster than
         dataclasses.replace (which inspects the fields on every call)."""
-        return WorkerView(self.id, self.models, self.state, in_flight, self.running, self.waiting, self.kv_usage,
-                          self.speed, self.latencies, self.role)
+        return WorkerView(
+            self.id,
+            self.models,
+            self.state,
+            in_flight,
+            self.running,
+            self.waiting,
+            self.kv_usage,
+            self.speed,
+            self.latencies,
+            self.role,
+        )
 
     @property
     def load(self) -> int:

@@ -96,7 +96,13 @@ async def run_one(
     try:
         await fleet.start(session)
         launch = build_launch(
-            spec, fleet.urls, free_port, peers_venv=args.peers_venv, redis_url=redis_url, run_id=uuid.uuid4().hex[:8]
+            spec,
+            fleet.urls,
+            free_port,
+            peers_venv=args.peers_venv,
+            redis_url=redis_url,
+            run_id=uuid.uuid4().hex[:8],
+            proxy_args=shlex.split(args.proxy_args or ""),
         )
         for i, argv in enumerate(launch.argvs):
             children.append(spawn(f"{tag}-{i}", argv, log_dir))

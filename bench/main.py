@@ -86,7 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--token-scale",
         type=float,
         default=0.02,
-        help="shrink input/output lengths and the 512-token blocks alike (default 0.02: ~280-token prompts)",
+        help="shrink input/output lengths and the 512-token blocks alike (default 0.02: ~280-token prompts; a "
+        "trace block is then 10 words, finer than the sim's 64-token cache blocks, so little reuse shows: use "
+        "0.125 with big sim caches to measure reuse, see docs/BENCHMARKS.md)",
     )
 
     g = parser.add_argument_group("compare / overhead")
@@ -98,6 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "NAME in turbofleet, turbofleet-x2, lmdeploy, sglang, vllm, ideal",
     )
     g.add_argument("--sim-args", default="", help='extra sim-worker flags, quoted: "--max-batch 8 ..."')
+    g.add_argument(
+        "--proxy-args",
+        default="",
+        help='extra flags for every turbofleet proxy, quoted: "--policy-option epsilon=0.25 ..."',
+    )
     g.add_argument(
         "--ideal-pinning",
         action="store_true",

@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -304,7 +305,13 @@ async def one_router(
     if spec is None:
         return {"router": label, "stream": stream, **await measure(backends[0], args, d, model, stream)}
     launch = build_launch(
-        spec, backends, free_port, peers_venv=args.peers_venv, redis_url=redis_url, run_id=uuid.uuid4().hex[:8]
+        spec,
+        backends,
+        free_port,
+        peers_venv=args.peers_venv,
+        redis_url=redis_url,
+        run_id=uuid.uuid4().hex[:8],
+        proxy_args=shlex.split(args.proxy_args or ""),
     )
     cpus = ROUTER_CPUS if args.pin_cores else None
     children = [spawn(f"{label.replace(':', '-')}-{i}", argv, d, cpus) for i, argv in enumerate(launch.argvs)]

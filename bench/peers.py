@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +89,7 @@ def build_launch(
     redis_url: str | None = None,
     run_id: str = "bench",
     python: str = sys.executable,
+    proxy_args: Sequence[str] = (),
 ) -> Launch:
     """The command lines for `spec`. Raises LookupError when a peer is not installed."""
     if spec.kind == "ideal":
@@ -116,6 +117,7 @@ def build_launch(
             ]
             for w in workers:
                 argv += ["--worker", w]
+            argv += list(proxy_args)
             if redis_url and spec.kind in REDIS_KINDS:
                 # A fresh key prefix per run: no pins or prefix index survive from an earlier router's run.
                 argv += ["--registry", redis_url, "--registry-prefix", f"tf-{run_id}", "--replica-id", f"r{i}"]

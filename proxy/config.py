@@ -6,6 +6,7 @@ Precedence: command-line flag > environment variable > default. Nothing else in 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -125,8 +126,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="register a worker at start (repeatable)")
     parser.add_argument("--api-keys", nargs="*", default=None, metavar="KEY", help="keys accepted on /v1/*")
     parser.add_argument("--access-log", action="store_true", default=None, help="log every request")
+    parser.add_argument("--policy-option", dest="policy_options", action="append", default=None,
+                        metavar="KEY=VALUE", type=_policy_option,
+                        help="an option of the routing policy, e.g. epsilon=0.25 (repeatable; env "
+                             "TURBOFLEET_POLICY_OPTIONS as a JSON object)")
     for name, (typ, help_text) in _FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_text)
+
+
+def _coerce(text: str) -> Any:
+    """A policy option's value: int, float or bool when it reads as one, else the string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _policy_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), _coerce(value.strip())
 
 
 def build_settings(args: argparse.Namespace | None, environ: Mapping[str, str]) -> Settings:
@@ -135,7 +160,16 @@ def build_settings(args: argparse.Namespace | None, environ: Mapping[str, str]) 
     fields = Settings.model_fields
     for name, field in fields.items():
         env = environ.get("TURBOFLEET_" + name.upper())
-        if env is None or name == "policy_options":
+        if env is None:
+            continue
+        if name == "policy_options":
+            try:
+                parsed = json.loads(env)
+            except ValueError as e:
+                raise ValueError(f"TURBOFLEET_POLICY_OPTIONS must be a JSON object: {e}") from e
+            if not isinstance(parsed, dict):
+                raise ValueError("TURBOFLEET_POLICY_OPTIONS must be a JSON object")
+            values[name] = parsed
             continue
         ann = field.annotation
         if name in ("workers", "api_keys"):
@@ -147,6 +181,10 @@ def build_settings(args: argparse.Namespace | None, environ: Mapping[str, str]) 
     if args is not None:
         for name in fields:
             v = getattr(args, name, None)
-            if v is not None:
+            if v is None:
+                continue
+            if name == "policy_options":  # flags add to (and override) what the environment set
+                values[name] = {**values.get(name, {}), **dict(v)}
+            else:
                 values[name] = tuple(v) if isinstance(v, list) else v
     return Settings(**values)

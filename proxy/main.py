@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import config
 
@@ -14,7 +15,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from pydantic import ValidationError
+
+    from balancer import make_policy
+
     from .serve import serve
 
-    settings = config.build_settings(args, os.environ)
+    try:
+        settings = config.build_settings(args, os.environ)
+        make_policy(settings.policy, **settings.policy_options)  # a bad policy or option fails here, clearly
+    except (ValueError, TypeError, ValidationError) as e:
+        print(f"turbofleet proxy: {e}", file=sys.stderr)
+        return 2
     return serve(settings)

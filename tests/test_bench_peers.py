@@ -146,3 +146,21 @@ def test_group_cpu_seconds_sees_our_group() -> None:
     sum(i * i for i in range(200_000))  # burn a little CPU in this process's group
     got = group_cpu_seconds({os.getpgrp(), -5})
     assert got[os.getpgrp()] > 0 and got[-5] == 0.0
+
+
+def test_proxy_args_reach_every_turbofleet_replica() -> None:
+    from bench.peers import build_launch, parse_routers
+
+    ports = iter(range(40000, 40010))
+    spec = parse_routers("turbofleet-x2:kv_aware")[0]
+    launch = build_launch(
+        spec,
+        ["http://127.0.0.1:1"],
+        lambda: next(ports),
+        redis_url="redis://127.0.0.1:6379/0",
+        proxy_args=["--policy-option", "epsilon=0.25"],
+    )
+    assert len(launch.argvs) == 2
+    for argv in launch.argvs:
+        i = argv.index("--policy-option")
+        assert argv[i + 1] == "epsilon=0.25"

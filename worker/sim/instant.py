@@ -13,7 +13,7 @@ import json
 from aiohttp import web
 
 from .formats import ChatFormat, CompletionFormat, Format, usage_dict
-from .state import JSON, STATE, check_auth, error_response, gate
+from .state import JSON, admit, error_response
 from .tokens import output_words
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -35,13 +35,10 @@ class InstantAnswers:
 
 
 async def _answer(request: web.Request, kind: str, field: str) -> web.StreamResponse:
-    st = request.app[STATE]
-    if st.config.api_keys and (denied := check_auth(request, st)) is not None:
-        return denied
-    if st.faults.current is not None:
-        outcome = await gate(request, st, inference=True)
-        if isinstance(outcome, web.StreamResponse):
-            return outcome
+    admitted = await admit(request)
+    if isinstance(admitted, web.StreamResponse):
+        return admitted
+    st, _ = admitted
     try:
         body = json.loads(await request.read())
     except ValueError:

@@ -19,7 +19,7 @@ from aiohttp import web
 from .engine import Seq
 from .faults import CHUNK_MODES, Fault
 from .formats import ChatFormat, CompletionFormat, Format, GenerateFormat, ResponsesFormat, usage_dict
-from .state import JSON, STATE, SimState, check_auth, die, error_response, gate, reset_connection, wait_forever
+from .state import JSON, SimState, admit, die, error_response, reset_connection, wait_forever
 from .tokens import PromptError, output_words, render_chat, render_completion, tokenize
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -88,13 +88,10 @@ def _include_usage(body: dict[str, Any]) -> bool:
 
 async def _serve(request: web.Request, parse: Any, need_model: bool = True) -> web.StreamResponse:
     """Shared front half: auth, faults, parsing; then generate."""
-    st = request.app[STATE]
-    denied = check_auth(request, st)
-    if denied is not None:
-        return denied
-    outcome = await gate(request, st, inference=True)
-    if isinstance(outcome, web.StreamResponse):
-        return outcome
+    admitted = await admit(request)
+    if isinstance(admitted, web.StreamResponse):
+        return admitted
+    st, outcome = admitted
     try:
         fmt, prompt, max_tokens, stream, session_id = parse(await _body(request, st, need_model), st)
     except BadRequest as e:
@@ -277,13 +274,10 @@ def embed(text: str, dim: int = EMBED_DIM) -> list[float]:
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
-    st = request.app[STATE]
-    denied = check_auth(request, st)
-    if denied is not None:
-        return denied
-    outcome = await gate(request, st, inference=True)
-    if isinstance(outcome, web.StreamResponse):
-        return outcome
+    admitted = await admit(request)
+    if isinstance(admitted, web.StreamResponse):
+        return admitted
+    st, _ = admitted
     try:
         body = await _body(request, st, need_model=False)
     except BadRequest as e:

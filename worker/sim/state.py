@@ -113,6 +113,19 @@ def check_auth(request: web.BaseRequest, st: SimState) -> web.Response | None:
     return error_response(401, "Please request with valid api key!", "authentication_error")
 
 
+async def admit(request: web.Request) -> web.StreamResponse | tuple[SimState, Fault | None]:
+    """The front of every inference handler: the API key, then the active fault. Returns a response to send
+    instead of serving, or the state with the fault that acts later (None: serve normally). The checks cost
+    nothing when no keys and no fault are set (the instant backend serves router benchmarks through here)."""
+    st = request.app[STATE]
+    if st.config.api_keys and (denied := check_auth(request, st)) is not None:
+        return denied
+    outcome = await gate(request, st, inference=True) if st.faults.current is not None else None
+    if isinstance(outcome, web.StreamResponse):
+        return outcome
+    return st, outcome
+
+
 async def gate(request: web.BaseRequest, st: SimState, inference: bool) -> web.StreamResponse | Fault | None:
     """Apply the active fault to an arriving request.
 

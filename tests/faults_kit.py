@@ -22,6 +22,19 @@ from tests.procs import Proc, free_port, http_json, start_proxy, start_sim, wait
 MODEL = "sim-model"
 #: a fast sim: short answers, 1 ms decode steps (ten times faster than the default timing model)
 FAST_SIM = ["--default-max-tokens", "8", "--speed", "0.1"]
+#: round robin with quick active health checks: out after 2 failed checks 0.2 s apart, back after 2 passes
+FAST_HEALTH = [
+    "--policy",
+    "round_robin",
+    "--health-interval",
+    "0.2",
+    "--health-timeout",
+    "0.5",
+    "--unhealthy-threshold",
+    "2",
+    "--healthy-threshold",
+    "2",
+]
 
 
 @dataclass

@@ -7,20 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.faults_kit import Fleet, chat, metric, node, post, start_fleet
+from tests.faults_kit import FAST_HEALTH, Fleet, chat, metric, node, post, start_fleet
 from tests.procs import wait_until
 
 PROXY_FLAGS = [
-    "--policy",
-    "round_robin",
-    "--health-interval",
-    "0.2",
-    "--health-timeout",
-    "0.5",
-    "--unhealthy-threshold",
-    "2",
-    "--healthy-threshold",
-    "2",
+    *FAST_HEALTH,
     "--eject-consecutive-failures",
     "3",
     "--eject-base-s",

@@ -14,22 +14,13 @@ import pytest
 import redis as redis_client
 
 from proxy.registry.keys import Keys
-from tests.faults_kit import MODEL, Fleet, chat, client, no_leaks, node, post, sse_events, start_fleet
+from tests.faults_kit import FAST_HEALTH, MODEL, Fleet, chat, client, no_leaks, node, post, sse_events, start_fleet
 from tests.procs import http_json, start_proxy, wait_until
 from tests.redis_server import RedisServer, redis_binary
 
 SLOW = ["--decode-ms-base", "20", "--default-max-tokens", "8"]
 PROXY_FLAGS = [
-    "--policy",
-    "round_robin",
-    "--health-interval",
-    "0.2",
-    "--health-timeout",
-    "0.5",
-    "--unhealthy-threshold",
-    "2",
-    "--healthy-threshold",
-    "2",
+    *FAST_HEALTH,
 ]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from bench.fleet import sim_argv
 from tests.procs import Proc, free_port, http_json, spawn, start_proxy, start_sim, wait_until
 
 MODEL = "sim-model"
@@ -50,17 +51,7 @@ def start_agent(
         "5",
         *(agent_args or []),
         "--",
-        sys.executable,
-        "-m",
-        "turbofleet",
-        "sim-worker",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--model",
-        MODEL,
-        *(sim_args or []),
+        *sim_argv(port, MODEL, sim_args or []),
     ]
     agent = spawn(args, log_dir, name, port)
     try:

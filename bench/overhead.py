@@ -70,43 +70,16 @@ def completion_json(model: str) -> str:
 
 def sse_body(model: str, chunks: int = STREAM_CHUNKS) -> str:
     """`chunks` content events (~160 bytes each, ~16 KB in all), a usage event and [DONE]."""
-    out = []
-    for i in range(chunks):
-        out.append(
-            "data: "
-            + json.dumps(
-                {
-                    "id": "chatcmpl-overhead",
-                    "object": "chat.completion.chunk",
-                    "created": 0,
-                    "model": model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "delta": {"content": f"tok{i} "},
-                            "finish_reason": "length" if i == chunks - 1 else None,
-                        }
-                    ],
-                },
-                separators=(",", ":"),
-            )
-            + "\n\n"
-        )
-    out.append(
-        "data: "
-        + json.dumps(
-            {
-                "id": "chatcmpl-overhead",
-                "object": "chat.completion.chunk",
-                "created": 0,
-                "model": model,
-                "choices": [],
-                "usage": {"prompt_tokens": 2, "completion_tokens": chunks, "total_tokens": chunks + 2},
-            },
-            separators=(",", ":"),
-        )
-        + "\n\n"
-    )
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        chunk = {"id": "chatcmpl-overhead", "object": "chat.completion.chunk", "created": 0, "model": model}
+        return "data: " + json.dumps({**chunk, "choices": choices, **extra}, separators=(",", ":")) + "\n\n"
+
+    out = [
+        event([{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": "length" if i == chunks - 1 else None}])
+        for i in range(chunks)
+    ]
+    out.append(event([], usage={"prompt_tokens": 2, "completion_tokens": chunks, "total_tokens": chunks + 2}))
     out.append("data: [DONE]\n\n")
     return "".join(out)
 

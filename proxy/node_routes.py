@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -211,12 +210,11 @@ def node_status(app: web.Application) -> dict[str, dict[str, Any]]:
     registry = app[REGISTRY]
     outliers = app[OUTLIERS]
     out_now = outliers.out()
-    now = time.time()
+    # the state routing sees: heartbeat liveness (to_view) and this replica's ejections (Outliers.apply)
+    states = {v.id: v.state for v in outliers.apply(registry.snapshot())}
     status: dict[str, dict[str, Any]] = {}
     for rec in registry.records():
-        state = rec.state
-        if not rec.alive(now) or (rec.url in out_now and state == READY):
-            state = "ejected"
+        state = states.get(rec.url, rec.state)
         status[rec.url] = {
             "role": rec.role,
             "models": list(rec.models),

@@ -136,6 +136,22 @@ async def test_cancel_leaves_the_batch_at_once(make_engine) -> None:
     assert e.stats.cancelled == 2
 
 
+async def test_an_abandoned_long_prefill_does_not_delay_the_next_request(make_engine) -> None:
+    """A 3 s prefill whose only sequence is cancelled ends the step; the next prompt starts at once."""
+    e = make_engine(dataclasses.replace(FAST, prefill_ms_per_token=10.0))
+    long = seq_for(e, prompt(300, "long"), 5)
+    e.submit(long)
+    await until(lambda: long in e.running)
+    e.cancel(long)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    short = seq_for(e, prompt(2, "short"), 1)
+    e.submit(short)
+    await short.wait_until(1)
+    assert loop.time() - t0 < 0.5  # 20 ms of prefill plus a step, not the rest of the 3 s step
+    assert long.emitted == 0 and e.stats.cancelled == 1
+
+
 async def test_closed_transport_is_noticed_by_the_engine(make_engine) -> None:
     class Transport:
         closing = False

@@ -6,6 +6,8 @@ Each step:
    prompt up in the prefix cache: cached tokens are skipped by prefill.
 2. sleep for ``(uncached_prefill_tokens * prefill_ms_per_token + decode_ms_base + decode_ms_per_seq *
    running) * speed * slow`` milliseconds; steps are scheduled on a deadline so jitter does not accumulate.
+   A step whose every sequence left (cancelled, aborted) ends at once, as a real engine's short chunked
+   steps would, so a long abandoned prefill never delays the next request.
 3. the admitted prompts' full blocks enter the cache; every running sequence emits one token (the admitted
    ones their first); sequences that reached `max_tokens` finish and their prompt+output blocks enter the
    cache.
@@ -132,6 +134,7 @@ class Engine:
         self.sessions: dict[int, Seq] = {}  # explicit session_id (>= 0) -> its active sequence
         self._ids = itertools.count(1)
         self._wakeup = asyncio.Event()
+        self._emptied = asyncio.Event()  # set when the last running sequence leaves mid-step
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -225,6 +228,8 @@ class Engine:
         elif seq.state is State.RUNNING:
             with contextlib.suppress(ValueError):
                 self.running.remove(seq)
+            if not self.running:
+                self._emptied.set()
         seq.state = State.FINISHED
         self._release(seq)
 
@@ -279,7 +284,13 @@ class Engine:
             ms = prefill * cfg.prefill_ms_per_token + cfg.decode_ms_base + cfg.decode_ms_per_seq * len(self.running)
             deadline = start + ms / 1000.0 * cfg.speed * self.slow_factor()
             delay = deadline - loop.time()
-            await asyncio.sleep(delay if delay > 0 else 0)
+            self._emptied.clear()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._emptied.wait(), delay)
+            if not self.running:  # every sequence of this step left: nothing to finish, start afresh
+                deadline = 0.0
+                continue
             try:
                 self._step_done(admitted, loop.time())
             except Exception:

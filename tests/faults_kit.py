@@ -10,14 +10,13 @@ import json
 import re
 import socket
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import openai
 
-from tests.procs import Proc, free_port, http_json, start_proxy, start_sim, wait_until
+from tests.procs import Proc, free_port, http_json, http_raw, openai_client, start_proxy, start_sim, wait_until
 
 MODEL = "sim-model"
 #: a fast sim: short answers, 1 ms decode steps (ten times faster than the default timing model)
@@ -124,7 +123,7 @@ def start_fleet(logs: Path, names: list[str], proxy_flags: list[str], sim_extra:
 
 
 def client(proxy: Proc, timeout: float = 20.0) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key="none", max_retries=0, timeout=timeout)
+    return openai_client(proxy.url + "/v1", timeout)
 
 
 def chat(n: int = 0, max_tokens: int = 8, stream: bool = False, content: str | None = None) -> dict[str, Any]:
@@ -138,13 +137,7 @@ def chat(n: int = 0, max_tokens: int = 8, stream: bool = False, content: str | N
 
 def post(url: str, body: dict[str, Any] | bytes, timeout: float = 20.0) -> tuple[int, dict[str, str], bytes]:
     """A raw POST; returns (status, headers, whole body) whatever the status."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+    return http_raw("POST", url, body, timeout)
 
 
 def sse_events(raw: bytes) -> list[Any]:

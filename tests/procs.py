@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import openai
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,22 +28,44 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def http_json(method: str, url: str, body: Any = None, timeout: float = 5.0,
-              headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    """A blocking JSON request; returns (status, parsed body or raw text). Never raises on HTTP errors."""
+def http_raw(method: str, url: str, body: Any = None, timeout: float = 5.0,
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """A blocking request; returns (status, headers, whole body) whatever the status. Never raises on HTTP
+    errors, and closes the connection either way (an unclosed HTTPError keeps its socket until the GC)."""
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
                                                                          **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            status = resp.status
+            return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as e:
-        raw, status = e.read(), e.code
+        with e:
+            return e.code, dict(e.headers), e.read()
+
+
+def http_json(method: str, url: str, body: Any = None, timeout: float = 5.0,
+              headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """A blocking JSON request; returns (status, parsed body or raw text). Never raises on HTTP errors."""
+    status, _, raw = http_raw(method, url, body, timeout, headers)
     try:
         return status, json.loads(raw)
     except ValueError:
         return status, raw.decode(errors="replace")
+
+
+_SDK_CLIENTS: list[openai.OpenAI] = []
+
+
+def openai_client(base_url: str, timeout: float = 30.0, api_key: str = "none") -> openai.OpenAI:
+    """An `openai` SDK client with no retries of its own, closed when the test ends (conftest)."""
+    c = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
+    _SDK_CLIENTS.append(c)
+    return c
+
+
+def close_openai_clients() -> None:
+    while _SDK_CLIENTS:
+        _SDK_CLIENTS.pop().close()
 
 
 def wait_until(predicate: Any, timeout: float = 15.0, interval: float = 0.05, what: str = "condition") -> Any:

@@ -7,7 +7,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.procs import http_json, start_proxy, start_sim
+from tests.procs import http_json, openai_client, start_proxy, start_sim
 
 
 def test_api_keys_and_admin_token(tmp_path: Path) -> None:
@@ -21,10 +21,10 @@ def test_api_keys_and_admin_token(tmp_path: Path) -> None:
         assert status == 403 and err["error"]["type"] == "permission_error"
         assert http_json("POST", proxy.url + "/nodes/add", body, headers={"Authorization": "Bearer adm"})[0] == 200
         # inference: no key -> 401 (OpenAI body); a good key works
-        bad = openai.OpenAI(base_url=proxy.url + "/v1", api_key="wrong", max_retries=0)
+        bad = openai_client(proxy.url + "/v1", api_key="wrong")
         with pytest.raises(openai.AuthenticationError):
             bad.chat.completions.create(model="auth-model", messages=[{"role": "user", "content": "x"}])
-        good = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k2", max_retries=0)
+        good = openai_client(proxy.url + "/v1", api_key="k2")
         r = good.chat.completions.create(model="auth-model", messages=[{"role": "user", "content": "x"}], max_tokens=2)
         assert r.choices[0].message.content
         # health and status stay open for probes

@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.procs import Proc, free_port, http_json, start_proxy, start_sim, wait_until
+from tests.procs import Proc, free_port, http_json, openai_client, start_proxy, start_sim, wait_until
 
 MODEL = "sim-model"
 
@@ -29,7 +29,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, list
 
 
 def client(proxy: Proc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key="none", max_retries=0, timeout=30)
+    return openai_client(proxy.url + "/v1")
 
 
 def no_leaks(proxy: Proc) -> None:

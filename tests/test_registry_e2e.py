@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.procs import Proc, http_json, start_proxy, start_sim, wait_until
+from tests.procs import Proc, http_json, http_raw, start_proxy, start_sim, wait_until
 from tests.redis_server import RedisServer, needs_redis
 
 pytestmark = [pytest.mark.redis, needs_redis]
@@ -71,18 +71,8 @@ def registry_health(proxy: Proc) -> dict[str, Any]:
 def chat(proxy: Proc, text: str, max_tokens: int = 2) -> tuple[int, str]:
     """(status, the worker that answered) for a small non-streaming chat."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
-    req = urllib.request.Request(
-        proxy.url + "/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            resp.read()
-            return resp.status, resp.headers.get("X-Turbofleet-Worker", "")
-    except urllib.error.HTTPError as e:
-        return e.code, ""
+    status, headers, _ = http_raw("POST", proxy.url + "/v1/chat/completions", body, timeout=10)
+    return status, headers.get("X-Turbofleet-Worker", "") if status < 400 else ""
 
 
 def stream_in_background(proxy: Proc, max_tokens: int) -> threading.Thread:

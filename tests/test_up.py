@@ -6,9 +6,7 @@ import signal
 import socket
 from pathlib import Path
 
-import openai
-
-from tests.procs import free_port, http_json, spawn, wait_until
+from tests.procs import free_port, http_json, openai_client, spawn, wait_until
 
 
 def _listening(port: int) -> bool:
@@ -36,7 +34,7 @@ def test_up_serves_then_stops_everything(tmp_path: Path) -> None:
         wait_until(lambda: len(http_json("GET", f"{up.url}/nodes/status")[1]) == 2, 30, what="2 registered workers")
         assert set(http_json("GET", f"{up.url}/nodes/status")[1]) == {
             f"http://127.0.0.1:{base}", f"http://127.0.0.1:{base + 1}"}
-        client = openai.OpenAI(base_url=up.url + "/v1", api_key="none", max_retries=0)
+        client = openai_client(up.url + "/v1")
         assert [m.id for m in client.models.list()] == ["sim-model"]
         r = client.chat.completions.create(model="sim-model", messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=3)

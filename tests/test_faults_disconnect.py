@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.faults_kit import MODEL, Fleet, client, metric, no_leaks, start_fleet
+from tests.faults_kit import MODEL, Fleet, client, metric, no_leaks, node, start_fleet
 from tests.procs import http_json, wait_until
 
 # slow on purpose: 10 ms of prefill per prompt token, 20 ms per decode step, long answers
@@ -125,3 +126,41 @@ def test_disconnect_during_prefill_before_the_first_byte(fleet: Fleet) -> None:
     assert rec["stopped_at_unix"] - closed_at < STOP_WITHIN_S, rec
     settled(fleet)
     assert metric(fleet.proxy, "turbofleet_client_disconnects_total") == before + 1
+
+
+def test_client_that_stops_reading_is_dropped_after_the_idle_timeout(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A client keeps its connection open but stops reading a long stream. The proxy's writes back up; once it
+    could pass nothing on for the idle timeout it drops that client (not the worker's fault), cancels the
+    generation and gives back its count. The worker decodes fast, so the stall is the client's alone."""
+    fast = ["--decode-ms-base", "0.2", "--decode-ms-per-seq", "0", "--no-prefix-cache"]
+    f = start_fleet(tmp_path_factory.mktemp("stalled"), ["A"], ["--health-interval", "0", "--idle-timeout", "1"], fast)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        n = f["A"].stats()["requests"]["cancelled"]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: backs up sooner
+        sock.connect(("127.0.0.1", f.proxy.port))
+        body = json.dumps(
+            {"model": MODEL, "stream": True, "max_tokens": 1_000_000,
+             "messages": [{"role": "user", "content": "an endless story"}]}
+        ).encode()
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        sock.sendall(head + body)
+        # never read: the worker keeps producing until the proxy gives up on this client
+        rec = dict(wait_until(lambda: f["A"].stats()["recent_cancelled"][-1]
+                              if f["A"].stats()["requests"]["cancelled"] > n else None,
+                              30, what="the proxy to drop the stalled client and the worker to stop"))
+        assert 0 < rec["tokens_emitted"] < 1_000_000
+        no_leaks(f.proxy)
+        assert metric(f.proxy, "turbofleet_upstream_tries_total", outcome="cancelled") == 1
+        assert not node(f.proxy, f["A"].url)["health"]["out"]  # the worker was not blamed
+        # the proxy closed the connection: reading what it had buffered ends in EOF (or a reset), never hangs
+        sock.settimeout(10)
+        try:
+            while sock.recv(1 << 16):
+                pass
+        except ConnectionResetError:
+            pass
+    finally:
+        sock.close()
+        f.stop()

@@ -112,8 +112,7 @@ def test_many_disconnects_leak_nothing(fleet: Fleet) -> None:
 
 
 def test_disconnect_during_prefill_before_the_first_byte(fleet: Fleet) -> None:
-    """A 250-token prompt takes the worker 2.5 s to prefill; the client leaves after the worker started.
-    (Last in the module: the worker's engine finishes the prefill step it is in before it takes new work.)"""
+    """A 250-token prompt takes the worker 2.5 s to prefill; the client leaves after the worker started."""
     n = fleet["A"].stats()["requests"]["cancelled"]
     before = metric(fleet.proxy, "turbofleet_client_disconnects_total")
     prompt = " ".join(f"w{i}" for i in range(250))

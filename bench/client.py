@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.workloads import RequestSpec
+from bench.workloads import RequestSpec, salt_messages
 
 ROUTE_HEADERS = ("X-Turbofleet-Worker", "X-Turbofleet-Route")
 
@@ -48,10 +48,11 @@ class RequestResult:
         return self.chunk_times[0] - self.start if self.chunk_times else None
 
 
-def chat_body(spec: RequestSpec, model: str, stream: bool = True) -> dict[str, Any]:
+def chat_body(spec: RequestSpec, model: str, stream: bool = True, salt: str | None = None) -> dict[str, Any]:
+    """The request body of `spec`; with `salt`, the run marker opens the first message (workloads.salt_messages)."""
     body: dict[str, Any] = {
         "model": model,
-        "messages": spec.messages,
+        "messages": salt_messages(spec.messages, salt),
         "max_tokens": spec.max_tokens,
         "stream": stream,
         "ignore_eos": True,
@@ -144,14 +145,15 @@ async def send_chat(
     model: str,
     t0: float,
     extra_headers: dict[str, str] | None = None,
+    salt: str | None = None,
 ) -> RequestResult:
     """POST one streaming chat completion to `base_url` and measure it. Never raises for request failures:
-    the failure kind lands in `RequestResult.error`."""
+    the failure kind lands in `RequestResult.error`. `salt`: the run's marker (see chat_body)."""
     url = base_url.rstrip("/") + "/v1/chat/completions"
     headers = {**spec.headers, **(extra_headers or {})}
     res = RequestResult(index=spec.index, session=spec.session, url=base_url, start=time.perf_counter() - t0)
     try:
-        async with session.post(url, json=chat_body(spec, model), headers=headers) as resp:
+        async with session.post(url, json=chat_body(spec, model, salt=salt), headers=headers) as resp:
             res.status = resp.status
             for name in ROUTE_HEADERS:
                 if name in resp.headers:

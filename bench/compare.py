@@ -1,5 +1,6 @@
 """`turbofleet bench compare`: the same workload through each router, in front of a fresh simulated fleet
-(restarted per router so every run starts with cold caches), printed side by side."""
+(restarted per router so every run starts with cold caches) or of servers already running (`--fleet-url`,
+where each run's prompts are salted so that no run finds another's prompts cached), printed side by side."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,26 @@ import aiohttp
 
 from bench import aio, report
 from bench.client import RequestResult, make_session, send_chat
-from bench.fleet import Child, Fleet, cpu_busy, cpu_times, free_port, group_cpu_seconds, spawn, wait_ready
-from bench.output import write_json
+from bench.fleet import (
+    REQUESTS_METRIC,
+    Child,
+    ExternalFleet,
+    Fleet,
+    WorkerFleet,
+    cpu_busy,
+    cpu_times,
+    free_port,
+    group_cpu_seconds,
+    parse_fleet_urls,
+    spawn,
+    wait_ready,
+)
+from bench.output import detect_model, write_json
 from bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
 from bench.plan import Plan, PlanError, build_plan, execute
 from bench.runner import RunOptions, Targets
 from bench.stats import summarize
-from bench.workloads import RequestSpec
+from bench.workloads import RequestSpec, new_salt
 
 DEFAULT_MODEL = "sim-model"
 
@@ -80,6 +95,52 @@ async def warm_up(session: aiohttp.ClientSession, urls: list[str], model: str, w
             await asyncio.sleep(0.3)
 
 
+def routed_counts(results: Sequence[RequestResult], names: Sequence[str]) -> dict[str, float] | None:
+    """Requests per worker from the run's own answers: the worker ideal pinning sent each successful request to,
+    or the one a turbofleet proxy named in its X-Turbofleet-Worker header (`RequestResult.worker`, already
+    renamed w0, w1, ...). Every worker is listed, 0 when it got nothing, so the imbalance of a router that starves
+    one shows; None when a successful request cannot be put on a worker of the fleet (a router that names none)."""
+    counts = dict.fromkeys(names, 0.0)
+    for r in results:
+        if r.error is not None:
+            continue
+        if r.worker not in counts:
+            return None
+        counts[r.worker] += 1
+    return counts
+
+
+def counter_growth(before: dict[str, float], after: dict[str, float], names: dict[str, str]) -> dict[str, float] | None:
+    """Each worker's request counter after minus before, by worker name; None unless both readings cover every
+    worker."""
+    if not before or not after or set(before) != set(names) or set(after) != set(names):
+        return None
+    return {names[u]: after[u] - before[u] for u in names}
+
+
+async def settled_growth(
+    fleet: WorkerFleet,
+    session: aiohttp.ClientSession,
+    before: dict[str, float],
+    expected: int,
+    wait_s: float = 5.0,
+) -> dict[str, float] | None:
+    """The counters' growth over the run, once it adds up to the run's `expected` successful requests (a server
+    may count a request a moment after its stream ended). None when unreadable, or when it does not add up within
+    wait_s: other clients' requests, or a server that counts otherwise; a count we cannot trust is not reported."""
+    names = {u: f"w{i}" for i, u in enumerate(fleet.urls)}
+    deadline = time.monotonic() + wait_s
+    while True:
+        growth = counter_growth(before, await fleet.request_counts(session), names)
+        if growth is None:
+            return None
+        if round(sum(growth.values())) == expected:
+            return growth
+        if time.monotonic() > deadline:
+            return None
+        await asyncio.sleep(0.2)
+
+
 async def run_one(
     spec: RouterSpec,
     plan: Plan,
@@ -88,10 +149,16 @@ async def run_one(
     log_dir: Path,
     redis_url: str | None,
     session: aiohttp.ClientSession,
+    salt: str | None = None,
 ) -> tuple[dict[str, Any], list[RequestResult]]:
-    """Fresh fleet, router in front, workload through it; always tears both down."""
+    """Router in front of the workers (a fresh simulated fleet, or the --fleet-url servers), workload through it
+    (every prompt opened by the run marker `salt`, when given); always tears down what it started."""
     tag = spec.label.replace(":", "-")
-    fleet = Fleet(args.workers, model, shlex.split(args.sim_args), log_dir, tag=f"-{tag}")
+    fleet: WorkerFleet
+    if args.fleet_url:
+        fleet = ExternalFleet(args.fleet_url)
+    else:
+        fleet = Fleet(args.workers, model, shlex.split(args.sim_args), log_dir, tag=f"-{tag}")
     children: list[Child] = []
     try:
         await fleet.start(session)
@@ -124,6 +191,7 @@ async def run_one(
             timeout=args.timeout,
             progress=not args.quiet and sys.stderr.isatty(),
             label=f"{spec.label:<26}",
+            salt=salt,
         )
         router_pg, sim_pg = {c.popen.pid for c in children}, {c.popen.pid for c in fleet.children}
         groups0, self0, wall0, cpu0 = (
@@ -136,23 +204,47 @@ async def run_one(
         busy = cpu_busy(cpu0, cpu_times())
         groups1, self1, wall1 = group_cpu_seconds(router_pg | sim_pg), time.process_time(), time.perf_counter()
         router_s = sum(groups1[p] - groups0[p] for p in router_pg) if router_pg else None
-        workers_s = sum(groups1[p] - groups0[p] for p in sim_pg)
+        # servers we did not start (--fleet-url) run elsewhere or under someone else: not measured
+        workers_s = sum(groups1[p] - groups0[p] for p in sim_pg) if fleet.simulated else None
+        own_s = (router_s or 0.0) + (workers_s or 0.0) + self1 - self0
         cpu = {
             "router_s": router_s,
             "workers_s": workers_s,
             "client_s": self1 - self0,
             "wall_s": wall1 - wall0,
             # what the bench's own processes asked of the box, whatever else ran beside them
-            "own_share": ((router_s or 0.0) + workers_s + self1 - self0) / ((wall1 - wall0) * (os.cpu_count() or 1)),
+            "own_share": own_s / ((wall1 - wall0) * (os.cpu_count() or 1)),
             "machine_busy": busy,
         }
-        after = await fleet.request_counts(session)
         names = {u: f"w{i}" for i, u in enumerate(fleet.urls)}
-        counts = {names[u]: after[u] - before[u] for u in after} if before and after else None
         for r in results:  # name workers like the fleet, whether the router said (header) or we pinned
             r.worker = names.get(r.url) if launch.pin_workers else names.get(r.worker or "", r.worker)
+        routed = routed_counts(results, list(names.values()))
+        routed_source = "pinned" if launch.pin_workers else "router_header"
+        counts: dict[str, float] | None
+        if fleet.simulated:
+            # Our own sims count exactly this run's requests: their counters first, as always.
+            counts = counter_growth(before, await fleet.request_counts(session), names)
+            source = "worker_metrics" if counts is not None else routed_source if routed is not None else None
+            counts = counts if counts is not None else routed
+        else:
+            # Servers we share with whoever else: what the run itself saw first; their counters only when they
+            # add up to this run's requests.
+            source = routed_source if routed is not None else None
+            counts = routed
+            if counts is None:
+                counts = await settled_growth(fleet, session, before, sum(r.ok for r in results))
+                source = "worker_metrics" if counts is not None else None
+        if counts is None:
+            print(
+                f"bench: {spec.label}: requests per worker unknown (the router names no worker and the servers' "
+                f"{REQUESTS_METRIC} is unreadable or does not add up to the run's requests)",
+                file=sys.stderr,
+            )
         dead = [c.name for c in [*children, *fleet.children] if not c.alive()]
-        summary = summarize(results, counts)
+        summary = summarize(results, counts if counts is not None else {})
+        summary["workers_source"] = source
+        summary["salt"] = salt
         summary["cpu_busy"] = busy
         summary["cpu"] = cpu
         if dead:
@@ -164,12 +256,28 @@ async def run_one(
         fleet.stop()
 
 
-async def _compare(args: argparse.Namespace, plan: Plan, specs: list[RouterSpec], model: str, log_dir: Path) -> int:
+async def _compare(
+    args: argparse.Namespace, plan: Plan, specs: list[RouterSpec], model: str | None, log_dir: Path
+) -> int:
+    fleet_urls: list[str] | None = args.fleet_url
+    if model is None and fleet_urls:
+        model = await detect_model(fleet_urls[0])
+        if model is None:
+            print(f"bench compare: no --model and {fleet_urls[0]}/v1/models named none", file=sys.stderr)
+            return 2
+    model = model or DEFAULT_MODEL
+    salted = args.salt_runs if args.salt_runs is not None else bool(fleet_urls)
     redis_child: Child | None = None
     redis_url = args.redis
     summaries: dict[str, dict[str, Any]] = {}
     results: dict[str, list[RequestResult]] = {}
-    print(f"{plan.describe()}; {args.workers} sim workers {args.sim_args!r}", file=sys.stderr)
+    where = (
+        f"the {len(fleet_urls)} servers {', '.join(fleet_urls)}"
+        if fleet_urls
+        else f"{args.workers} sim workers {args.sim_args!r}"
+    )
+    print(f"{plan.describe()}; {where}; model {model}{'; salted runs' if salted else ''}", file=sys.stderr)
+    salts: set[str] = set()
     try:
         if any(s.kind in REDIS_KINDS for s in specs) and not redis_url:
             try:
@@ -178,9 +286,14 @@ async def _compare(args: argparse.Namespace, plan: Plan, specs: list[RouterSpec]
                 print(f"bench: no redis for {', '.join(sorted(REDIS_KINDS))}: {e}", file=sys.stderr)
         async with make_session(timeout=30) as session:
             for spec in specs:
+                salt = None
+                while salted and (salt is None or salt in salts):  # a marker no earlier run of this compare used
+                    salt = new_salt()
+                if salt is not None:
+                    salts.add(salt)
                 try:
                     summaries[spec.label], results[spec.label] = await run_one(
-                        spec, plan, args, model, log_dir, redis_url, session
+                        spec, plan, args, model, log_dir, redis_url, session, salt
                     )
                 except LookupError as e:
                     summaries[spec.label] = {"skipped": str(e)}
@@ -192,13 +305,21 @@ async def _compare(args: argparse.Namespace, plan: Plan, specs: list[RouterSpec]
         if redis_child:
             redis_child.stop()
     print(report.compare(summaries))
+    if fleet_urls:
+        print(
+            "(--fleet-url: own % counts the router and the client only; workers are "
+            + ", ".join(f"w{i} {u}" for i, u in enumerate(fleet_urls))
+            + ")"
+        )
     if args.json:
         write_json(
             args.json,
             {
                 "workload": plan.describe(),
-                "workers": args.workers,
-                "sim_args": args.sim_args,
+                "workers": len(fleet_urls) if fleet_urls else args.workers,
+                "fleet_urls": fleet_urls,
+                "sim_args": None if fleet_urls else args.sim_args,
+                "salted": salted,
                 "model": model,
                 "machine": machine(),
                 "command": sys.argv,
@@ -220,11 +341,17 @@ def run_compare(args: argparse.Namespace, what: list[str]) -> int:
     try:
         plan = build_plan(args, what)
         specs = parse_routers(args.routers or DEFAULT_COMPARE_ROUTERS)
+        if args.fleet_url:
+            args.fleet_url = parse_fleet_urls(args.fleet_url)
+            if args.workers is not None and args.workers != len(args.fleet_url):
+                raise ValueError(f"--workers {args.workers} but --fleet-url names {len(args.fleet_url)} servers")
+            if args.sim_args:
+                raise ValueError("--sim-args is for the simulated fleet; --fleet-url servers are already running")
     except (PlanError, ValueError, OSError) as e:
         print(f"bench compare: {e}", file=sys.stderr)
         return 2
     if args.workers is None:
-        args.workers = 4
+        args.workers = len(args.fleet_url) if args.fleet_url else 4
     if args.ideal_pinning and not any(s.kind == "ideal" for s in specs):
         specs.append(RouterSpec("ideal", "hash"))
     with contextlib.ExitStack() as stack:
@@ -233,4 +360,4 @@ def run_compare(args: argparse.Namespace, what: list[str]) -> int:
             log_dir.mkdir(parents=True, exist_ok=True)
         else:
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tf-bench-")))
-        return aio.run(_compare(args, plan, specs, args.model or DEFAULT_MODEL, log_dir))
+        return aio.run(_compare(args, plan, specs, args.model, log_dir))

@@ -1,5 +1,6 @@
 """Child processes for the bench: a fleet of simulated workers, routers, redis, nginx. Started with their own
-process group and output in a log file; stopped with SIGTERM, then SIGKILL, by the ids we started."""
+process group and output in a log file; stopped with SIGTERM, then SIGKILL, by the ids we started. Also the
+stand-in for a fleet that is already running (`--fleet-url`), which the bench neither starts nor stops."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -145,8 +148,45 @@ def sim_argv(port: int, model: str, extra: Sequence[str] = ()) -> list[str]:
     ]
 
 
+async def read_request_counts(session: aiohttp.ClientSession, urls: Sequence[str]) -> dict[str, float]:
+    """Requests each worker has finished so far (LMDeploy's counter on /metrics, which the sims keep too);
+    {} when any worker's is unreadable or missing."""
+
+    async def one(url: str) -> float | None:
+        try:
+            async with session.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                if resp.status != 200:
+                    return None
+                return parse_prometheus(await resp.text()).get(REQUESTS_METRIC)
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    values = await asyncio.gather(*(one(u) for u in urls))
+    if not values or any(v is None for v in values):
+        return {}
+    return {u: float(v or 0.0) for u, v in zip(urls, values, strict=True)}
+
+
+class WorkerFleet(Protocol):
+    """The workers a compare run puts a router in front of: a fresh simulated fleet, or servers already running."""
+
+    simulated: bool  # our own sim processes: cold caches, their CPU measured, their counters ours alone
+    children: list[Child]
+
+    @property
+    def urls(self) -> list[str]: ...
+
+    async def start(self, session: aiohttp.ClientSession) -> None: ...
+
+    async def request_counts(self, session: aiohttp.ClientSession) -> dict[str, float]: ...
+
+    def stop(self) -> None: ...
+
+
 class Fleet:
     """N simulated LMDeploy api_servers (`turbofleet sim-worker`) on free 127.0.0.1 ports."""
+
+    simulated = True
 
     def __init__(self, n: int, model: str, sim_args: Sequence[str], log_dir: Path, tag: str = "") -> None:
         self.n, self.model, self.sim_args, self.log_dir, self.tag = n, model, list(sim_args), log_dir, tag
@@ -166,23 +206,65 @@ class Fleet:
         )
 
     async def request_counts(self, session: aiohttp.ClientSession) -> dict[str, float]:
-        """Requests each worker has finished so far (LMDeploy's counter on /metrics); {} when unreadable."""
-
-        async def one(url: str) -> float | None:
-            try:
-                async with session.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                    if resp.status != 200:
-                        return None
-                    return parse_prometheus(await resp.text()).get(REQUESTS_METRIC)
-            except (aiohttp.ClientError, TimeoutError):
-                return None
-
-        values = await asyncio.gather(*(one(u) for u in self.urls))
-        if any(v is None for v in values):
-            return {}
-        return {u: float(v or 0.0) for u, v in zip(self.urls, values, strict=True)}
+        return await read_request_counts(session, self.urls)
 
     def stop(self) -> None:
         for c in self.children:
             c.stop()
         self.children.clear()
+
+
+def parse_fleet_urls(values: Sequence[str]) -> list[str]:
+    """`--fleet-url` values (each one URL or several separated by commas) -> base URLs in the order given, as a
+    router names them back: scheme://host:port[/path], no trailing slash, no trailing /v1 (http:// when no
+    scheme is given). Raises ValueError on an empty list, a URL without a host, or a URL given twice."""
+    out: list[str] = []
+    for value in values:
+        for raw in value.split(","):
+            url = raw.strip()
+            if not url:
+                continue
+            if "://" not in url:
+                url = "http://" + url
+            url = url.rstrip("/")
+            url = url.removesuffix("/v1").rstrip("/")
+            parts = urlsplit(url)
+            try:
+                parts.port  # noqa: B018 - raises ValueError on a malformed port
+            except ValueError:
+                raise ValueError(f"--fleet-url {raw.strip()!r} has a bad port") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"--fleet-url {raw.strip()!r} is not an http(s) URL")
+            if url in out:
+                raise ValueError(f"--fleet-url {url} is given twice")
+            out.append(url)
+    if not out:
+        raise ValueError("--fleet-url names no URL")
+    return out
+
+
+class ExternalFleet:
+    """OpenAI-compatible servers that are already running (`--fleet-url`): nothing to start or stop. Their
+    caches are warm from whatever ran before (compare salts each run's prompts), their CPU is not ours to
+    measure, and their counters may count other clients' requests too."""
+
+    simulated = False
+
+    def __init__(self, urls: Sequence[str], wait_s: float = 15.0) -> None:
+        self._urls = list(urls)
+        self.wait_s = wait_s
+        self.children: list[Child] = []
+
+    @property
+    def urls(self) -> list[str]:
+        return list(self._urls)
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        """Check that every server answers GET /v1/models (RuntimeError when one does not within wait_s)."""
+        await asyncio.gather(*(wait_ready(session, f"{u}/v1/models", None, self.wait_s) for u in self._urls))
+
+    async def request_counts(self, session: aiohttp.ClientSession) -> dict[str, float]:
+        return await read_request_counts(session, self._urls)
+
+    def stop(self) -> None:
+        pass

@@ -1,8 +1,9 @@
-"""`turbofleet bench`: replay a workload against a URL, compare routers on a simulated fleet, or measure router
-overhead against instant backends.
+"""`turbofleet bench`: replay a workload against a URL, compare routers on a simulated fleet (or in front of
+servers already running), or measure router overhead against instant backends.
 
   turbofleet bench WORKLOAD --url URL [--model M] [workload options] [--json OUT] [--plot DIR]
   turbofleet bench compare WORKLOAD [workload options] --workers N --routers SPEC,SPEC,...
+  turbofleet bench compare WORKLOAD [workload options] --fleet-url URL [--fleet-url URL ...] --routers SPEC,...
   turbofleet bench overhead --workers 2 --routers turbofleet,lmdeploy,sglang,vllm [--stream]
 
 WORKLOAD is multiround | shared-prefix | random | trace FILE. Defaults are sized for a 2-core box running four
@@ -28,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g = parser.add_argument_group("target and output")
     g.add_argument("--url", help="OpenAI-compatible base URL (a router or one worker)")
-    g.add_argument("--model", help="model name (default: the first of URL/v1/models; compare: sim-model)")
+    g.add_argument(
+        "--model",
+        help="model name (default: the first of URL/v1/models; compare: sim-model, or with --fleet-url the first "
+        "of the first fleet URL's /v1/models)",
+    )
     g.add_argument("--json", metavar="OUT", help="write the summary (and per-router summaries) as JSON")
     g.add_argument("--plot", metavar="DIR", help="write ttft_cdf.png and throughput.png into DIR")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -101,6 +106,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--sim-args", default="", help='extra sim-worker flags, quoted: "--max-batch 8 ..."')
     g.add_argument(
+        "--fleet-url",
+        action="append",
+        metavar="URL",
+        help="compare: no simulated fleet; put every router in front of these running OpenAI-compatible servers "
+        "(w0, w1, ... in the order given). Repeat it, or list several URLs separated by commas. Each run's "
+        "prompts are salted (see --salt-runs)",
+    )
+    g.add_argument(
+        "--salt-runs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="open every prompt of a run with a line `[run SALT]`, a fresh SALT per run, so that no run finds "
+        "another run's prompts in a server's prefix cache (default: on with --fleet-url, off on fresh simulated "
+        "fleets and for a single --url run)",
+    )
+    g.add_argument(
         "--proxy-args",
         default="",
         help='extra flags for every turbofleet proxy, quoted: "--policy-option epsilon=0.25 ..."',
@@ -152,6 +173,7 @@ async def _single(args: argparse.Namespace, what: list[str]) -> int:
     from bench.plan import PlanError, build_plan, execute
     from bench.runner import RunOptions, Targets
     from bench.stats import summarize
+    from bench.workloads import new_salt
 
     if not args.url:
         print("bench: --url is required (or use `bench compare`)", file=sys.stderr)
@@ -167,10 +189,21 @@ async def _single(args: argparse.Namespace, what: list[str]) -> int:
         return 2
     print(plan.describe(), file=sys.stderr)
     opts = RunOptions(
-        model=model, concurrency=args.concurrency, timeout=args.timeout, progress=not args.quiet and sys.stderr.isatty()
+        model=model,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        progress=not args.quiet and sys.stderr.isatty(),
+        salt=new_salt() if args.salt_runs else None,
     )
     results = await execute(plan, Targets([args.url]), opts)
-    summary = {"workload": plan.name, "url": args.url, "model": model, **summarize(results), **plan.meta}
+    summary = {
+        "workload": plan.name,
+        "url": args.url,
+        "model": model,
+        "salt": opts.salt,
+        **summarize(results),
+        **plan.meta,
+    }
     print(report.single(summary))
     if args.json:
         write_json(args.json, {**summary, "config": vars(args) | {"what": what}})

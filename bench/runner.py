@@ -85,6 +85,7 @@ class RunOptions:
     progress: bool = True
     label: str = ""
     extra_headers: dict[str, str] = field(default_factory=dict)
+    salt: str | None = None  # the run marker every prompt opens with (workloads.salt_messages); None: unsalted
 
 
 async def _sleep_until(t0: float, offset: float) -> None:
@@ -104,7 +105,7 @@ async def run_static(
     t0 = time.perf_counter()
 
     async def one(spec: RequestSpec) -> None:
-        res = await send_chat(sess, targets.pick(spec), spec, opts.model, t0, opts.extra_headers)
+        res = await send_chat(sess, targets.pick(spec), spec, opts.model, t0, opts.extra_headers, opts.salt)
         results.append(res)
         progress.update(res)
 
@@ -159,7 +160,7 @@ async def run_multiround(
             spec = user.next_request(answer, index=user.user * rounds + r)
             if spec is None:
                 break
-            res = await send_chat(sess, targets.pick(spec), spec, opts.model, t0, opts.extra_headers)
+            res = await send_chat(sess, targets.pick(spec), spec, opts.model, t0, opts.extra_headers, opts.salt)
             results.append(res)
             progress.update(res)
             # A failed round keeps the count of requests the same for every router: go on with an empty answer.

@@ -89,7 +89,7 @@ def throughput_series(results: Sequence[Timeline], bucket_s: float = 1.0) -> lis
 
 def summarize(results: Sequence[Timeline], worker_counts: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The report of one run. `worker_counts` (requests per worker, e.g. from the workers' /metrics) wins over
-    the route headers the router may have returned."""
+    the route headers the router may have returned; an empty one says the counts are unknown."""
     ok = [r for r in results if r.error is None]
     errors = Counter(r.error for r in results if r.error is not None)
     duration = (max(r.end for r in results) - min(r.start for r in results)) if results else 0.0
@@ -98,7 +98,7 @@ def summarize(results: Sequence[Timeline], worker_counts: Mapping[str, float] | 
     e2e = [r.end - r.start for r in ok]
     out_tokens = sum(r.completion_tokens for r in ok)
     routed = Counter(r.worker for r in ok if r.worker)
-    counts: dict[str, float] = dict(worker_counts) if worker_counts else dict(routed)
+    counts: dict[str, float] = dict(worker_counts) if worker_counts is not None else dict(routed)
     return {
         "requests": len(results),
         "ok": len(ok),

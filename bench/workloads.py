@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import secrets
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -53,6 +54,36 @@ class RequestSpec:
     headers: dict[str, str] = field(default_factory=dict)
     user: str | None = None
     prompt_tokens: int = 0  # words in the messages, before any chat template
+
+
+# --- run salt ---------------------------------------------------------------------------------------------
+
+
+def new_salt() -> str:
+    """A run marker: 6 random hex digits."""
+    return secrets.token_hex(3)
+
+
+def salt_marker(salt: str) -> str:
+    """The line a salted run puts in front of every prompt: `[run 3fa9c2]`."""
+    return f"[run {salt}]"
+
+
+def salt_messages(messages: list[dict[str, str]], salt: str | None) -> list[dict[str, str]]:
+    """`messages` with the run marker line at the very start of the first message's content (before the system
+    prompt, when there is one); `messages` itself when `salt` is None. A copy: the workload's own messages (a
+    multi-round user's history) stay unsalted.
+
+    Every prompt of one run gets the same marker, so whatever the run's prompts share (one system prompt across
+    sessions, a session's history across its rounds) they still share, marker included; and since a prefix cache
+    chains each block to the blocks before it, no block of one run's prompts matches another run's. A server
+    whose cache pages are smaller than its chat template's opening (a radix tree with pages of one token) can
+    still match those few template tokens, which come before the marker. The marker costs a few tokens (two
+    whitespace words, which is what the simulator counts)."""
+    if salt is None or not messages:
+        return messages
+    first = messages[0]
+    return [{**first, "content": f"{salt_marker(salt)}\n{first.get('content', '')}"}, *messages[1:]]
 
 
 # --- arrivals ---------------------------------------------------------------------------------------------

@@ -66,10 +66,15 @@ def chat_body(spec: RequestSpec, model: str, stream: bool = True, salt: str | No
 
 
 def make_session(limit: int = 4096, timeout: float = 600.0) -> aiohttp.ClientSession:
-    """The single session of a run: a connection pool large enough never to queue the workload's requests."""
+    """The single session of a run: a connection pool large enough never to queue the workload's requests.
+    It does not decompress (streams are timed as the bytes arrive), so it asks for no compression either:
+    LMDeploy's /metrics (prometheus_client) gzips whatever advertises gzip."""
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ttl_dns_cache=300)
     return aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=timeout), auto_decompress=False
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        auto_decompress=False,
+        headers={"Accept-Encoding": "identity"},
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import itertools
 import json
 import time
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from bench import workloads as wl
 from bench.client import RequestResult, make_session, send_chat
+from bench.fleet import read_request_counts
 from bench.output import detect_model, parse_prometheus
 from bench.runner import RunOptions, Targets, run_multiround, run_static
 from bench.stats import summarize
@@ -81,12 +83,21 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Like prometheus_client (LMDeploy's /metrics): gzip for whoever advertises it."""
+    text = b'lmdeploy:request_success_total{model="fake-model"} 5\n'
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        return web.Response(body=gzip.compress(text), headers={"Content-Encoding": "gzip"})
+    return web.Response(body=text, content_type="text/plain")
+
+
 @pytest.fixture
 async def fake() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
     app = web.Application()
     app[RECEIVED] = []
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -181,6 +192,12 @@ async def test_run_multiround_uses_returned_answers(fake: tuple[str, list[dict[s
         for prev, nxt in itertools.pairwise(bodies):
             assert nxt["messages"][: len(prev["messages"])] == prev["messages"]
             assert nxt["messages"][len(prev["messages"])] == {"role": "assistant", "content": "tok0 tok1 tok2 tok3 "}
+
+
+async def test_worker_counters_read_from_a_gzipping_metrics_endpoint(fake: tuple[str, list[dict[str, Any]]]) -> None:
+    url, _ = fake
+    async with make_session(timeout=5) as session:
+        assert await read_request_counts(session, [url]) == {url: 5.0}
 
 
 def test_targets_modes() -> None:

@@ -37,7 +37,7 @@ from bench.fleet import (
     spawn,
     wait_ready,
 )
-from bench.output import detect_model, write_json
+from bench.output import detect_model, write_json, write_requests
 from bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
 from bench.plan import Plan, PlanError, build_plan, execute
 from bench.runner import RunOptions, Targets
@@ -327,6 +327,8 @@ async def _compare(
                 "runs": summaries,
             },
         )
+    if args.requests_out and results:
+        write_requests(args.requests_out, results)
     if args.plot and results:
         from bench.plots import plot_runs
 

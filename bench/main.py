@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "of the first fleet URL's /v1/models)",
     )
     g.add_argument("--json", metavar="OUT", help="write the summary (and per-router summaries) as JSON")
+    g.add_argument(
+        "--requests-out",
+        metavar="FILE",
+        help="write every request (router, session, worker, start, TTFT, tokens) as JSON lines",
+    )
     g.add_argument("--plot", metavar="DIR", help="write ttft_cdf.png and throughput.png into DIR")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s (default 600)")
@@ -169,7 +174,7 @@ async def _single(args: argparse.Namespace, what: list[str]) -> int:
     import sys
 
     from bench import report
-    from bench.output import detect_model, write_json
+    from bench.output import detect_model, write_json, write_requests
     from bench.plan import PlanError, build_plan, execute
     from bench.runner import RunOptions, Targets
     from bench.stats import summarize
@@ -207,6 +212,8 @@ async def _single(args: argparse.Namespace, what: list[str]) -> int:
     print(report.single(summary))
     if args.json:
         write_json(args.json, {**summary, "config": vars(args) | {"what": what}})
+    if args.requests_out:
+        write_requests(args.requests_out, {args.url: results})
     if args.plot:
         from bench.plots import plot_runs
 

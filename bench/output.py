@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+
+if TYPE_CHECKING:
+    from bench.client import RequestResult
 
 
 def _clean(x: Any) -> Any:
@@ -26,6 +30,34 @@ def write_json(path: str | Path, data: Any) -> None:
     if p.parent != Path():
         p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(_clean(data), indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_requests(path: str | Path, runs: Mapping[str, Sequence[RequestResult]]) -> None:
+    """One JSON line per request of every run (`router` names the run): when it started and ended on the run's
+    clock, TTFT, where it went, what the worker reported, how it failed. For looking at a tail request by
+    request; the summary JSON has only percentiles."""
+    p = Path(path)
+    if p.parent != Path():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("w") as f:
+        for label, results in runs.items():
+            for r in results:
+                ttft = r.ttft
+                row = {
+                    "router": label,
+                    "index": r.index,
+                    "session": r.session,
+                    "worker": r.worker,
+                    "start_s": round(r.start, 6),
+                    "ttft_ms": None if ttft is None else round(ttft * 1000.0, 3),
+                    "e2e_ms": round((r.end - r.start) * 1000.0, 3) if r.end else None,
+                    "prompt_tokens": r.prompt_tokens,
+                    "cached_tokens": r.cached_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "status": r.status,
+                    "error": r.error,
+                }
+                f.write(json.dumps(row) + "\n")
 
 
 async def detect_model(base_url: str, wait_s: float = 10.0) -> str | None:

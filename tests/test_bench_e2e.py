@@ -141,6 +141,8 @@ def test_compare_on_fresh_fleets(tmp_path: Path) -> None:
             "--quiet",
             "--json",
             str(out),
+            "--requests-out",
+            str(tmp_path / "requests.jsonl"),
             "--log-dir",
             str(tmp_path / "logs"),
         ]
@@ -149,6 +151,12 @@ def test_compare_on_fresh_fleets(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     runs = data["runs"]
     assert set(runs) == {*routers, "ideal:hash"}
+    rows = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    for label in runs:  # every request of every run, each with its timing and where it went
+        mine = [r for r in rows if r["router"] == label]
+        assert sorted(r["index"] for r in mine) == list(range(8))
+        assert all(r["status"] == 200 and r["error"] is None and r["worker"] in ("w0", "w1") for r in mine)
+        assert all(0 < r["ttft_ms"] <= r["e2e_ms"] and r["completion_tokens"] == 4 for r in mine)
     for s in runs.values():
         assert s["ok"] == 8 and s["errors"] == 0
         assert set(s["workers"]) == {"w0", "w1"} and sum(s["workers"].values()) == 8

@@ -41,6 +41,7 @@ class Plan:
                 f"multiround: {c.users} users x {c.rounds} rounds, system {c.system_tokens}, doc "
                 f"{c.first_doc_tokens}, question {c.question_tokens}, answer {c.answer_tokens} tokens, "
                 f"think {c.think_time}s"
+                + (f", users arriving at {self.user_rate:g}/s (Poisson)" if self.user_rate else "")
             )
         arrivals = "open loop" if self.specs and self.specs[0].arrival is not None else "closed loop"
         prompt = sum(s.prompt_tokens for s in self.specs) / max(1, len(self.specs))
@@ -64,7 +65,7 @@ def build_plan(args: argparse.Namespace, what: list[str]) -> Plan:
             session_header=not args.no_session_header,
             seed=seed,
         )
-        rate = args.rate if args.arrival == "poisson" else None
+        rate = args.rate if args.arrival in (None, "poisson") else None  # --rate alone means poisson, as elsewhere
         return Plan(name, multiround=cfg, user_rate=rate, seed=seed)
     if name == "shared-prefix":
         specs = wl.shared_prefix(

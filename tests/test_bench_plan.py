@@ -37,6 +37,9 @@ def test_multiround_plan_defaults_for_a_small_box() -> None:
     )
     assert p.total == 6 and p.user_rate == 2.0 and p.multiround is not None and not p.multiround.session_header
     assert "3 users x 2 rounds" in p.describe()
+    # --rate alone means Poisson arrivals of users, as for the other workloads; closed loop keeps them all at once
+    assert plan_for("multiround", "--url", "http://x", "--rate", "4").user_rate == 4.0
+    assert plan_for("multiround", "--url", "http://x", "--rate", "4", "--arrival", "closed").user_rate is None
 
 
 def test_static_plans_and_arrivals() -> None:

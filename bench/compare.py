@@ -12,7 +12,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -37,7 +36,7 @@ from bench.fleet import (
     spawn,
     wait_ready,
 )
-from bench.output import detect_model, write_json, write_requests
+from bench.output import detect_model, run_log_dir, write_json, write_requests
 from bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
 from bench.plan import Plan, PlanError, build_plan, execute
 from bench.runner import RunOptions, Targets
@@ -357,9 +356,4 @@ def run_compare(args: argparse.Namespace, what: list[str]) -> int:
     if args.ideal_pinning and not any(s.kind == "ideal" for s in specs):
         specs.append(RouterSpec("ideal", "hash"))
     with contextlib.ExitStack() as stack:
-        if args.log_dir:
-            log_dir = Path(args.log_dir)
-            log_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tf-bench-")))
-        return aio.run(_compare(args, plan, specs, args.model, log_dir))
+        return aio.run(_compare(args, plan, specs, args.model, run_log_dir(stack, args.log_dir, "tf-bench-")))

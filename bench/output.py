@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,15 @@ def _clean(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [_clean(v) for v in x]
     return x
+
+
+def run_log_dir(stack: contextlib.ExitStack, path: str | None, prefix: str) -> Path:
+    """Where a run's child processes log: `path` (created), else a temporary directory `stack` removes."""
+    if path:
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +27,7 @@ import aiohttp
 from bench import aio, report
 from bench.compare import DEFAULT_MODEL, machine, start_redis
 from bench.fleet import Child, free_port, sim_argv, spawn, wait_ready
-from bench.output import write_json
+from bench.output import run_log_dir, write_json
 from bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
 from bench.stats import percentile
 
@@ -357,9 +356,4 @@ def run_overhead(args: argparse.Namespace) -> int:
         args.workers = 2
     use_nginx = args.backend == "nginx" or (args.backend == "auto" and os.path.exists(NGINX))
     with contextlib.ExitStack() as stack:
-        if args.log_dir:
-            d = Path(args.log_dir)
-            d.mkdir(parents=True, exist_ok=True)
-        else:
-            d = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tf-overhead-")))
-        return aio.run(_overhead(args, specs, d, use_nginx))
+        return aio.run(_overhead(args, specs, run_log_dir(stack, args.log_dir, "tf-overhead-"), use_nginx))

@@ -35,7 +35,7 @@ def open_request(fleet: Fleet, body: dict[str, Any]) -> http.client.HTTPConnecti
     return conn
 
 
-def cancelled_since(fleet: Fleet, n: int) -> dict[str, Any]:
+def cancelled_since(fleet: Fleet, n: int, timeout: float = 5) -> dict[str, Any]:
     """The worker's record of the (n+1)-th cancellation, once it exists."""
 
     def got() -> dict[str, Any] | None:
@@ -44,7 +44,7 @@ def cancelled_since(fleet: Fleet, n: int) -> dict[str, Any]:
             return dict(stats["recent_cancelled"][-1])
         return None
 
-    return dict(wait_until(got, 5, what="the worker to cancel the generation"))
+    return dict(wait_until(got, timeout, what="the worker to cancel the generation"))
 
 
 def settled(fleet: Fleet) -> None:
@@ -146,9 +146,7 @@ def test_client_that_stops_reading_is_dropped_after_the_idle_timeout(tmp_path_fa
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         sock.sendall(head + body)
         # never read: the worker keeps producing until the proxy gives up on this client
-        rec = dict(wait_until(lambda: f["A"].stats()["recent_cancelled"][-1]
-                              if f["A"].stats()["requests"]["cancelled"] > n else None,
-                              30, what="the proxy to drop the stalled client and the worker to stop"))
+        rec = cancelled_since(f, n, timeout=30)  # the proxy dropped the stalled client, the worker stopped
         assert 0 < rec["tokens_emitted"] < 1_000_000
         no_leaks(f.proxy)
         assert metric(f.proxy, "turbofleet_upstream_tries_total", outcome="cancelled") == 1

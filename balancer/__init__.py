@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from balancer.basic import LeastQueue, Random, RoundRobin
-from balancer.kv_aware import KvAware
-from balancer.lmdeploy import MinExpectedLatency, MinObservedLatency
-from balancer.policy import (
+from turbofleet.balancer.basic import LeastQueue, Random, RoundRobin
+from turbofleet.balancer.kv_aware import KvAware
+from turbofleet.balancer.lmdeploy import MinExpectedLatency, MinObservedLatency
+from turbofleet.balancer.policy import (
     DRAINING,
     EJECTED,
     PIN_UNAVAILABLE,
@@ -29,7 +29,7 @@ from balancer.policy import (
     route,
     unavailable_because,
 )
-from balancer.prefix import DEFAULT_BLOCK_CHARS, PrefixIndex, block_hashes
+from turbofleet.balancer.prefix import DEFAULT_BLOCK_CHARS, PrefixIndex, block_hashes
 
 _FACTORIES: dict[str, Callable[..., Policy]] = {
     "round_robin": RoundRobin,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from balancer.policy import WorkerView
+from turbofleet.balancer.policy import WorkerView
 
 #: what `add` returns and `done` takes back: (tick, backlog ahead, tokens ever routed to the worker, tokens added)
 Routed = tuple[int, float, float, float]

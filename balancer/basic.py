@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from balancer.policy import Decision, Outcome, RouteRequest, WorkerView
+from turbofleet.balancer.policy import Decision, Outcome, RouteRequest, WorkerView
 
 
 class RoundRobin:

@@ -51,11 +51,11 @@ import random
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from balancer.backlog import Backlog, Routed
-from balancer.policy import PIN_UNAVAILABLE, READY, Decision, Outcome, RouteRequest, WorkerView
-from balancer.positions import Positions
-from balancer.prefix import DEFAULT_BLOCK_CHARS, DEFAULT_MAX_BLOCKS, PrefixIndex
-from balancer.sessions import SessionTracker
+from turbofleet.balancer.backlog import Backlog, Routed
+from turbofleet.balancer.policy import PIN_UNAVAILABLE, READY, Decision, Outcome, RouteRequest, WorkerView
+from turbofleet.balancer.positions import Positions
+from turbofleet.balancer.prefix import DEFAULT_BLOCK_CHARS, DEFAULT_MAX_BLOCKS, PrefixIndex
+from turbofleet.balancer.sessions import SessionTracker
 
 #: see the module docstring
 DEFAULT_EPSILON = 0.5

@@ -15,8 +15,8 @@ import random
 from collections import deque
 from collections.abc import Sequence
 
-from balancer.basic import least_loaded
-from balancer.policy import Decision, Outcome, RouteRequest, WorkerView
+from turbofleet.balancer.basic import least_loaded
+from turbofleet.balancer.policy import Decision, Outcome, RouteRequest, WorkerView
 
 #: LMDeploy's LATENCY_DEQUE_LEN
 LATENCY_WINDOW = 15

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from balancer.policy import WorkerView
+from turbofleet.balancer.policy import WorkerView
 
 #: the map is rebuilt at least this often, so a stale one cannot linger
 REBUILD_EVERY = 1024

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.workloads import RequestSpec, salt_messages
+from turbofleet.bench.workloads import RequestSpec, salt_messages
 
 ROUTE_HEADERS = ("X-Turbofleet-Worker", "X-Turbofleet-Route")
 

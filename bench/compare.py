@@ -20,9 +20,9 @@ from typing import Any
 
 import aiohttp
 
-from bench import aio, report
-from bench.client import RequestResult, make_session, send_chat
-from bench.fleet import (
+from turbofleet.bench import aio, report
+from turbofleet.bench.client import RequestResult, make_session, send_chat
+from turbofleet.bench.fleet import (
     REQUESTS_METRIC,
     Child,
     ExternalFleet,
@@ -36,12 +36,12 @@ from bench.fleet import (
     spawn,
     wait_ready,
 )
-from bench.output import detect_model, run_log_dir, write_json, write_requests
-from bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
-from bench.plan import Plan, PlanError, build_plan, execute
-from bench.runner import RunOptions, Targets
-from bench.stats import summarize
-from bench.workloads import RequestSpec, new_salt
+from turbofleet.bench.output import detect_model, run_log_dir, write_json, write_requests
+from turbofleet.bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
+from turbofleet.bench.plan import Plan, PlanError, build_plan, execute
+from turbofleet.bench.runner import RunOptions, Targets
+from turbofleet.bench.stats import summarize
+from turbofleet.bench.workloads import RequestSpec, new_salt
 
 DEFAULT_MODEL = "sim-model"
 
@@ -329,7 +329,7 @@ async def _compare(
     if args.requests_out and results:
         write_requests(args.requests_out, results)
     if args.plot and results:
-        from bench.plots import plot_runs
+        from turbofleet.bench.plots import plot_runs
 
         for path in plot_runs(results, args.plot, plan.name):
             print(f"wrote {path}", file=sys.stderr)
@@ -337,7 +337,7 @@ async def _compare(
 
 
 def run_compare(args: argparse.Namespace, what: list[str]) -> int:
-    from bench.main import DEFAULT_COMPARE_ROUTERS
+    from turbofleet.bench.main import DEFAULT_COMPARE_ROUTERS
 
     try:
         plan = build_plan(args, what)

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from bench.output import parse_prometheus
+from turbofleet.bench.output import parse_prometheus
 
 REQUESTS_METRIC = "lmdeploy:request_success_total"
 

@@ -156,15 +156,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench import aio
+    from turbofleet.bench import aio
 
     what = list(args.what)
     if what[0] == "compare":
-        from bench.compare import run_compare
+        from turbofleet.bench.compare import run_compare
 
         return run_compare(args, what[1:])
     if what[0] == "overhead":
-        from bench.overhead import run_overhead
+        from turbofleet.bench.overhead import run_overhead
 
         return run_overhead(args)
     return aio.run(_single(args, what))
@@ -173,12 +173,12 @@ def run(args: argparse.Namespace) -> int:
 async def _single(args: argparse.Namespace, what: list[str]) -> int:
     import sys
 
-    from bench import report
-    from bench.output import detect_model, write_json, write_requests
-    from bench.plan import PlanError, build_plan, execute
-    from bench.runner import RunOptions, Targets
-    from bench.stats import summarize
-    from bench.workloads import new_salt
+    from turbofleet.bench import report
+    from turbofleet.bench.output import detect_model, write_json, write_requests
+    from turbofleet.bench.plan import PlanError, build_plan, execute
+    from turbofleet.bench.runner import RunOptions, Targets
+    from turbofleet.bench.stats import summarize
+    from turbofleet.bench.workloads import new_salt
 
     if not args.url:
         print("bench: --url is required (or use `bench compare`)", file=sys.stderr)
@@ -215,7 +215,7 @@ async def _single(args: argparse.Namespace, what: list[str]) -> int:
     if args.requests_out:
         write_requests(args.requests_out, {args.url: results})
     if args.plot:
-        from bench.plots import plot_runs
+        from turbofleet.bench.plots import plot_runs
 
         for path in plot_runs({args.url: results}, args.plot, plan.name):
             print(f"wrote {path}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Microseconds per routing decision, per policy, at 10 / 100 / 1,000 workers.
 
-    python -m bench.microbench_decision [--sizes 10,100,1000] [--decisions 2000] [--seed 1]
+    python -m turbofleet.bench.microbench_decision [--sizes 10,100,1000] [--decisions 2000] [--seed 1]
 
 Requests are realistic chat traffic: a shared system prompt (~4k chars), then a per-session document and
 history (2k-12k chars), so prompts are 20-60 blocks. kv_aware runs on a warm index (every session has been
@@ -17,7 +17,17 @@ import statistics
 import time
 from collections.abc import Sequence
 
-from balancer import POLICIES, Outcome, Policy, RouteRequest, WorkerView, block_hashes, eligible, make_policy, route
+from turbofleet.balancer import (
+    POLICIES,
+    Outcome,
+    Policy,
+    RouteRequest,
+    WorkerView,
+    block_hashes,
+    eligible,
+    make_policy,
+    route,
+)
 
 MODEL = "model"
 

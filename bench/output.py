@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 if TYPE_CHECKING:
-    from bench.client import RequestResult
+    from turbofleet.bench.client import RequestResult
 
 
 def _clean(x: Any) -> Any:

@@ -24,12 +24,12 @@ from typing import Any
 
 import aiohttp
 
-from bench import aio, report
-from bench.compare import DEFAULT_MODEL, machine, start_redis
-from bench.fleet import Child, free_port, sim_argv, spawn, wait_ready
-from bench.output import run_log_dir, write_json
-from bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
-from bench.stats import percentile
+from turbofleet.bench import aio, report
+from turbofleet.bench.compare import DEFAULT_MODEL, machine, start_redis
+from turbofleet.bench.fleet import Child, free_port, sim_argv, spawn, wait_ready
+from turbofleet.bench.output import run_log_dir, write_json
+from turbofleet.bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
+from turbofleet.bench.stats import percentile
 
 NGINX = "/usr/sbin/nginx"
 STREAM_CHUNKS = 100
@@ -338,14 +338,14 @@ async def _overhead(args: argparse.Namespace, specs: list[RouterSpec], d: Path, 
             },
         )
     if args.plot:
-        from bench.plots import plot_overhead
+        from turbofleet.bench.plots import plot_overhead
 
         print(f"wrote {plot_overhead(rows, args.plot)}", file=sys.stderr)
     return 0 if any("skipped" not in r for r in rows) else 1
 
 
 def run_overhead(args: argparse.Namespace) -> int:
-    from bench.main import DEFAULT_OVERHEAD_ROUTERS
+    from turbofleet.bench.main import DEFAULT_OVERHEAD_ROUTERS
 
     try:
         specs = parse_routers(args.routers or DEFAULT_OVERHEAD_ROUTERS)

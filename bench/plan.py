@@ -6,9 +6,9 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench import workloads as wl
-from bench.client import RequestResult
-from bench.runner import RunOptions, Targets, run_multiround, run_static
+from turbofleet.bench import workloads as wl
+from turbofleet.bench.client import RequestResult
+from turbofleet.bench.runner import RunOptions, Targets, run_multiround, run_static
 
 WORKLOADS = ("multiround", "shared-prefix", "trace", "random")
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.stats import Timeline, throughput_series
+from turbofleet.bench.stats import Timeline, throughput_series
 
 
 def _pyplot() -> Any:

@@ -12,8 +12,8 @@ from typing import TextIO
 
 import aiohttp
 
-from bench.client import RequestResult, make_session, send_chat
-from bench.workloads import MultiroundUser, RequestSpec, poisson_arrivals, sub_rng
+from turbofleet.bench.client import RequestResult, make_session, send_chat
+from turbofleet.bench.workloads import MultiroundUser, RequestSpec, poisson_arrivals, sub_rng
 
 
 def stable_hash(key: str) -> int:

@@ -1,6 +1,6 @@
 """Soak: steady streaming traffic through the proxy while workers are killed (-9) and restarted.
 
-    python -m bench.soak --minutes 10 --rate 4
+    python -m turbofleet.bench.soak --minutes 10 --rate 4
 
 Four simulated workers behind one `turbofleet proxy` (default settings unless --proxy-arg is given). Every
 minute one worker (in turn) is killed with SIGKILL and started again on the same port `--down-s` seconds
@@ -30,9 +30,9 @@ from typing import Any
 
 import aiohttp
 
-from bench.client import RequestResult, make_session, send_chat
-from bench.fleet import Child, free_port, sim_argv, spawn, wait_ready
-from bench.workloads import RequestSpec
+from turbofleet.bench.client import RequestResult, make_session, send_chat
+from turbofleet.bench.fleet import Child, free_port, sim_argv, spawn, wait_ready
+from turbofleet.bench.workloads import RequestSpec
 
 MODEL = "soak-model"
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
@@ -194,7 +194,7 @@ class Soak:
             if not r.ok
         ][:20]
         return {
-            "command": "python -m bench.soak " + " ".join(sys.argv[1:]),
+            "command": "python -m turbofleet.bench.soak " + " ".join(sys.argv[1:]),
             "minutes": self.args.minutes,
             "rate": self.args.rate,
             "workers": len(self.ports),
@@ -233,7 +233,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m turbofleet.bench.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--rate", type=float, default=4.0, help="requests per second (steady)")
     p.add_argument("--workers", type=int, default=4)

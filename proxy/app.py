@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from balancer import make_policy
-from balancer.policy import READY
+from turbofleet.balancer import make_policy
+from turbofleet.balancer.policy import READY
 
 from . import node_routes, openai_routes
 from .config import Settings

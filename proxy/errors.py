@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from balancer.policy import RoutingError
+from turbofleet.balancer.policy import RoutingError
 
 log = logging.getLogger("turbofleet.proxy")
 

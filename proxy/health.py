@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from balancer.policy import EJECTED, READY, WorkerView
+from turbofleet.balancer.policy import EJECTED, READY, WorkerView
 
 from .config import Settings
 from .metrics import Metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from balancer.policy import Policy
+from turbofleet.balancer.policy import Policy
 
 from .config import Settings
 from .health import HealthChecker, Outliers

@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from balancer import make_policy
+    from turbofleet.balancer import make_policy
 
     from .serve import serve
 

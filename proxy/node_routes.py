@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 from aiohttp import web
 
-from balancer.policy import READY
+from turbofleet.balancer.policy import READY
 
 from .errors import BadRequest, Forbidden, NotFound, RegistryWriteUnavailable, Unauthorized, UpstreamFailed
 from .keys import CLIENT, OUTLIERS, POLICY, REGISTRY, SETTINGS

@@ -11,8 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from balancer.policy import READY
-from balancer.prefix import block_hashes
+from turbofleet.balancer.policy import READY
+from turbofleet.balancer.prefix import block_hashes
 
 from .errors import BadRequest, PayloadTooLarge
 from .keys import BLOCK_CHARS, OUTLIERS, REGISTRY, RELAY, SETTINGS

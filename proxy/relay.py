@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from balancer.policy import Decision, Outcome, Policy, RouteRequest, RoutingError, WorkerView, route
+from turbofleet.balancer.policy import Decision, Outcome, Policy, RouteRequest, RoutingError, WorkerView, route
 
 from .config import Settings
 from .deadline import SHUTDOWN, Deadline

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from bench.fleet import sim_argv
 from tests.procs import Proc, free_port, http_json, spawn, start_proxy, start_sim, wait_until
+from turbofleet.bench.fleet import sim_argv
 
 MODEL = "sim-model"
 

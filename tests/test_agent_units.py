@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from worker.address import (
+from turbofleet.worker.address import (
     AddressError,
     Endpoint,
     advertise_url,
@@ -16,10 +16,10 @@ from worker.address import (
     endpoint_from_url,
     probe_url,
 )
-from worker.child import backoff_delay
-from worker.gpu import collect, gpu_facts
-from worker.main import add_arguments, build_config
-from worker.probe import load_from_metrics, parse_prometheus
+from turbofleet.worker.child import backoff_delay
+from turbofleet.worker.gpu import collect, gpu_facts
+from turbofleet.worker.main import add_arguments, build_config
+from turbofleet.worker.probe import load_from_metrics, parse_prometheus
 
 # ------------------------------------------------------------------ address
 

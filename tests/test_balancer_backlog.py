@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from balancer import WorkerView
-from balancer.backlog import MIN_OUTCOMES, Backlog
+from turbofleet.balancer import WorkerView
+from turbofleet.balancer.backlog import MIN_OUTCOMES, Backlog
 
 
 def views(*ids: str) -> list[WorkerView]:

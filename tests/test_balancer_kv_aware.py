@@ -7,8 +7,8 @@ from collections import Counter, deque
 
 import pytest
 
-from balancer import EJECTED, Decision, KvAware, Outcome, RouteRequest, WorkerView, block_hashes, route
-from balancer.prefix import DEFAULT_BLOCK_CHARS
+from turbofleet.balancer import EJECTED, Decision, KvAware, Outcome, RouteRequest, WorkerView, block_hashes, route
+from turbofleet.balancer.prefix import DEFAULT_BLOCK_CHARS
 
 M = "m"
 rng = random.Random(0)

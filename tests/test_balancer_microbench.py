@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from balancer import POLICIES
-from bench import microbench_decision
+from turbofleet.balancer import POLICIES
+from turbofleet.bench import microbench_decision
 
 
 def test_microbench_prints_a_row_per_policy(capsys: pytest.CaptureFixture[str]) -> None:

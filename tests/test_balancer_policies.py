@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from balancer import (
+from turbofleet.balancer import (
     DRAINING,
     EJECTED,
     POLICIES,
@@ -21,8 +21,8 @@ from balancer import (
     make_policy,
     route,
 )
-from balancer.basic import LeastQueue, Random, RoundRobin
-from balancer.lmdeploy import MinExpectedLatency, MinObservedLatency
+from turbofleet.balancer.basic import LeastQueue, Random, RoundRobin
+from turbofleet.balancer.lmdeploy import MinExpectedLatency, MinObservedLatency
 
 M = "m"
 REQ = RouteRequest(M)
@@ -204,13 +204,13 @@ def test_policies_never_pick_outside_the_list() -> None:
 def test_with_in_flight_copies_every_other_field() -> None:
     import dataclasses
 
-    from balancer.policy import WorkerView
+    from turbofleet.balancer.policy import WorkerView
 
     v = WorkerView("w", frozenset({"m"}), "draining", 3, 4, 5, 0.5, 2.0, (0.1, 0.2), 2)
     assert v.with_in_flight(9) == dataclasses.replace(v, in_flight=9)
 
 
 def test_only_kv_aware_uses_pins() -> None:
-    from balancer import POLICIES, make_policy
+    from turbofleet.balancer import POLICIES, make_policy
 
     assert {n for n in POLICIES if getattr(make_policy(n), "uses_pins", True)} == {"kv_aware"}

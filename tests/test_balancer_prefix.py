@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer.prefix import PrefixIndex, block_hashes
+from turbofleet.balancer.prefix import PrefixIndex, block_hashes
 
 
 def chain(tag: str, n: int, start: int = 0) -> tuple[int, ...]:
@@ -44,7 +44,7 @@ def test_block_hashes_are_chained() -> None:
 
 def test_block_hashes_are_stable_across_processes() -> None:
     text = "The quick brown fox jumps over the lazy dog. " * 30
-    code = f"from balancer.prefix import block_hashes; print(block_hashes({text!r}, 64))"
+    code = f"from turbofleet.balancer.prefix import block_hashes; print(block_hashes({text!r}, 64))"
     env_out = [
         subprocess.run(
             [sys.executable, "-c", code],

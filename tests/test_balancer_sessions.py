@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from balancer import WorkerView
-from balancer.positions import REBUILD_EVERY, Positions
-from balancer.sessions import SessionTracker
+from turbofleet.balancer import WorkerView
+from turbofleet.balancer.positions import REBUILD_EVERY, Positions
+from turbofleet.balancer.sessions import SessionTracker
 
 
 def views(*ids: str) -> list[WorkerView]:

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bench import workloads as wl
-from bench.client import RequestResult, make_session, send_chat
-from bench.fleet import read_request_counts
-from bench.output import detect_model, parse_prometheus
-from bench.runner import RunOptions, Targets, run_multiround, run_static
-from bench.stats import summarize
+from turbofleet.bench import workloads as wl
+from turbofleet.bench.client import RequestResult, make_session, send_chat
+from turbofleet.bench.fleet import read_request_counts
+from turbofleet.bench.output import detect_model, parse_prometheus
+from turbofleet.bench.runner import RunOptions, Targets, run_multiround, run_static
+from turbofleet.bench.stats import summarize
 
 RECEIVED = web.AppKey("received", list)
 
@@ -224,7 +224,7 @@ async def test_session_survives_many_requests(fake: tuple[str, list[dict[str, An
 
 async def test_python_load_generator(fake: tuple[str, list[dict[str, Any]]]) -> None:
     """The overhead bench's fallback when wrk is missing: closed loop for a fixed time."""
-    from bench.overhead import python_load, request_body
+    from turbofleet.bench.overhead import python_load, request_body
 
     url, received = fake
     r = await python_load(url + "/v1/chat/completions", request_body("m", stream=False), connections=4, duration=0.3)
@@ -255,7 +255,7 @@ async def test_run_multiround_poisson_users(fake: tuple[str, list[dict[str, Any]
 def test_progress_bar_draws_only_when_enabled() -> None:
     import io
 
-    from bench.runner import Progress
+    from turbofleet.bench.runner import Progress
 
     buf = io.StringIO()
     p = Progress(2, "x ", enabled=True, stream=buf)

@@ -17,7 +17,7 @@ SIM_FAST = ["--speed", "0.2"]  # simulated compute 5x faster: the test is about 
 
 def bench(argv: list[str]) -> int:
     args = build_parser().parse_args(["bench", *argv])
-    from bench.main import run
+    from turbofleet.bench.main import run
 
     return run(args)
 

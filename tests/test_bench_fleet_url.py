@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from bench import workloads as wl
-from bench.client import RequestResult, chat_body
-from bench.compare import counter_growth, routed_counts, settled_growth
-from bench.fleet import ExternalFleet, parse_fleet_urls
-from bench.stats import summarize
 from tests.procs import ROOT, Proc, start_sim
-from worker.sim.cache import block_hashes
-from worker.sim.tokens import render_chat, tokenize
+from turbofleet.bench import workloads as wl
+from turbofleet.bench.client import RequestResult, chat_body
+from turbofleet.bench.compare import counter_growth, routed_counts, settled_growth
+from turbofleet.bench.fleet import ExternalFleet, parse_fleet_urls
+from turbofleet.bench.stats import summarize
+from turbofleet.worker.sim.cache import block_hashes
+from turbofleet.worker.sim.tokens import render_chat, tokenize
 
 BLOCK = 8  # a small cache block, so that the prompts below span many
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import overhead
-from bench.peers import RouterSpec, build_launch, find_executable, parse_routers
+from turbofleet.bench import overhead
+from turbofleet.bench.peers import RouterSpec, build_launch, find_executable, parse_routers
 
 WORKERS = ["http://127.0.0.1:7001", "http://127.0.0.1:7002"]
 
@@ -130,7 +130,7 @@ def test_generated_backend_files(tmp_path: Path) -> None:
 
 
 def test_cpu_busy() -> None:
-    from bench.fleet import cpu_busy, cpu_times
+    from turbofleet.bench.fleet import cpu_busy, cpu_times
 
     assert cpu_busy((10.0, 100.0), (60.0, 200.0)) == pytest.approx(0.5)
     assert cpu_busy(None, (1.0, 2.0)) is None and cpu_busy((1.0, 2.0), (1.0, 2.0)) is None
@@ -141,7 +141,7 @@ def test_cpu_busy() -> None:
 def test_group_cpu_seconds_sees_our_group() -> None:
     import os
 
-    from bench.fleet import group_cpu_seconds
+    from turbofleet.bench.fleet import group_cpu_seconds
 
     sum(i * i for i in range(200_000))  # burn a little CPU in this process's group
     got = group_cpu_seconds({os.getpgrp(), -5})
@@ -149,7 +149,7 @@ def test_group_cpu_seconds_sees_our_group() -> None:
 
 
 def test_proxy_args_reach_every_turbofleet_replica() -> None:
-    from bench.peers import build_launch, parse_routers
+    from turbofleet.bench.peers import build_launch, parse_routers
 
     ports = iter(range(40000, 40010))
     spec = parse_routers("turbofleet-x2:kv_aware")[0]

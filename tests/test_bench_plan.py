@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.plan import Plan, PlanError, build_plan
+from turbofleet.bench.plan import Plan, PlanError, build_plan
 from turbofleet.cli import build_parser
 
 

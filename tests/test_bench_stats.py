@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from bench import stats
-from bench.report import compare, single
+from turbofleet.bench import stats
+from turbofleet.bench.report import compare, single
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import workloads as wl
+from turbofleet.bench import workloads as wl
 
 
 def test_vocabulary_is_fixed_single_words() -> None:

@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
-from proxy.config import build_settings
 from tests.test_deploy_manifests import LMDEPLOY_API_SERVER_FLAGS, cli, flag, lmdeploy_flags
-from worker.main import _command, build_config
+from turbofleet.proxy.config import build_settings
+from turbofleet.worker.main import _command, build_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -83,7 +83,7 @@ def test_simulated_workers_run_through_the_agent_and_advertise_their_service_nam
         server = _command(list(args.command))
         assert server[:2] == ["turbofleet", "sim-worker"]
         sim = cli(server[1:])
-        assert sim._module == "worker.sim.main" and sim.host == "0.0.0.0" and sim.model == "sim-model"
+        assert sim._module == "turbofleet.worker.sim.main" and sim.host == "0.0.0.0" and sim.model == "sim-model"
         assert cfg.advertise_url == f"http://{name}:{sim.port}", "the proxy reaches the sim by service name"
         assert cfg.probe_url == f"http://127.0.0.1:{sim.port}"
         assert seconds(s["stop_grace_period"]) > cfg.drain_grace + cfg.stop_timeout

@@ -5,7 +5,6 @@ the real CLI.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
 import tomllib
@@ -88,14 +87,10 @@ def included(path: str, ignore: Path) -> bool:
 
 
 def packages() -> list[str]:
-    """Top-level packages that pyproject.toml ships."""
+    """The repository folders that pyproject.toml ships (through package-dir, under `turbofleet.`)."""
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    patterns = cfg["tool"]["setuptools"]["packages"]["find"]["include"]
-    return sorted(
-        p.name
-        for p in ROOT.iterdir()
-        if (p / "__init__.py").exists() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)
-    )
+    dirs = cfg["tool"]["setuptools"]["package-dir"].values()
+    return sorted(d for d in dirs if (ROOT / d / "__init__.py").exists())
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -130,7 +125,7 @@ def test_proxy_image_runs_the_proxy_as_a_non_root_user_with_a_health_check() -> 
     assert exec_form(ins, "ENTRYPOINT") == ["turbofleet"]
     cmd = exec_form(ins, "CMD")
     args = cli(cmd)
-    assert args._module == "proxy.main" and args.host == "0.0.0.0"
+    assert args._module == "turbofleet.proxy.main" and args.host == "0.0.0.0"
     user = [r for w, r in ins if w == "USER"][-1].split(":")[0]
     assert user.isdigit() and int(user) != 0, "a numeric uid lets Kubernetes check runAsNonRoot"
     check = " ".join(exec_form(ins, "HEALTHCHECK"))

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config import Settings, build_settings
 from turbofleet.cli import build_parser
-from worker.main import _command, build_config
+from turbofleet.proxy.config import Settings, build_settings
+from turbofleet.worker.main import _command, build_config
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -166,7 +166,7 @@ def check_proxy(docs: list[dict[str, Any]], *, redis_in_manifests: bool = True) 
     pod = w["spec"]["template"]["spec"]
     c = pod["containers"][0]
     args = cli(turbofleet_argv(c))
-    assert args._module == "proxy.main"
+    assert args._module == "turbofleet.proxy.main"
     env = container_env(docs, c)
     unknown = {k for k in env if k.startswith("TURBOFLEET_")} - {
         "TURBOFLEET_" + f.upper() for f in Settings.model_fields
@@ -196,7 +196,7 @@ def check_worker(docs: list[dict[str, Any]], *, gpus: int = 1) -> list[str]:
     pod = w["spec"]["template"]["spec"]
     c = pod["containers"][0]
     args = cli(turbofleet_argv(c))
-    assert args._module == "worker.main"
+    assert args._module == "turbofleet.worker.main"
     env = container_env(docs, c)
     assert env.get("POD_IP") == POD_IP, "POD_IP must come from the downward API (status.podIP)"
     cfg = build_config(args, env, detect=False)

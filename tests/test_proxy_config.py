@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from balancer import make_policy
-from proxy.config import Settings, add_arguments, build_settings
+from turbofleet.balancer import make_policy
+from turbofleet.proxy.config import Settings, add_arguments, build_settings
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from proxy.registry.base import EJECTED, READY, LoadReport, Registry, WorkerRecord
-from proxy.registry.memory import MemoryRegistry
 from tests.redis_server import eventually, redis_binary
+from turbofleet.proxy.registry.base import EJECTED, READY, LoadReport, Registry, WorkerRecord
+from turbofleet.proxy.registry.memory import MemoryRegistry
 
 Factory = Callable[..., Awaitable[Registry]]
 
@@ -36,7 +36,7 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
         if request.param == "memory":
             reg = MemoryRegistry(pin_ttl=kw.get("pin_ttl", 1800.0))
         else:
-            from proxy.registry.redis import RedisRegistry
+            from turbofleet.proxy.registry.redis import RedisRegistry
 
             server = request.getfixturevalue("redis_server")
             reg = RedisRegistry(server.url, prefix="contract", replica_id=f"r{len(made)}", **kw)

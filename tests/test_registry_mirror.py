@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from proxy.registry.base import WorkerRecord
-from proxy.registry.mirror import (
+from turbofleet.proxy.registry.base import WorkerRecord
+from turbofleet.proxy.registry.mirror import (
     Mirror,
     PinCache,
     decode_record,

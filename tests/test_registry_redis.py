@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from proxy.registry.base import LoadReport, RegistryUnavailable, WorkerRecord
-from proxy.registry.keys import Keys
-from proxy.registry.redis import RedisRegistry
 from tests.procs import ROOT
 from tests.redis_server import RedisServer, eventually, needs_redis
+from turbofleet.proxy.registry.base import LoadReport, RegistryUnavailable, WorkerRecord
+from turbofleet.proxy.registry.keys import Keys
+from turbofleet.proxy.registry.redis import RedisRegistry
 
 pytestmark = [pytest.mark.redis, needs_redis]
 
@@ -240,7 +240,7 @@ async def test_missed_feed_messages_are_healed(make: Factory) -> None:
 CRASHING_REPLICA = textwrap.dedent(
     """
     import asyncio, sys
-    from proxy.registry.redis import RedisRegistry
+    from turbofleet.proxy.registry.redis import RedisRegistry
 
     async def main():
         reg = RedisRegistry(sys.argv[1], prefix=sys.argv[2], replica_id="doomed", lease_ttl=1.5)
@@ -313,7 +313,7 @@ async def test_close_withdraws_the_replica(make: Factory, raw: Redis) -> None:
 
 
 async def test_heartbeats_judged_on_one_clock_despite_skew(make: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
-    import proxy.registry.redis as redis_backend
+    import turbofleet.proxy.registry.redis as redis_backend
 
     monkeypatch.setattr(redis_backend, "now", lambda: time.time() + 120.0)  # this host runs 2 minutes fast
     a = await make("skewed")

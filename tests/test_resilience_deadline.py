@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from proxy.deadline import SHUTDOWN, TIMEOUT, Deadline
+from turbofleet.proxy.deadline import SHUTDOWN, TIMEOUT, Deadline
 
 
 async def test_fires_when_no_progress_and_the_cancellation_is_its_own() -> None:

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import pytest
 
-from balancer.policy import EJECTED, READY, WorkerView
-from proxy.config import Settings
-from proxy.health import Outliers
-from proxy.metrics import Metrics
+from turbofleet.balancer.policy import EJECTED, READY, WorkerView
+from turbofleet.proxy.config import Settings
+from turbofleet.proxy.health import Outliers
+from turbofleet.proxy.metrics import Metrics
 
 
 class Clock:

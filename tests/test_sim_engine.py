@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from worker.sim.cache import PrefixCache
-from worker.sim.config import EngineConfig
-from worker.sim.engine import Engine, Seq
-from worker.sim.stats import SimStats
-from worker.sim.tokens import VOCAB, output_words, tokenize
+from turbofleet.worker.sim.cache import PrefixCache
+from turbofleet.worker.sim.config import EngineConfig
+from turbofleet.worker.sim.engine import Engine, Seq
+from turbofleet.worker.sim.stats import SimStats
+from turbofleet.worker.sim.tokens import VOCAB, output_words, tokenize
 
 FAST = EngineConfig(
     max_batch=4, prefill_ms_per_token=0.0, decode_ms_base=2.0, decode_ms_per_seq=0.0, block_size=16, cache_blocks=256

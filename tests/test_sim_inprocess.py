@@ -8,8 +8,8 @@ from contextlib import asynccontextmanager
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from worker.sim.config import EngineConfig, SimConfig
-from worker.sim.server import build_app
+from turbofleet.worker.sim.config import EngineConfig, SimConfig
+from turbofleet.worker.sim.server import build_app
 
 MODEL = "sim-inproc"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}

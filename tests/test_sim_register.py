@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from tests.procs import free_port, http_json, running, spawn, start_sim, wait_http
-from worker.sim.register import advertise_url
+from turbofleet.worker.sim.register import advertise_url
 
 MODEL = "sim-register"
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from worker.sim.cache import PrefixCache, block_hashes
-from worker.sim.faults import FaultError, FaultState, fault_from_dict, parse_fault_spec
-from worker.sim.formats import ChatFormat, CompletionFormat, GenerateFormat, error_body, usage_dict
-from worker.sim.tokens import (
+from turbofleet.worker.sim.cache import PrefixCache, block_hashes
+from turbofleet.worker.sim.faults import FaultError, FaultState, fault_from_dict, parse_fault_spec
+from turbofleet.worker.sim.formats import ChatFormat, CompletionFormat, GenerateFormat, error_body, usage_dict
+from turbofleet.worker.sim.tokens import (
     PromptError,
     output_text,
     output_words,

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from proxy.upstream import UpstreamConnectError, UpstreamDisconnected, UpstreamPool
 from tests.procs import free_port
+from turbofleet.proxy.upstream import UpstreamConnectError, UpstreamDisconnected, UpstreamPool
 
 
 class Server:
@@ -203,7 +203,7 @@ async def test_close_delimited_body() -> None:
 
 def test_chunk_parser_handles_any_split() -> None:
     """Chunked framing split at every possible byte boundary (and byte by byte) decodes to the same body."""
-    from proxy.upstream import _Conn
+    from turbofleet.proxy.upstream import _Conn
 
     raw = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
            b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n")

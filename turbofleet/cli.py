@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 # subcommand -> (module with add_arguments/run, help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "proxy": ("proxy.main", "run the routing proxy"),
-    "sim-worker": ("worker.sim.main", "run a simulated LMDeploy api_server"),
-    "worker": ("worker.main", "run the agent beside an LMDeploy api_server"),
+    "proxy": ("turbofleet.proxy.main", "run the routing proxy"),
+    "sim-worker": ("turbofleet.worker.sim.main", "run a simulated LMDeploy api_server"),
+    "worker": ("turbofleet.worker.main", "run the agent beside an LMDeploy api_server"),
     "up": ("turbofleet.up", "start a proxy and N simulated workers on localhost"),
-    "bench": ("bench.main", "replay workloads against routers and compare them"),
+    "bench": ("turbofleet.bench.main", "replay workloads against routers and compare them"),
 }
 
 

@@ -53,10 +53,9 @@ def collect() -> dict[str, Any]:
 
 
 def _probe_code() -> str:
-    root = str(Path(__file__).resolve().parent.parent)  # where `worker` is importable from
-    return (
-        f"import json, sys; sys.path.insert(0, {root!r}); from worker.gpu import collect; print(json.dumps(collect()))"
-    )
+    # run this very file by path: the probe's Python (LMDeploy's, say) need not have turbofleet installed
+    path = str(Path(__file__).resolve())
+    return f"import json, runpy; print(json.dumps(runpy.run_path({path!r})['collect']()))"
 
 
 async def gpu_facts(timeout_s: float = 60.0, python: str | None = None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from balancer.policy import EJECTED, READY, WorkerView
+from turbofleet.balancer.policy import EJECTED, READY, WorkerView
 
 DRAINING = "draining"
 STATES = (READY, DRAINING, EJECTED)

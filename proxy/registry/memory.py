@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from balancer.policy import WorkerView
+from turbofleet.balancer.policy import WorkerView
 
 from .base import STATES, LoadReport, WorkerRecord, now, to_view
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from balancer.policy import WorkerView
+from turbofleet.balancer.policy import WorkerView
 
 from .base import WorkerRecord, to_view
 

@@ -35,7 +35,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.maint_notifications import MaintNotificationsConfig
 
-from balancer.policy import WorkerView
+from turbofleet.balancer.policy import WorkerView
 
 from . import keys as K
 from . import scripts

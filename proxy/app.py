@@ -163,7 +163,7 @@ def build_app(settings: Settings) -> web.Application:
                                   replica_id=settings.replica_id)
     app[POLICY] = make_policy(settings.policy, **settings.policy_options)
     # prompts are hashed in the policy's own block size, and not at all for policies blind to prefixes
-    app[BLOCK_CHARS] = int(getattr(app[POLICY], "block_chars", 0))
+    app[BLOCK_CHARS] = app[POLICY].block_chars
     app[OUTLIERS] = Outliers(settings, app[METRICS], app[REGISTRY].snapshot)
     app.cleanup_ctx.extend([_client_session, _registry, _health, _static_workers])
     openai_routes.add_routes(app)

@@ -124,7 +124,7 @@ class Relay:
         self.closed = False
         self._live: set[Deadline] = set()
         # a policy that never pins saves the pin lookup (a Redis round trip for a new session)
-        self._uses_pins = bool(getattr(policy, "uses_pins", True))
+        self._uses_pins = policy.uses_pins
         self._kinds: dict[str, str] = {}
         self._first_byte = _limit(settings.first_byte_timeout)
         self._idle = _limit(settings.idle_timeout)

@@ -25,6 +25,7 @@ import signal
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import aiohttp
@@ -36,7 +37,18 @@ from .probe import Load, read_health, read_load, read_models
 
 log = logging.getLogger("turbofleet.worker")
 
-READY, DRAINING, EJECTED = "ready", "draining", "ejected"
+
+class WorkerState(StrEnum):
+    """The states the proxy routes a worker by, as the wire spells them. The worker speaks to the proxy over
+    HTTP only and imports none of its code, so it keeps these values itself: they are the proxy's
+    `turbofleet.balancer.policy.WorkerState` (tests/test_agent_units.py checks that they agree)."""
+
+    READY = "ready"
+    DRAINING = "draining"
+    EJECTED = "ejected"
+
+
+READY, DRAINING, EJECTED = WorkerState.READY, WorkerState.DRAINING, WorkerState.EJECTED
 
 
 class Fatal(Exception):
@@ -80,7 +92,7 @@ class Agent:
         self.stop_requested = asyncio.Event()
         self.hurry = asyncio.Event()  # a second signal: skip the rest of the drain
         self.unhealthy = asyncio.Event()
-        self.state = READY
+        self.state: WorkerState = READY
         self.models: list[str] = []
         self.gpu: dict[str, Any] = {}
         self.last_load = Load()

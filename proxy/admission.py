@@ -31,9 +31,10 @@ TENANT_HEADER = "X-Tenant"
 BUDGET_HEADER = "X-Queue-Timeout"
 #: default per-class queue budgets, seconds
 DEFAULT_BUDGETS = {"interactive": 2.0, "default": 5.0, "batch": 30.0}
-#: a 429 for a spent budget goes out this much before the budget ends (a share of it, at most GUARD_MAX_S)
-GUARD_SHARE = 0.05
-GUARD_MAX_S = 0.05
+#: a 429 for a spent budget goes out this much before the budget ends (a share of it, at most GUARD_MAX_S):
+#: enough for a loaded event loop and the client's own reading to still see it within the budget
+GUARD_SHARE = 0.1
+GUARD_MAX_S = 0.25
 #: tenant names longer than this are cut (they label metrics)
 MAX_TENANT = 64
 

@@ -65,7 +65,7 @@ def test_budgets_per_class_and_header_cap() -> None:
 
 
 def test_guard_and_retry_after() -> None:
-    assert guard(2.0) == 0.05 and guard(0.2) == pytest.approx(0.01)
+    assert guard(2.0) == pytest.approx(0.2) and guard(10.0) == 0.25
     assert retry_after(None) == "1" and retry_after(0.2) == "1" and retry_after(3.2) == "4"
     assert retry_after(math.inf) == "1"
 
@@ -217,3 +217,17 @@ def test_kv_aware_queue_cost_prefers_the_worker_holding_the_prefix() -> None:
     assert p.queue_cost(req, warm) < p.queue_cost(req, cold)
     busy_warm = WorkerView("warm", frozenset({"m"}), in_flight=50)
     assert p.queue_cost(req, busy_warm) > p.queue_cost(req, warm)  # load counts too
+
+
+def test_keda_example_scales_the_worker_deployment_on_queue_depth() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent / "deploy"
+    (obj,) = list(yaml.safe_load_all((root / "autoscaling" / "keda-scaledobject.yaml").read_text()))
+    workers = [d for d in yaml.safe_load_all((root / "k8s" / "worker.yaml").read_text())
+               if d and d["kind"] == "Deployment"]
+    assert obj["kind"] == "ScaledObject"
+    assert obj["spec"]["scaleTargetRef"]["name"] in {d["metadata"]["name"] for d in workers}
+    assert "turbofleet_queue_depth" in obj["spec"]["triggers"][0]["metadata"]["query"]

@@ -44,7 +44,7 @@ class ConcurrencyLimits:
     def __init__(
         self,
         *,
-        target_ttft: float = 0.5,
+        target_ttft: float = 1.0,
         initial: int = 8,
         min_limit: int = 1,
         max_limit: int = 256,

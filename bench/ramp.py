@@ -139,6 +139,7 @@ def step_summary(results: Sequence[RequestResult], specs: Sequence[RequestSpec],
         "requests_by_tenant": {k: len(v) for k, v in sorted(groups["tenant"].items())},
         "http_429": len(rejected_429),
         "http_429_after_budget": len(late_429),
+        "http_429_late_by_ms_max": max(((r.end - r.start - (budget or 0.0)) * 1e3 for r in late_429), default=0.0),
         "http_429_without_retry_after": sum(1 for r in rejected_429 if not r.retry_after),
     }
 

@@ -91,7 +91,7 @@ class Settings(BaseModel):
     worker_concurrency_initial: int = 8
     worker_concurrency_max: int = 256
     #: a slower first token than this lowers a worker's learned limit
-    target_ttft: float = 0.5
+    target_ttft: float = 1.0
     #: placement looks this many queued requests ahead (in fair order) for the one a freed worker fits best
     placement_window: int = 8
 

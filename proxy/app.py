@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hmac
 import html
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,28 +16,37 @@ from turbofleet.balancer import make_policy
 from turbofleet.balancer.policy import READY
 
 from . import node_routes, openai_routes
+from .auth import Secrets
 from .config import Settings
-from .errors import Handler, Unauthorized, error_middleware
+from .edge import edge_middleware, on_prepare
+from .errors import error_middleware
+from .guard import Allowlist
 from .health import HealthChecker, Outliers
-from .keys import BLOCK_CHARS, CLIENT, HEALTH, METRICS, OUTLIERS, POLICY, POOL, REGISTRY, RELAY, SETTINGS, STARTED
+from .keys import (
+    ALLOWLIST,
+    BLOCK_CHARS,
+    CLIENT,
+    HEALTH,
+    KEYTABLE,
+    METRICS,
+    OUTLIERS,
+    POLICY,
+    POOL,
+    REGISTRY,
+    RELAY,
+    SECRETS,
+    SETTINGS,
+    STARTED,
+    VIA_ID,
+)
 from .metrics import Metrics
 from .registry import open_registry
 from .registry.base import RegistryUnavailable, WorkerRecord
 from .relay import Relay
+from .tenants import KeyTable
 from .upstream import UpstreamPool
 
 log = logging.getLogger("turbofleet.proxy")
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Client API keys guard the inference routes (/v1/*, /generate, ...) when configured."""
-    keys = request.app[SETTINGS].api_keys
-    if not request.path.startswith(("/nodes", "/health", "/metrics", "/status")) and request.path != "/":
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not given or not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
-            raise Unauthorized("Incorrect or missing API key. Send `Authorization: Bearer <key>`.")
-    return await handler(request)
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
@@ -132,7 +141,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def status_page(request: web.Request) -> web.Response:
-    """A small human view of the fleet: one row per worker."""
+    """A small human view of the fleet: one row per worker (admin-only once an admin token is set)."""
+    node_routes.require_admin(request)
     status = node_routes.node_status(request.app)
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
@@ -153,10 +163,18 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}<
 
 def build_app(settings: Settings) -> web.Application:
     """A ready-to-run proxy application for `settings`."""
-    # the auth middleware costs a hop on every request: install it only when there are keys to check
-    middlewares = [error_middleware, auth_middleware] if settings.api_keys else [error_middleware]
-    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware, edge_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    # the security perimeter (issue 11): credentials, the node allowlist, this instance's name in `Via`
+    app[SECRETS] = Secrets.of(settings.admin_token, settings.worker_token)
+    app[KEYTABLE] = KeyTable.load(settings.api_keys, settings.api_keys_file)
+    app[ALLOWLIST] = Allowlist.parse(settings.allow_nodes)
+    app[VIA_ID] = "turbofleet-" + secrets.token_hex(6)
+    app.on_response_prepare.append(on_prepare)
+    if settings.insecure_open_admin:
+        log.warning("!!! --insecure-open-admin: the node API is OPEN. Anyone who can reach this port can register "
+                    "any URL as a worker (and receive prompts), and terminate every worker. Use it only on a "
+                    "trusted network, for LMDeploy compatibility. !!!")
     app[METRICS] = Metrics()
     app[STARTED] = time.monotonic()
     app[REGISTRY] = open_registry(settings.registry, prefix=settings.registry_prefix, pin_ttl=settings.pin_ttl,

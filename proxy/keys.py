@@ -7,11 +7,14 @@ from aiohttp import web
 
 from turbofleet.balancer.policy import Policy
 
+from .auth import Secrets
 from .config import Settings
+from .guard import Allowlist
 from .health import HealthChecker, Outliers
 from .metrics import Metrics
 from .registry.base import Registry
 from .relay import Relay
+from .tenants import KeyTable
 from .upstream import UpstreamPool
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -26,3 +29,10 @@ RELAY = web.AppKey("relay", Relay)
 STARTED = web.AppKey("started", float)
 #: characters per prefix block the policy indexes; 0 when the policy does not look at prefixes
 BLOCK_CHARS = web.AppKey("block_chars", int)
+
+# security perimeter (issue 11)
+SECRETS = web.AppKey("secrets", Secrets)
+ALLOWLIST = web.AppKey("allowlist", Allowlist)
+KEYTABLE = web.AppKey("keytable", KeyTable)
+#: this proxy instance's name in `Via` headers (hop detection)
+VIA_ID = web.AppKey("via_id", str)

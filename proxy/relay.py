@@ -42,6 +42,7 @@ from .errors import (
     sse_error_event,
 )
 from .health import Outliers
+from .identity import REQUEST_ID, UPSTREAM_VIA
 from .metrics import Metrics
 from .registry.base import Registry
 from .upstream import UpstreamConnectError, UpstreamConnectTimeout, UpstreamPool, UpstreamResponse
@@ -245,8 +246,14 @@ class Relay:
         headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
         if self.settings.worker_api_key:
             headers["Authorization"] = f"Bearer {self.settings.worker_api_key}"
-        elif not self.settings.api_keys and "Authorization" in request.headers:
+        elif self.settings.forward_client_auth and "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
+        # hop detection and the request id (edge.py, issue 11)
+        via, rid = request.get(UPSTREAM_VIA), request.get(REQUEST_ID)
+        if via:
+            headers["Via"] = via
+        if rid:
+            headers["X-Request-ID"] = rid
         return headers
 
     def _first_byte_budget(self, facts: Facts) -> float:

@@ -15,9 +15,9 @@ import pytest
 from aiohttp import web
 
 from tests.procs import free_port
+from turbofleet.proxy import edge as edge_mod
 from turbofleet.proxy.app import build_app
 from turbofleet.proxy.config import Settings
-from turbofleet.proxy import edge as edge_mod
 from turbofleet.proxy.edge import AccessLogger, EdgeRunner
 from turbofleet.proxy.upstream import UpstreamPool
 
@@ -36,13 +36,13 @@ async def edge(**kw: Any) -> AsyncIterator[int]:
         await runner.cleanup()
 
 
-async def exchange(port: int, raw: bytes, timeout: float = 10.0) -> bytes:
+async def exchange(port: int, raw: bytes) -> bytes:
     """Send raw bytes, read until the server closes (every parser error closes the connection)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(raw)
         await writer.drain()
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(10.0):
             return await reader.read(1 << 20) + await reader.read()
     finally:
         writer.close()
@@ -105,7 +105,7 @@ async def test_header_bytes_beyond_latin1_are_400_or_401(header: str, value: byt
         raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                + header.encode() + b": " + value + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
                + body)
-        status, headers, resp = split(await exchange(port, raw))
+        status, _, resp = split(await exchange(port, raw))
         assert status in (400, 401), (status, resp)
         assert json.loads(resp)["error"]["message"]
 

@@ -39,6 +39,7 @@ from .keys import (
     STARTED,
     VIA_ID,
 )
+from .limits import LIMITS, Limits, limits_ctx
 from .metrics import Metrics
 from .registry import open_registry
 from .registry.base import RegistryUnavailable, WorkerRecord
@@ -170,6 +171,8 @@ def build_app(settings: Settings) -> web.Application:
     app[KEYTABLE] = KeyTable.load(settings.api_keys, settings.api_keys_file)
     app[ALLOWLIST] = Allowlist.parse(settings.allow_nodes)
     app[VIA_ID] = "turbofleet-" + secrets.token_hex(6)
+    app[LIMITS] = Limits(redis_url=settings.registry if (settings.registry or "memory") != "memory" else None,
+                         prefix=settings.registry_prefix)
     app.on_response_prepare.append(on_prepare)
     if settings.insecure_open_admin:
         log.warning("!!! --insecure-open-admin: the node API is OPEN. Anyone who can reach this port can register "
@@ -183,7 +186,7 @@ def build_app(settings: Settings) -> web.Application:
     # prompts are hashed in the policy's own block size, and not at all for policies blind to prefixes
     app[BLOCK_CHARS] = int(getattr(app[POLICY], "block_chars", 0))
     app[OUTLIERS] = Outliers(settings, app[METRICS], app[REGISTRY].snapshot)
-    app.cleanup_ctx.extend([_client_session, _registry, _health, _static_workers])
+    app.cleanup_ctx.extend([_client_session, _registry, _health, _static_workers, limits_ctx])
     openai_routes.add_routes(app)
     node_routes.add_routes(app)
     app.router.add_get("/health", health)

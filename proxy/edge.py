@@ -18,15 +18,17 @@ import logging
 import re
 import secrets
 import time
+from math import ceil
 from typing import Any
 
 from aiohttp import web, web_protocol, web_server
 from aiohttp.abc import AbstractAccessLogger
 
 from .auth import OPEN_ROUTES, bearer, check_headers
-from .errors import Forbidden, Handler, LoopDetected, Unauthorized, error_body
-from .identity import ANONYMOUS, IDENTITY, REQUEST_ID, UPSTREAM_VIA
-from .keys import KEYTABLE, VIA_ID
+from .errors import Forbidden, Handler, LoopDetected, ProxyError, TooManyRequests, Unauthorized, error_body
+from .identity import ANONYMOUS, IDENTITY, REQUEST_ID, UPSTREAM_VIA, USAGE
+from .keys import KEYTABLE, METRICS, SETTINGS, VIA_ID
+from .limits import LIMITS
 from .tenants import Tenant
 
 log = logging.getLogger("turbofleet.edge")
@@ -89,9 +91,52 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
                 raise Unauthorized("Incorrect API key.")
             request[IDENTITY] = tenant.identity()
             request[TENANT] = tenant
-        else:
-            request[IDENTITY] = ANONYMOUS
+            return await _limited(request, handler, tenant, tenant.ref)
+        request[IDENTITY] = ANONYMOUS
+        if app[SETTINGS].max_concurrency_per_client:
+            return await _limited(request, handler, None, "addr:" + (request.remote or "?"))
     return await handler(request)
+
+
+async def _limited(request: web.Request, handler: Handler, tenant: Tenant | None, who: str) -> web.StreamResponse:
+    """The tenant's limits around one inference request: concurrency (key, or client address), requests/min
+    and tokens/min (charged from the answer's usage), per-tenant metrics labelled by tenant name."""
+    app = request.app
+    limits, metrics = app[LIMITS], app[METRICS]
+    name = tenant.name if tenant is not None else "anonymous"
+    caps = [c for c in (tenant.concurrency if tenant else 0, app[SETTINGS].max_concurrency_per_client) if c]
+    if not limits.enter(who, min(caps) if caps else 0):
+        metrics.inc("turbofleet_tenant_rejected_total", tenant=name, reason="concurrency")
+        raise TooManyRequests("Too many requests in flight for this API key; retry when one has finished.",
+                              code="concurrency_limit", headers={"Retry-After": "1"})
+    status = 500
+    try:
+        if tenant is not None:
+            wait = await limits.admit(tenant)
+            if wait > 0:
+                metrics.inc("turbofleet_tenant_rejected_total", tenant=name, reason="rate")
+                raise TooManyRequests("This API key is over its requests or tokens per minute; retry later.",
+                                      code="rate_limit_exceeded", headers={"Retry-After": str(max(1, ceil(wait)))})
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except (ProxyError, web.HTTPException) as e:
+        status = e.status
+        raise
+    except asyncio.CancelledError:
+        status = 499
+        raise
+    finally:
+        limits.leave(who)
+        metrics.inc("turbofleet_tenant_requests_total", tenant=name, status=str(status))
+        usage = request.get(USAGE)
+        if usage:
+            tokens = sum(int(v) for k in ("prompt_tokens", "completion_tokens")
+                         if isinstance(v := usage.get(k), int | float) and v > 0)
+            if tokens:
+                metrics.inc("turbofleet_tenant_tokens_total", float(tokens), tenant=name)
+                if tenant is not None:
+                    await limits.charge(tenant, tokens)
 
 
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:

@@ -42,7 +42,7 @@ from .errors import (
     sse_error_event,
 )
 from .health import Outliers
-from .identity import REQUEST_ID, UPSTREAM_VIA
+from .identity import REQUEST_ID, UPSTREAM_VIA, USAGE
 from .metrics import Metrics
 from .registry.base import Registry
 from .upstream import UpstreamConnectError, UpstreamConnectTimeout, UpstreamPool, UpstreamResponse
@@ -293,6 +293,8 @@ class Relay:
                 await self.registry.release(worker, facts.session_key)
                 self.metrics.inc("turbofleet_upstream_tries_total", outcome=trace.outcome())
                 usage = trace.usage
+                if usage:
+                    request[USAGE] = usage  # the tenant's token count (edge.py)
                 self.policy.observe(
                     Outcome(
                         worker_id=worker,

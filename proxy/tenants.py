@@ -38,6 +38,8 @@ class Tenant:
 
     name: str
     key_id: str
+    #: a longer digest of the key, naming its rate buckets (keys.py `bucket`)
+    ref: str = ""
     models: tuple[str, ...] = ()
     rpm: float = 0.0
     tpm: float = 0.0
@@ -88,7 +90,7 @@ def _tenant(key: str, spec: Mapping[str, Any], where: str) -> Tenant:
     tenant = str(spec.get("tenant") or "default")
     if not tenant.isprintable() or len(tenant) > 64:
         raise KeyFileError(f"{where}: `tenant` must be a printable name of at most 64 characters")
-    return Tenant(name=tenant, key_id=key_id(key), models=tuple(models), rpm=rpm, tpm=tpm,
+    return Tenant(name=tenant, key_id=key_id(key), ref=digest(key).hex()[:32], models=tuple(models), rpm=rpm, tpm=tpm,
                   concurrency=concurrency, priority=priority, max_priority=max_priority)
 
 
@@ -148,7 +150,7 @@ class KeyTable:
         table: dict[bytes, Tenant] = {}
         for i, key in enumerate(self.flag_keys):
             check_secret(key, f"--api-keys entry {i + 1}")
-            table[digest(key)] = Tenant(name="default", key_id=key_id(key))
+            table[digest(key)] = Tenant(name="default", key_id=key_id(key), ref=digest(key).hex()[:32])
         if self.path:
             table.update(parse_key_file(Path(self.path).read_text(encoding="utf-8"), self.path))
         return table
@@ -169,19 +171,3 @@ class KeyTable:
 
     def lookup(self, token: str) -> Tenant | None:
         return self.table.get(digest(token))
-
-
-# ---------------------------------------------------------------- token buckets (pure arithmetic)
-
-def bucket_take(level: float, stamp: float, now: float, rate: float, burst: float, cost: float,
-                force: bool = False) -> tuple[bool, float, float]:
-    """Refill a bucket to `now` and take `cost` from it. Returns (taken, new level, seconds until it could
-    be). `force` takes even into debt (tokens charged after the answer); without it a request needs the
-    level to cover the cost, and a cost of 0 needs the bucket not to be in debt."""
-    level = min(burst, level + max(0.0, now - stamp) * rate)
-    if force:
-        return True, level - cost, 0.0
-    need = cost if cost > 0 else 1e-9
-    if level >= need or (cost <= 0 and level > 0):
-        return True, level - cost, 0.0
-    return False, level, (need - level) / rate if rate > 0 else 60.0

@@ -7,12 +7,15 @@ from aiohttp import web
 
 from turbofleet.balancer.policy import Policy
 
+from .auth import Secrets
 from .config import Settings
 from .flow import Flow
+from .guard import Allowlist
 from .health import HealthChecker, Outliers
 from .metrics import Metrics
 from .registry.base import Registry
 from .relay import Relay
+from .tenants import KeyTable
 from .upstream import UpstreamPool
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -29,3 +32,10 @@ STARTED = web.AppKey("started", float)
 BLOCK_CHARS = web.AppKey("block_chars", int)
 #: the queue in front of routing (issue 10): `snapshot()` per model/priority depth, oldest wait, limits
 QUEUE = web.AppKey("queue", Flow)
+
+# security perimeter (issue 11)
+SECRETS = web.AppKey("secrets", Secrets)
+ALLOWLIST = web.AppKey("allowlist", Allowlist)
+KEYTABLE = web.AppKey("keytable", KeyTable)
+#: this proxy instance's name in `Via` headers (hop detection)
+VIA_ID = web.AppKey("via_id", str)

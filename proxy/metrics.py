@@ -45,6 +45,9 @@ class Metrics:
             "turbofleet_ejections_total": "Workers ejected, by cause.",
             "turbofleet_ttft_seconds": "Time to the first upstream byte, per worker try.",
             "turbofleet_request_seconds": "Whole request duration as seen by the proxy.",
+            "turbofleet_tenant_requests_total": "Inference requests per tenant (by name, never by key), by status.",
+            "turbofleet_tenant_tokens_total": "Prompt + completion tokens per tenant, from the answers' usage.",
+            "turbofleet_tenant_rejected_total": "Requests refused with 429 per tenant, by limit (rate, concurrency).",
         }
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:

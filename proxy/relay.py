@@ -43,6 +43,7 @@ from .errors import (
 )
 from .flow import Flow
 from .health import Outliers
+from .identity import REQUEST_ID, UPSTREAM_VIA, USAGE
 from .metrics import Metrics
 from .registry.base import Registry
 from .upstream import UpstreamConnectError, UpstreamConnectTimeout, UpstreamPool, UpstreamResponse
@@ -254,8 +255,14 @@ class Relay:
         headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
         if self.settings.worker_api_key:
             headers["Authorization"] = f"Bearer {self.settings.worker_api_key}"
-        elif not self.settings.api_keys and "Authorization" in request.headers:
+        elif self.settings.forward_client_auth and "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
+        # hop detection and the request id (edge.py, issue 11)
+        via, rid = request.get(UPSTREAM_VIA), request.get(REQUEST_ID)
+        if via:
+            headers["Via"] = via
+        if rid:
+            headers["X-Request-ID"] = rid
         return headers
 
     def _first_byte_budget(self, facts: Facts) -> float:
@@ -295,6 +302,8 @@ class Relay:
                 await self.registry.release(worker, facts.session_key)
                 self.metrics.inc("turbofleet_upstream_tries_total", outcome=trace.outcome())
                 usage = trace.usage
+                if usage:
+                    request[USAGE] = usage  # the tenant's token count (edge.py)
                 self.policy.observe(
                     Outcome(
                         worker_id=worker,

@@ -15,7 +15,8 @@ from aiohttp import web
 
 from .app import build_app
 from .config import Settings
-from .keys import RELAY
+from .edge import AccessLogger, EdgeRunner
+from .keys import KEYTABLE, RELAY
 
 log = logging.getLogger("turbofleet.proxy")
 
@@ -54,11 +55,16 @@ async def drain(runner: web.AppRunner, grace: float) -> int:
 async def _serve(settings: Settings) -> None:
     app = build_app(settings)
     # handler_cancellation: a client that goes away cancels its handler, which closes the upstream request
-    runner = web.AppRunner(
+    runner = EdgeRunner(
         app,
         handler_cancellation=True,
         shutdown_timeout=min(settings.shutdown_grace, _FINAL_S),
         access_log=log if settings.access_log else None,
+        access_log_class=AccessLogger,
+        # issue 11: an idle client connection is closed after keepalive_timeout (aiohttp's default is an hour),
+        # a request's headers must arrive within header_timeout
+        keepalive_timeout=settings.keepalive_timeout,
+        header_timeout=settings.header_timeout,
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=2048, reuse_address=True)
@@ -74,6 +80,7 @@ async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app[KEYTABLE].reload)
     await stop.wait()
     log.info(
         "shutting down: listener closed; finishing %d requests in flight (up to %gs)",

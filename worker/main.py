@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .agent import AgentConfig
 
 TOKEN_ENV = "TURBOFLEET_ADMIN_TOKEN"
+WORKER_TOKEN_ENV = "TURBOFLEET_WORKER_TOKEN"
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -34,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="proxy to register with (repeat for several proxies that do not share a registry)",
     )
     parser.add_argument(
-        "--token", default=None, help=f"admin token for the proxy's /nodes/* API (default: ${TOKEN_ENV})"
+        "--token",
+        default=None,
+        help=f"the proxy's worker token (--worker-token) or admin token (default: ${WORKER_TOKEN_ENV}, "
+        f"else ${TOKEN_ENV})",
     )
     parser.add_argument(
         "--attach", metavar="URL", help="an api_server that is already running (never started or stopped by the agent)"
@@ -144,7 +148,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str], detect: b
         probe_url=probe_url(ep),
         advertise_url=advertise_url(ep, args.advertise_url, environ, detected),
         command=tuple(command),
-        token=args.token or environ.get(TOKEN_ENV) or None,
+        token=args.token or environ.get(WORKER_TOKEN_ENV) or environ.get(TOKEN_ENV) or None,
         role=args.role,
         labels=dict(args.label),
         capacity=args.capacity,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import html
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ from aiohttp import web
 from turbofleet.balancer import make_policy
 from turbofleet.balancer.policy import READY
 
-from . import node_routes, openai_routes
+from . import fleetview, node_routes, openai_routes
 from .config import Settings
 from .errors import Handler, Unauthorized, error_middleware
 from .health import HealthChecker, Outliers
@@ -33,7 +32,7 @@ log = logging.getLogger("turbofleet.proxy")
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Client API keys guard the inference routes (/v1/*, /generate, ...) when configured."""
     keys = request.app[SETTINGS].api_keys
-    if not request.path.startswith(("/nodes", "/health", "/metrics", "/status")) and request.path != "/":
+    if not request.path.startswith(("/nodes", "/health", "/metrics", "/status", "/admin")) and request.path != "/":
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not given or not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
             raise Unauthorized("Incorrect or missing API key. Send `Authorization: Bearer <key>`.")
@@ -131,26 +130,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=app[METRICS].render(gauges), content_type="text/plain", charset="utf-8")
 
 
-async def status_page(request: web.Request) -> web.Response:
-    """A small human view of the fleet: one row per worker."""
-    status = node_routes.node_status(request.app)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-            url, ", ".join(st["models"]), st["state"], st["unfinished"], st["running"], st["waiting"],
-            f"{st['kv_usage']:.0%}", st["source"], st["reason"])) + "</tr>"
-        for url, st in sorted(status.items()))
-    reg = request.app[REGISTRY].health()
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>turbofleet</title>
-<meta http-equiv="refresh" content="2"><style>body{{font-family:sans-serif;margin:2em}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head><body>
-<h1>turbofleet</h1><p>policy <b>{html.escape(request.app[POLICY].name)}</b> &middot; registry
-<b>{html.escape(str(reg.get("backend")))}</b> ({"reachable" if reg.get("reachable") else "UNREACHABLE"})
-&middot; in flight here: {request.app[RELAY].active}</p>
-<table><tr><th>worker</th><th>models</th><th>state</th><th>in flight</th><th>running</th><th>waiting</th>
-<th>KV cache</th><th>source</th><th>why out</th></tr>{rows}</table></body></html>"""
-    return web.Response(text=page, content_type="text/html")
-
-
 def build_app(settings: Settings) -> web.Application:
     """A ready-to-run proxy application for `settings`."""
     # the auth middleware costs a hop on every request: install it only when there are keys to check
@@ -170,6 +149,5 @@ def build_app(settings: Settings) -> web.Application:
     node_routes.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/status", status_page)
-    app.router.add_get("/", status_page)
+    fleetview.add_routes(app)  # issue 12: /status (the dashboard), /admin/fleet (its data)
     return app

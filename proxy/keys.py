@@ -9,6 +9,7 @@ from turbofleet.balancer.policy import Policy
 
 from .config import Settings
 from .health import HealthChecker, Outliers
+from .history import History
 from .metrics import Metrics
 from .registry.base import Registry
 from .relay import Relay
@@ -26,3 +27,5 @@ RELAY = web.AppKey("relay", Relay)
 STARTED = web.AppKey("started", float)
 #: characters per prefix block the policy indexes; 0 when the policy does not look at prefixes
 BLOCK_CHARS = web.AppKey("block_chars", int)
+#: issue 12: the last 15 minutes of metrics, for the dashboard
+HISTORY = web.AppKey("history", History)

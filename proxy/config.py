@@ -81,6 +81,8 @@ class Settings(BaseModel):
 
     log_level: str = "info"
     access_log: bool = False
+    # issue 12: the log's format (auto: text on a terminal, JSON lines otherwise); one line per request
+    log_format: str = "auto"
     policy_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -115,6 +117,9 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "heartbeat_ttl": (float, "agent-registered worker is gone after this long without a heartbeat"),
     "shutdown_grace": (float, "seconds to finish in-flight requests on SIGTERM"),
     "log_level": (str, "debug, info, warning, error"),
+    # issue 12
+    "log_format": (str, "auto (text on a terminal, JSON lines otherwise), json or text; logs go to stdout, "
+                        "one line per request on the turbofleet.requests logger at info level"),
 }
 
 

@@ -117,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--routers",
         help=f"comma list of router specs (compare default: {DEFAULT_COMPARE_ROUTERS}; "
-        f"overhead default: {DEFAULT_OVERHEAD_ROUTERS}); a spec is NAME[:POLICY], "
+        f"overhead default: {DEFAULT_OVERHEAD_ROUTERS}); a spec is NAME[:POLICY][@PYTHON] (@PYTHON: a turbofleet "
+        "run by another interpreter, e.g. an older checkout's venv, to compare before/after in one run), "
         "NAME in turbofleet, turbofleet-x2, lmdeploy, sglang, vllm, ideal",
     )
     g.add_argument("--sim-args", default="", help='extra sim-worker flags, quoted: "--max-batch 8 ..."')

@@ -7,6 +7,7 @@ peers venv (see bench/install_peers.sh), then on PATH.
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -35,10 +36,18 @@ class RouterSpec:
 
     kind: str
     policy: str
+    #: `turbofleet...@PYTHON`: run this turbofleet with another interpreter (another checkout's venv), to
+    #: measure a change against the code before it in the same run
+    python: str | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.kind}:{self.policy}"
+        if not self.python:
+            return f"{self.kind}:{self.policy}"
+        # .../CHECKOUT/.venv/bin/python -> @CHECKOUT (labels name log files: no slashes)
+        parts = Path(self.python).parts
+        tag = parts[-4] if len(parts) >= 4 else Path(self.python).name
+        return f"{self.kind}:{self.policy}@" + re.sub(r"[^A-Za-z0-9._-]", "-", tag)
 
 
 def parse_routers(text: str) -> list[RouterSpec]:
@@ -47,11 +56,14 @@ def parse_routers(text: str) -> list[RouterSpec]:
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
+        item, _, python = item.partition("@")
         kind, _, policy = item.partition(":")
         kind = kind.strip().lower()
         if kind not in KINDS:
             raise ValueError(f"unknown router {kind!r} (one of {', '.join(KINDS)})")
-        out.append(RouterSpec(kind, policy.strip() or DEFAULT_POLICY[kind]))
+        if python and not kind.startswith("turbofleet"):
+            raise ValueError(f"{kind}@PYTHON: only turbofleet runs under another interpreter")
+        out.append(RouterSpec(kind, policy.strip() or DEFAULT_POLICY[kind], python.strip() or None))
     return out
 
 
@@ -101,8 +113,9 @@ def build_launch(
         ports = [free_port() for _ in range(replicas)]
         argvs = []
         for i, port in enumerate(ports):
+            # -P: another interpreter imports its own install, not the turbofleet/ of the bench's cwd
             argv = [
-                python,
+                *((spec.python, "-P") if spec.python else (python,)),
                 "-m",
                 "turbofleet",
                 "proxy",

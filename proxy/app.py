@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import logging
 import secrets
 import time
@@ -15,7 +14,7 @@ from aiohttp import web
 from turbofleet.balancer import make_policy
 from turbofleet.balancer.policy import READY
 
-from . import node_routes, openai_routes
+from . import fleetview, node_routes, openai_routes
 from .auth import Secrets
 from .config import Settings
 from .edge import edge_middleware, on_prepare
@@ -145,40 +144,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=app[METRICS].render(gauges), content_type="text/plain", charset="utf-8")
 
 
-async def status_page(request: web.Request) -> web.Response:
-    """A small human view of the fleet: one row per worker (admin-only once an admin token is set)."""
-    node_routes.require_admin(request)
-    status = node_routes.node_status(request.app)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-            url, ", ".join(st["models"]), st["state"], st["unfinished"], st["running"], st["waiting"],
-            f"{st['kv_usage']:.0%}", st["source"], st["reason"])) + "</tr>"
-        for url, st in sorted(status.items()))
-    reg = request.app[REGISTRY].health()
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>turbofleet</title>
-<meta http-equiv="refresh" content="2"><style>body{{font-family:sans-serif;margin:2em}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head><body>
-<h1>turbofleet</h1><p>policy <b>{html.escape(request.app[POLICY].name)}</b> &middot; registry
-<b>{html.escape(str(reg.get("backend")))}</b> ({"reachable" if reg.get("reachable") else "UNREACHABLE"})
-&middot; in flight here: {request.app[RELAY].active}</p>
-<p>{html.escape(queue_line(request.app[QUEUE].snapshot()))}</p>
-<table><tr><th>worker</th><th>models</th><th>state</th><th>in flight</th><th>running</th><th>waiting</th>
-<th>KV cache</th><th>source</th><th>why out</th></tr>{rows}</table></body></html>"""
-    return web.Response(text=page, content_type="text/html")
-
-
-def queue_line(snap: dict[str, Any]) -> str:
-    """The status page's queue line (issue 10): depth per class and the oldest wait, per model."""
-    if not snap["enabled"]:
-        return "queue: off (--admission off)"
-    parts = [f"{model}: " + ", ".join(f"{p} {n}" for p, n in m["depth"].items())
-             + (f" (oldest {m['oldest_wait_s']:.1f}s)" if m["queued"] else "")
-             for model, m in sorted(snap["models"].items())]
-    limits = sorted(snap["limits"].values())
-    lim = f"; worker limits {limits[0]}-{limits[-1]}" if limits else ""
-    return "queue: " + ("; ".join(parts) if parts else "empty") + lim
-
-
 def build_app(settings: Settings) -> web.Application:
     """A ready-to-run proxy application for `settings`."""
     app = web.Application(middlewares=[error_middleware, edge_middleware], client_max_size=settings.max_body_bytes)
@@ -208,6 +173,5 @@ def build_app(settings: Settings) -> web.Application:
     node_routes.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/status", status_page)
-    app.router.add_get("/", status_page)
+    fleetview.add_routes(app)  # issue 12: /status (the dashboard), /admin/fleet (its data)
     return app

@@ -123,6 +123,8 @@ class Settings(BaseModel):
 
     log_level: str = "info"
     access_log: bool = False
+    # issue 12: the log's format (auto: text on a terminal, JSON lines otherwise); one line per request
+    log_format: str = "auto"
     policy_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -176,6 +178,9 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "worker_concurrency_max": (int, "the learned limit's ceiling"),
     "target_ttft": (float, "a first token slower than this (s) lowers a worker's learned limit"),
     "placement_window": (int, "queued requests a freed worker chooses among (its best prefix match first)"),
+    # issue 12
+    "log_format": (str, "auto (text on a terminal, JSON lines otherwise), json or text; logs go to stdout, "
+                        "one line per request on the turbofleet.requests logger at info level"),
 }
 
 

@@ -12,6 +12,7 @@ from .config import Settings
 from .flow import Flow
 from .guard import Allowlist
 from .health import HealthChecker, Outliers
+from .history import History
 from .metrics import Metrics
 from .registry.base import Registry
 from .relay import Relay
@@ -39,3 +40,5 @@ ALLOWLIST = web.AppKey("allowlist", Allowlist)
 KEYTABLE = web.AppKey("keytable", KeyTable)
 #: this proxy instance's name in `Via` headers (hop detection)
 VIA_ID = web.AppKey("via_id", str)
+#: issue 12: the last 15 minutes of metrics, for the dashboard
+HISTORY = web.AppKey("history", History)

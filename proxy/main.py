@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import config
+from . import config, reqlog
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = config.build_settings(args, os.environ)
         make_policy(settings.policy, **settings.policy_options)  # a bad policy or option fails here, clearly
+        reqlog.resolve(settings.log_format)  # issue 12: a bad --log-format too
     except (ValueError, TypeError, ValidationError) as e:
         print(f"turbofleet proxy: {e}", file=sys.stderr)
         return 2

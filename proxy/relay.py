@@ -31,6 +31,7 @@ from aiohttp import web
 
 from turbofleet.balancer.policy import Decision, Outcome, Policy, RouteRequest, RoutingError, WorkerView, route
 
+from . import observe
 from .config import Settings
 from .deadline import SHUTDOWN, Deadline
 from .errors import (
@@ -204,8 +205,7 @@ class Relay:
         finally:
             self.active -= 1
             self.flow.done(ticket)
-            self.metrics.inc("turbofleet_requests_total", route=path, status=str(status))
-            self.metrics.observe("turbofleet_request_seconds", time.monotonic() - started)
+            observe.request_done(self.metrics, request, path, facts.model, status, started)
 
     async def _forward_with_retries(
         self, request: web.Request, path: str, body: bytes, facts: Facts
@@ -300,10 +300,11 @@ class Relay:
             finally:
                 # exactly once per acquire: success, retry, error, or the client going away (CancelledError)
                 await self.registry.release(worker, facts.session_key)
-                self.metrics.inc("turbofleet_upstream_tries_total", outcome=trace.outcome())
+                self.metrics.inc("turbofleet_upstream_tries_total", worker=worker, outcome=trace.outcome())
                 usage = trace.usage
                 if usage:
                     request[USAGE] = usage  # the tenant's token count (edge.py)
+                observe.try_done(self.metrics, request, facts.model, worker, decision.reason, trace.ttft, usage)
                 self.policy.observe(
                     Outcome(
                         worker_id=worker,
@@ -379,7 +380,7 @@ class Relay:
                     "broken", UpstreamFailed(f"The worker broke the connection before answering: {type(e).__name__}.")
                 ) from e
             trace.ttft = time.monotonic() - trace.t0
-            self.metrics.observe("turbofleet_ttft_seconds", trace.ttft)
+            self.metrics.observe("turbofleet_ttft_seconds", trace.ttft, worker=worker)
             if trace.retry:  # the retry got its answer: it no longer counts against the budget
                 trace.retry = False
                 self.retrying -= 1

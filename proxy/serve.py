@@ -13,6 +13,7 @@ import signal
 
 from aiohttp import web
 
+from . import reqlog
 from .app import build_app
 from .config import Settings
 from .edge import AccessLogger, EdgeRunner
@@ -93,7 +94,7 @@ async def _serve(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> int:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reqlog.configure(settings.log_level, settings.log_format)
     try:
         import uvloop
 

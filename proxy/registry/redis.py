@@ -275,6 +275,10 @@ class RedisRegistry:
         return await fut  # the lookup task answers every future within its call limit, or on close
 
     # --- observability ---
+    def pinned_sessions(self) -> int:
+        """Session pins this replica knows (its local cache of Redis' pins; issue 12's dashboard)."""
+        return len(self._pins.cache)
+
     def health(self) -> dict[str, Any]:
         t = now()
         return {

@@ -12,6 +12,7 @@ from .health import HealthChecker, Outliers
 from .metrics import Metrics
 from .registry.base import Registry
 from .relay import Relay
+from .tombstones import Tombstones
 from .upstream import UpstreamPool
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -26,3 +27,5 @@ RELAY = web.AppKey("relay", Relay)
 STARTED = web.AppKey("started", float)
 #: characters per prefix block the policy indexes; 0 when the policy does not look at prefixes
 BLOCK_CHARS = web.AppKey("block_chars", int)
+#: URLs their own agent removed a moment ago (issue 18: a late heartbeat 404 must not bring them back)
+TOMBSTONES = web.AppKey("tombstones", Tombstones)

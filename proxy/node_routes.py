@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,10 +19,11 @@ from aiohttp import web
 
 from turbofleet.balancer.policy import READY
 
-from .errors import BadRequest, Forbidden, NotFound, RegistryWriteUnavailable, Unauthorized, UpstreamFailed
-from .keys import CLIENT, OUTLIERS, POLICY, REGISTRY, SETTINGS
+from .errors import BadRequest, Forbidden, NotFound, ProxyError, RegistryWriteUnavailable, Unauthorized, UpstreamFailed
+from .keys import CLIENT, OUTLIERS, POLICY, REGISTRY, SETTINGS, TOMBSTONES
 from .openai_routes import parse_json_object, read_body
 from .registry.base import STATES, LoadReport, RegistryUnavailable, WorkerRecord
+from .tombstones import Tombstones
 
 log = logging.getLogger("turbofleet.nodes")
 
@@ -103,6 +105,12 @@ async def add_node(request: web.Request) -> web.Response:
     require_admin(request)
     data = parse_json_object(await read_body(request))
     url = normalize_url(data.get("url"), request)
+    agent_id = data.get("agent_id")
+    agent_id = str(agent_id) if agent_id else None
+    if request.app[TOMBSTONES].refuses(url, agent_id, bool(data.get("rejoin")), time.monotonic()):
+        log.info("ignored a re-registration of %s: its agent removed it a moment ago", url)
+        raise ProxyError(f"{url} was just removed by its own agent; this late re-registration is ignored.",
+                         status=409, code="worker_removed")
     status = data.get("status") or {}
     if not isinstance(status, dict):
         raise BadRequest("`status` must be an object.", param="status")
@@ -141,7 +149,10 @@ async def remove_node(request: web.Request) -> web.Response:
     require_admin(request)
     data = parse_json_object(await read_body(request))
     url = normalize_url(data.get("url"), request)
-    if not await _write(request.app[REGISTRY].remove(url)):
+    removed = await _write(request.app[REGISTRY].remove(url))
+    if data.get("agent_id"):  # the agent removes itself: keep its late heartbeat 404 from bringing it back
+        request.app[TOMBSTONES].bury(url, str(data["agent_id"]), time.monotonic())
+    if not removed:
         raise NotFound(f"No worker {url} is registered.", code="worker_not_found")
     request.app[POLICY].forget(url)
     request.app[OUTLIERS].forget(url)
@@ -243,6 +254,8 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    # issue 18: a worker its own agent just removed is not brought back by that agent's late heartbeat 404
+    app[TOMBSTONES] = Tombstones(ttl=app[SETTINGS].heartbeat_ttl)
     app.router.add_post("/nodes/add", add_node)
     app.router.add_post("/nodes/remove", remove_node)
     app.router.add_get("/nodes/status", get_status)

@@ -17,6 +17,7 @@ from .metrics import Metrics
 from .registry.base import Registry
 from .relay import Relay
 from .tenants import KeyTable
+from .tombstones import Tombstones
 from .upstream import UpstreamPool
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -42,3 +43,5 @@ KEYTABLE = web.AppKey("keytable", KeyTable)
 VIA_ID = web.AppKey("via_id", str)
 #: issue 12: the last 15 minutes of metrics, for the dashboard
 HISTORY = web.AppKey("history", History)
+#: URLs their own agent removed a moment ago (issue 18: a late heartbeat 404 must not bring them back)
+TOMBSTONES = web.AppKey("tombstones", Tombstones)

@@ -120,6 +120,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("command", nargs=argparse.REMAINDER, help="server command, after `--`")
 
 
+def _proxy_hosts(proxies: list[str]) -> list[str]:
+    from urllib.parse import urlsplit
+
+    hosts = []
+    for p in proxies:
+        host = urlsplit(p if "://" in p else "http://" + p).hostname
+        if host:
+            hosts.append(host)
+    return hosts
+
+
 def _command(raw: list[str]) -> list[str]:
     return raw[1:] if raw and raw[0] == "--" else raw
 
@@ -142,7 +153,8 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str], detect: b
     ep = endpoint_from_url(args.attach) if args.attach else endpoint_from_command(command)
     detected = None
     if detect and not args.advertise_url and is_unspecified(ep.host) and not environ.get("POD_IP"):
-        detected = detect_routable_ip()
+        # the address the proxies would see us at: a host on a network with no default route has one too
+        detected = detect_routable_ip(_proxy_hosts(args.proxy))
     return AgentConfig(
         proxies=tuple(p.rstrip("/") for p in args.proxy),
         probe_url=probe_url(ep),

@@ -93,8 +93,24 @@ async def _serve(settings: Settings) -> None:
     log.info("stopped")
 
 
+def raise_nofile() -> tuple[int, int]:
+    """Issue 16: every stream costs the proxy two descriptors (client and worker side), so the soft open-file
+    limit (often 1,024) would cap it near 500 streams: raise it to the hard limit. Returns (soft, hard)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft, hard
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def serve(settings: Settings) -> int:
     reqlog.configure(settings.log_level, settings.log_format)
+    soft, _ = raise_nofile()
+    log.debug("open-file limit %d", soft)
     try:
         import uvloop
 

@@ -22,7 +22,7 @@ from .health import HealthChecker, Outliers
 from .keys import BLOCK_CHARS, CLIENT, HEALTH, METRICS, OUTLIERS, POLICY, POOL, REGISTRY, RELAY, SETTINGS, STARTED
 from .metrics import Metrics
 from .registry import open_registry
-from .registry.base import RegistryUnavailable, WorkerRecord
+from .registry.base import RegistryUnavailable, WorkerChange, WorkerEvent, WorkerRecord
 from .relay import Relay
 from .upstream import UpstreamPool
 
@@ -151,6 +151,19 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}<
     return web.Response(text=page, content_type="text/html")
 
 
+def _follow_the_fleet(app: web.Application) -> None:
+    """A worker that joined or left, here or through another replica, starts clean: the policy forgets what
+    it kept about the URL (prefix index, sessions, backlog) and so does this replica's health view."""
+    policy, outliers = app[POLICY], app[OUTLIERS]
+
+    def on_change(event: WorkerEvent) -> None:
+        if event.change is not WorkerChange.CHANGED:
+            policy.forget(event.url)
+            outliers.forget(event.url)
+
+    app[REGISTRY].subscribe(on_change)
+
+
 def build_app(settings: Settings) -> web.Application:
     """A ready-to-run proxy application for `settings`."""
     # the auth middleware costs a hop on every request: install it only when there are keys to check
@@ -165,6 +178,7 @@ def build_app(settings: Settings) -> web.Application:
     # prompts are hashed in the policy's own block size, and not at all for policies blind to prefixes
     app[BLOCK_CHARS] = app[POLICY].block_chars
     app[OUTLIERS] = Outliers(settings, app[METRICS], app[REGISTRY].snapshot)
+    _follow_the_fleet(app)
     app.cleanup_ctx.extend([_client_session, _registry, _health, _static_workers])
     openai_routes.add_routes(app)
     node_routes.add_routes(app)

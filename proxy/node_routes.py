@@ -19,7 +19,7 @@ from aiohttp import web
 from turbofleet.balancer.policy import READY
 
 from .errors import BadRequest, Forbidden, NotFound, RegistryWriteUnavailable, Unauthorized, UpstreamFailed
-from .keys import CLIENT, OUTLIERS, POLICY, REGISTRY, SETTINGS
+from .keys import CLIENT, OUTLIERS, REGISTRY, SETTINGS
 from .openai_routes import parse_json_object, read_body
 from .registry.base import STATES, LoadReport, RegistryUnavailable, WorkerRecord
 
@@ -143,8 +143,7 @@ async def remove_node(request: web.Request) -> web.Response:
     url = normalize_url(data.get("url"), request)
     if not await _write(request.app[REGISTRY].remove(url)):
         raise NotFound(f"No worker {url} is registered.", code="worker_not_found")
-    request.app[POLICY].forget(url)
-    request.app[OUTLIERS].forget(url)
+    # the policy and the health view forget it through the registry's event (app.py), as on every replica
     log.info("worker %s removed", url)
     return web.json_response("Deleted successfully")
 
@@ -200,9 +199,7 @@ async def _terminate(app: web.Application, url: str) -> None:
                             url, r.status)
     except (aiohttp.ClientError, OSError, TimeoutError):
         pass  # a server that exits may drop the connection before answering
-    await _write(app[REGISTRY].remove(url))
-    app[POLICY].forget(url)
-    app[OUTLIERS].forget(url)
+    await _write(app[REGISTRY].remove(url))  # the registry's event makes the policy and health view forget it
 
 
 def node_status(app: web.Application) -> dict[str, dict[str, Any]]:

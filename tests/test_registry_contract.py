@@ -132,3 +132,26 @@ async def test_health(make: Factory) -> None:
     h = reg.health()
     assert h["backend"] in ("memory", "redis") and h["reachable"] is True
     assert isinstance(h["stale_s"], float) and h["stale_s"] < 5
+
+
+async def test_subscribers_hear_every_worker_added_changed_and_removed(make: Factory) -> None:
+    from turbofleet.proxy.registry.base import WorkerChange, WorkerEvent
+
+    reg = await make()
+    seen: list[tuple[WorkerChange, str]] = []
+
+    def listener(e: WorkerEvent) -> None:
+        seen.append((e.change, e.url))
+
+    unsubscribe = reg.subscribe(listener)
+    await reg.upsert(worker())
+    await reg.set_state("http://w1", "draining")
+    await reg.heartbeat("http://w1", LoadReport(running=2))
+    assert await reg.remove("http://w1")
+    # the Redis backend may also hear its own writes back through the feed: those are not applied twice
+    await eventually(lambda: (WorkerChange.REMOVED, "http://w1") in seen, 5.0, "the removal event")
+    assert seen[0] == (WorkerChange.ADDED, "http://w1") and seen[-1] == (WorkerChange.REMOVED, "http://w1")
+    assert set(seen[1:-1]) == {(WorkerChange.CHANGED, "http://w1")}
+    unsubscribe()
+    await reg.upsert(worker())
+    assert seen[-1] == (WorkerChange.REMOVED, "http://w1")

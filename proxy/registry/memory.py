@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from turbofleet.balancer.policy import WorkerView
 
-from .base import STATES, LoadReport, WorkerRecord, now, to_view
+from .base import STATES, Listener, Listeners, LoadReport, WorkerChange, WorkerRecord, now, to_view
 
 #: pins kept at most (LRU beyond that); a pin unused for `pin_ttl` seconds is forgotten
 MAX_PINS = 1_000_000
@@ -29,6 +29,10 @@ class MemoryRegistry:
         self._views: dict[str, WorkerView] = {}
         self._tuple: tuple[WorkerView, ...] | None = None
         self._built_at = -1.0
+        self._listeners = Listeners()
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        return self._listeners.subscribe(listener)
 
     async def start(self) -> None:
         return None
@@ -73,11 +77,14 @@ class MemoryRegistry:
         )
         self._workers[rec.url] = rec
         self._dirty()
+        self._listeners.emit(WorkerChange.ADDED if old is None else WorkerChange.CHANGED, rec.url, rec)
         return rec
 
     async def remove(self, url: str) -> bool:
         found = self._workers.pop(url, None) is not None
         self._dirty()
+        if found:
+            self._listeners.emit(WorkerChange.REMOVED, url)
         return found
 
     async def set_state(self, url: str, state: str) -> bool:
@@ -87,15 +94,16 @@ class MemoryRegistry:
         if rec is None:
             return False
         if rec.state != state:
-            self._workers[url] = rec.with_(state=state)
+            self._workers[url] = rec = rec.with_(state=state)
             self._dirty()
+            self._listeners.emit(WorkerChange.CHANGED, url, rec)
         return True
 
     async def heartbeat(self, url: str, load: LoadReport) -> bool:
         rec = self._workers.get(url)
         if rec is None:
             return False
-        self._workers[url] = rec.with_(
+        self._workers[url] = rec = rec.with_(
             last_heartbeat=now(),
             running=load.running,
             waiting=load.waiting,
@@ -103,6 +111,7 @@ class MemoryRegistry:
             prefix_hit_rate=load.prefix_hit_rate,
         )
         self._dirty()
+        self._listeners.emit(WorkerChange.CHANGED, url, rec)
         return True
 
     async def acquire(self, url: str, session_key: str | None = None, pin: bool = False) -> None:

@@ -16,9 +16,20 @@ MAX_PINS = 1_000_000
 
 
 class MemoryRegistry:
-    """Workers, in-flight counts and session pins of a single proxy process."""
+    """Workers, in-flight counts and session pins of a single proxy process.
 
-    def __init__(self, pin_ttl: float = 1800.0) -> None:
+    `clock` (monotonic seconds) times the session pins and `wall` (epoch seconds) the heartbeats; tests hand
+    in their own to move time without waiting for it."""
+
+    def __init__(
+        self,
+        pin_ttl: float = 1800.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = now,
+    ) -> None:
+        self._clock = clock
+        self._wall = wall
         self._workers: dict[str, WorkerRecord] = {}
         self._in_flight: dict[str, int] = {}
         self._pins: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -50,7 +61,7 @@ class MemoryRegistry:
             self._tuple = None
 
     def snapshot(self) -> Sequence[WorkerView]:
-        t = now()
+        t = self._wall()
         if t - self._built_at > 1.0:
             self._views = {u: to_view(r, self._in_flight.get(u, 0), t) for u, r in self._workers.items()}
             self._built_at = t
@@ -70,7 +81,7 @@ class MemoryRegistry:
 
     async def upsert(self, record: WorkerRecord) -> WorkerRecord:
         old = self._workers.get(record.url)
-        t = now()
+        t = self._wall()
         rec = record.with_(
             registered_at=old.registered_at if old else t,
             last_heartbeat=t,
@@ -104,7 +115,7 @@ class MemoryRegistry:
         if rec is None:
             return False
         self._workers[url] = rec = rec.with_(
-            last_heartbeat=now(),
+            last_heartbeat=self._wall(),
             running=load.running,
             waiting=load.waiting,
             kv_usage=load.kv_usage,
@@ -133,7 +144,7 @@ class MemoryRegistry:
         self._count_changed(url, max(left, 0))
 
     def _set_pin(self, key: str, url: str) -> None:
-        self._pins[key] = (url, time.monotonic() + self._pin_ttl)
+        self._pins[key] = (url, self._clock() + self._pin_ttl)
         self._pins.move_to_end(key)
         while len(self._pins) > MAX_PINS:
             self._pins.popitem(last=False)
@@ -143,7 +154,7 @@ class MemoryRegistry:
         if entry is None:
             return None
         url, expires = entry
-        if time.monotonic() > expires:
+        if self._clock() > expires:
             del self._pins[session_key]
             return None
         return url

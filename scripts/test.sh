@@ -20,7 +20,7 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 bash scripts/install-redis.sh
 .venv/bin/ruff check proxy balancer worker bench turbofleet tests
-.venv/bin/mypy   # strict, on every package (pyproject.toml)
+.venv/bin/mypy   # strict, on every package and on tests/ (pyproject.toml)
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

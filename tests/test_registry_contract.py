@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from tests.redis_server import eventually, redis_binary
-from turbofleet.proxy.registry.base import EJECTED, READY, LoadReport, Registry, WorkerRecord
+from turbofleet.balancer.policy import EJECTED, READY
+from turbofleet.proxy.registry.base import LoadReport, Registry, WorkerRecord
 from turbofleet.proxy.registry.memory import MemoryRegistry
 
 Factory = Callable[..., Awaitable[Registry]]

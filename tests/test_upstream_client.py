@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -153,7 +154,11 @@ async def test_stale_keep_alive_connection_is_retried_once() -> None:
             r.release()
             # the close arrives, so the next try finds a dead pooled connection
             idle = [c for q in pool._idle.values() for c in q]
-            await eventually(lambda idle=idle: all(c.closed for c in idle), 10.0, "the close to reach the pool")
+
+            def closed(idle: list[Any] = idle) -> bool:
+                return all(c.closed for c in idle)
+
+            await eventually(closed, 10.0, "the close to reach the pooled connection")
         assert served == 3
     finally:
         await pool.close()

@@ -7,9 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import os
-import platform
 import shlex
 import sys
 import time
@@ -23,6 +21,7 @@ import aiohttp
 from turbofleet.bench import aio, report
 from turbofleet.bench.client import RequestResult, make_session, send_chat
 from turbofleet.bench.fleet import (
+    DEFAULT_MODEL,
     REQUESTS_METRIC,
     Child,
     ExternalFleet,
@@ -32,52 +31,18 @@ from turbofleet.bench.fleet import (
     cpu_times,
     free_port,
     group_cpu_seconds,
+    machine,
     parse_fleet_urls,
     spawn,
+    start_redis,
     wait_ready,
 )
 from turbofleet.bench.output import detect_model, run_log_dir, write_json, write_requests
-from turbofleet.bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
+from turbofleet.bench.peers import DEFAULT_COMPARE_ROUTERS, REDIS_KINDS, RouterSpec, build_launch, parse_routers
 from turbofleet.bench.plan import Plan, PlanError, build_plan, execute
 from turbofleet.bench.runner import RunOptions, Targets
 from turbofleet.bench.stats import summarize
 from turbofleet.bench.workloads import RequestSpec, new_salt
-
-DEFAULT_MODEL = "sim-model"
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-async def start_redis(log_dir: Path) -> tuple[Child, str]:
-    """A throw-away redis-server on a free port, without persistence."""
-    port = free_port()
-    child = spawn(
-        "redis",
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        log_dir,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"PING\r\n")
-            await writer.drain()
-            line = await reader.readline()
-            writer.close()
-            if line.startswith(b"+PONG"):
-                return child, f"redis://127.0.0.1:{port}/0"
-        if not child.alive():
-            break
-        await asyncio.sleep(0.1)
-    child.stop()
-    raise RuntimeError(f"redis-server did not start:\n{child.tail()}")
 
 
 async def warm_up(session: aiohttp.ClientSession, urls: list[str], model: str, wait_s: float = 60.0) -> None:
@@ -337,7 +302,6 @@ async def _compare(
 
 
 def run_compare(args: argparse.Namespace, what: list[str]) -> int:
-    from turbofleet.bench.main import DEFAULT_COMPARE_ROUTERS
 
     try:
         plan = build_plan(args, what)

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_COMPARE_ROUTERS = "turbofleet:kv_aware,turbofleet:least_queue,turbofleet:round_robin,lmdeploy,sglang,vllm"
-DEFAULT_OVERHEAD_ROUTERS = "turbofleet,lmdeploy,sglang,vllm"
+from turbofleet.bench.peers import DEFAULT_COMPARE_ROUTERS, DEFAULT_OVERHEAD_ROUTERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

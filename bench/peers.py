@@ -26,6 +26,9 @@ DEFAULT_POLICY = {
     "ideal": "hash",
 }
 EXECUTABLE = {"lmdeploy": "lmdeploy", "sglang": "sglang-router", "vllm": "vllm-router"}
+#: the routers `bench compare` and `bench overhead` run when --routers is not given
+DEFAULT_COMPARE_ROUTERS = "turbofleet:kv_aware,turbofleet:least_queue,turbofleet:round_robin,lmdeploy,sglang,vllm"
+DEFAULT_OVERHEAD_ROUTERS = "turbofleet,lmdeploy,sglang,vllm"
 DEFAULT_PEERS_VENV = ".venv-peers"
 
 

@@ -83,6 +83,27 @@ class Launch:
         return [f"http://127.0.0.1:{p}" for p in self.ports]
 
 
+def proxy_argv(
+    port: int,
+    workers: Sequence[str],
+    *,
+    policy: str | None = None,
+    log_level: str | None = None,
+    extra: Sequence[str] = (),
+    python: str = sys.executable,
+) -> list[str]:
+    """The one `turbofleet proxy` command line the bench starts (compare, overhead, soak): on 127.0.0.1:`port`
+    in front of `workers`, then the caller's own flags (`extra`, which may override the ones before)."""
+    argv = [python, "-m", "turbofleet", "proxy", "--host", "127.0.0.1", "--port", str(port)]
+    if policy is not None:
+        argv += ["--policy", policy]
+    if log_level is not None:
+        argv += ["--log-level", log_level]
+    for w in workers:
+        argv += ["--worker", w]
+    return [*argv, *extra]
+
+
 def build_launch(
     spec: RouterSpec,
     workers: list[str],
@@ -104,23 +125,7 @@ def build_launch(
         ports = [free_port() for _ in range(replicas)]
         argvs = []
         for i, port in enumerate(ports):
-            argv = [
-                python,
-                "-m",
-                "turbofleet",
-                "proxy",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--policy",
-                spec.policy,
-                "--log-level",
-                "warning",
-            ]
-            for w in workers:
-                argv += ["--worker", w]
-            argv += list(proxy_args)
+            argv = proxy_argv(port, workers, policy=spec.policy, log_level="warning", extra=proxy_args, python=python)
             if redis_url and spec.kind in REDIS_KINDS:
                 # A fresh key prefix per run: no pins or prefix index survive from an earlier router's run.
                 argv += ["--registry", redis_url, "--registry-prefix", f"tf-{run_id}", "--replica-id", f"r{i}"]

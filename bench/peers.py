@@ -27,6 +27,9 @@ DEFAULT_POLICY = {
     "ideal": "hash",
 }
 EXECUTABLE = {"lmdeploy": "lmdeploy", "sglang": "sglang-router", "vllm": "vllm-router"}
+#: the routers `bench compare` and `bench overhead` run when --routers is not given
+DEFAULT_COMPARE_ROUTERS = "turbofleet:kv_aware,turbofleet:least_queue,turbofleet:round_robin,lmdeploy,sglang,vllm"
+DEFAULT_OVERHEAD_ROUTERS = "turbofleet,lmdeploy,sglang,vllm"
 DEFAULT_PEERS_VENV = ".venv-peers"
 
 
@@ -92,6 +95,27 @@ class Launch:
         return [f"http://127.0.0.1:{p}" for p in self.ports]
 
 
+def proxy_argv(
+    port: int,
+    workers: Sequence[str],
+    *,
+    policy: str | None = None,
+    log_level: str | None = None,
+    extra: Sequence[str] = (),
+    python: str = sys.executable,
+) -> list[str]:
+    """The one `turbofleet proxy` command line the bench starts (compare, overhead, soak): on 127.0.0.1:`port`
+    in front of `workers`, then the caller's own flags (`extra`, which may override the ones before)."""
+    argv = [python, "-m", "turbofleet", "proxy", "--host", "127.0.0.1", "--port", str(port)]
+    if policy is not None:
+        argv += ["--policy", policy]
+    if log_level is not None:
+        argv += ["--log-level", log_level]
+    for w in workers:
+        argv += ["--worker", w]
+    return [*argv, *extra]
+
+
 def build_launch(
     spec: RouterSpec,
     workers: list[str],
@@ -113,24 +137,10 @@ def build_launch(
         ports = [free_port() for _ in range(replicas)]
         argvs = []
         for i, port in enumerate(ports):
-            # -P: another interpreter imports its own install, not the turbofleet/ of the bench's cwd
-            argv = [
-                *((spec.python, "-P") if spec.python else (python,)),
-                "-m",
-                "turbofleet",
-                "proxy",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--policy",
-                spec.policy,
-                "--log-level",
-                "warning",
-            ]
-            for w in workers:
-                argv += ["--worker", w]
-            argv += list(proxy_args)
+            argv = proxy_argv(port, workers, policy=spec.policy, log_level="warning", extra=proxy_args,
+                              python=spec.python or python)
+            if spec.python:  # -P: another interpreter imports its own install, not the turbofleet/ of the bench's cwd
+                argv.insert(1, "-P")
             if redis_url and spec.kind in REDIS_KINDS:
                 # A fresh key prefix per run: no pins or prefix index survive from an earlier router's run.
                 argv += ["--registry", redis_url, "--registry-prefix", f"tf-{run_id}", "--replica-id", f"r{i}"]

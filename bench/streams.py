@@ -2,7 +2,7 @@
 
 For each N in `--n` and each router (and `direct`, no router), the bench starts a fresh router in front of
 one `streamsrv` backend (bench/streamsrv.py: raw-asyncio SSE, `--rate` tokens/s per stream), opens N streaming
-requests over `--ramp` seconds with the lean client (bench/streamclient.py), and measures while all N are open
+requests over `--open-over` seconds with the lean client (bench/streamclient.py), and measures while all N are open
 (from the last stream opened to the first one finished):
 
 - the router's CPU (% of one core) and RSS, from /proc, summed over its process group;
@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 
 from turbofleet.bench import aio
-from turbofleet.bench.compare import machine
+from turbofleet.bench.fleet import machine
 from turbofleet.bench.fleet import Child, free_port, spawn, wait_ready
 from turbofleet.bench.output import run_log_dir, write_json
 from turbofleet.bench.peers import RouterSpec, build_launch, parse_routers
@@ -198,7 +198,7 @@ async def one_run(spec: RouterSpec | None, n: int, args: argparse.Namespace, d: 
         for smp in (router, bsampler, csampler):
             smp.start()
         host, _, port = url.removeprefix("http://").partition(":")
-        stats = await run_streams(host, int(port), MODEL, n, args.tokens, args.ramp or max(2.0, n / 1000),
+        stats = await run_streams(host, int(port), MODEL, n, args.tokens, args.open_over or max(2.0, n / 1000),
                                   sample_every=args.sample_every, timeout_s=args.tokens / args.rate * 4 + 120)
         for smp in (router, bsampler, csampler):
             await smp.stop()

@@ -42,7 +42,7 @@ from .keys import (
 from .limits import LIMITS, Limits, limits_ctx
 from .metrics import Metrics
 from .registry import open_registry
-from .registry.base import RegistryUnavailable, WorkerRecord
+from .registry.base import RegistryUnavailable, WorkerChange, WorkerEvent, WorkerRecord
 from .relay import Relay
 from .tenants import KeyTable
 from .upstream import UpstreamPool
@@ -144,6 +144,19 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=app[METRICS].render(gauges), content_type="text/plain", charset="utf-8")
 
 
+def _follow_the_fleet(app: web.Application) -> None:
+    """A worker that joined or left, here or through another replica, starts clean: the policy forgets what
+    it kept about the URL (prefix index, sessions, backlog) and so does this replica's health view."""
+    policy, outliers = app[POLICY], app[OUTLIERS]
+
+    def on_change(event: WorkerEvent) -> None:
+        if event.change is not WorkerChange.CHANGED:
+            policy.forget(event.url)
+            outliers.forget(event.url)
+
+    app[REGISTRY].subscribe(on_change)
+
+
 def build_app(settings: Settings) -> web.Application:
     """A ready-to-run proxy application for `settings`."""
     app = web.Application(middlewares=[error_middleware, edge_middleware], client_max_size=settings.max_body_bytes)
@@ -168,6 +181,7 @@ def build_app(settings: Settings) -> web.Application:
     # prompts are hashed in the policy's own block size, and not at all for policies blind to prefixes
     app[BLOCK_CHARS] = app[POLICY].block_chars
     app[OUTLIERS] = Outliers(settings, app[METRICS], app[REGISTRY].snapshot)
+    _follow_the_fleet(app)
     app.cleanup_ctx.extend([_client_session, _registry, _health, _static_workers, limits_ctx])
     openai_routes.add_routes(app)
     node_routes.add_routes(app)

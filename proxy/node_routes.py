@@ -29,7 +29,7 @@ from .errors import (
     TooManyRequests,
 )
 from .guard import UNSPECIFIED_HOSTS, check_target, check_url_shape
-from .keys import ALLOWLIST, CLIENT, OUTLIERS, POLICY, REGISTRY, SECRETS, SETTINGS, TOMBSTONES
+from .keys import ALLOWLIST, CLIENT, OUTLIERS, REGISTRY, SECRETS, SETTINGS, TOMBSTONES
 from .openai_routes import read_body
 from .registry.base import STATES, LoadReport, RegistryUnavailable, WorkerRecord
 from .tombstones import Tombstones
@@ -162,8 +162,7 @@ async def remove_node(request: web.Request) -> web.Response:
         request.app[TOMBSTONES].bury(url, body.agent_id, time.monotonic())
     if not removed:
         raise NotFound("No such worker is registered.", code="worker_not_found")
-    request.app[POLICY].forget(url)
-    request.app[OUTLIERS].forget(url)
+    # the policy and the health view forget it through the registry's event (app.py), as on every replica
     log.info("worker %s removed", url)
     return web.json_response("Deleted successfully")
 
@@ -227,9 +226,7 @@ async def _terminate(app: web.Application, url: str) -> None:
                             url, r.status)
     except (aiohttp.ClientError, OSError, TimeoutError):
         pass  # a server that exits may drop the connection before answering
-    await _write(app[REGISTRY].remove(url))
-    app[POLICY].forget(url)
-    app[OUTLIERS].forget(url)
+    await _write(app[REGISTRY].remove(url))  # the registry's event makes the policy and health view forget it
 
 
 def node_status(app: web.Application) -> dict[str, dict[str, Any]]:

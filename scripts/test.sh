@@ -22,7 +22,7 @@ bash scripts/install-redis.sh
 bash scripts/install-chromium.sh   # the dashboard's browser test (issue 12)
 bash scripts/install-netbed.sh  # issue 18: ip netns, iptables for the network test bed
 .venv/bin/ruff check proxy balancer worker bench turbofleet tests
-.venv/bin/mypy   # strict, on every package (pyproject.toml)
+.venv/bin/mypy   # strict, on every package and on tests/ (pyproject.toml)
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

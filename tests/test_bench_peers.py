@@ -164,3 +164,17 @@ def test_proxy_args_reach_every_turbofleet_replica() -> None:
     for argv in launch.argvs:
         i = argv.index("--policy-option")
         assert argv[i + 1] == "epsilon=0.25"
+
+
+def test_one_proxy_command_line_for_compare_and_soak() -> None:
+    from turbofleet.bench import peers, soak
+
+    workers = ["http://w1", "http://w2"]
+    argv = peers.proxy_argv(8000, workers, policy="kv_aware", extra=["--max-tries", "1"], python="py")
+    assert argv == [
+        "py", "-m", "turbofleet", "proxy", "--host", "127.0.0.1", "--port", "8000", "--policy", "kv_aware",
+        "--worker", "http://w1", "--worker", "http://w2", "--max-tries", "1",
+    ]  # fmt: skip
+    assert soak.proxy_argv is peers.proxy_argv  # type: ignore[attr-defined]
+    launch = peers.build_launch(peers.RouterSpec("turbofleet", "round_robin"), ["http://w1"], lambda: 9, python="py")
+    assert launch.argvs == [peers.proxy_argv(9, ["http://w1"], policy="round_robin", log_level="warning", python="py")]

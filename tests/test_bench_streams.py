@@ -110,7 +110,7 @@ def test_deltas_are_router_minus_direct_at_the_same_n() -> None:
 def test_bench_streams_through_turbofleet(tmp_path: Path) -> None:
     out = tmp_path / "streams.json"
     args = build_parser().parse_args([
-        "bench", "streams", "--n", "60", "--tokens", "80", "--rate", "40", "--ramp", "0.5",
+        "bench", "streams", "--n", "60", "--tokens", "80", "--rate", "40", "--open-over", "0.5",
         "--routers", "turbofleet", "--json", str(out), "--log-dir", str(tmp_path / "logs"),
     ])
     from turbofleet.bench.main import run

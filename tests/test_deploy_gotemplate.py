@@ -11,6 +11,7 @@ The renderer's own tests are at the bottom; test_deploy_helm.py renders the char
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -29,6 +30,10 @@ _TOKEN = re.compile(
     |(?P<var>\$\w*(?:\.\w+)*)|(?P<field>(?:\.\w+)+|\.)|(?P<ident>[A-Za-z_]\w*))""",
     re.X,
 )
+
+
+def _identity(v: Any) -> Any:
+    return v
 
 
 class TemplateError(Exception):
@@ -91,7 +96,8 @@ def _plain(v: Any) -> Any:
 
 
 def to_yaml(v: Any) -> str:
-    return yaml.safe_dump(_plain(v), default_flow_style=False, sort_keys=True).removesuffix("\n").removesuffix("\n...")
+    out: str = yaml.safe_dump(_plain(v), default_flow_style=False, sort_keys=True)
+    return out.removesuffix("\n").removesuffix("\n...")
 
 
 def to_json(v: Any) -> str:
@@ -241,7 +247,7 @@ def _parse_pipeline(toks: list[tuple[str, str]]) -> Node:
             depth_stack.append(cmds)
             cmds = [[]]
         elif val == ")" and kind == "op":
-            inner = ("pipe", [], "", cmds)
+            inner: tuple[Any, ...] = ("pipe", [], "", cmds)
             cmds = depth_stack.pop()
             cmds[-1].append(inner)
         elif val == "|" and kind == "op":
@@ -273,7 +279,8 @@ def _parse(items: list[tuple[str, str]], defines: dict[str, list[Node]]) -> list
             if word in ("if", "with"):
                 branches = [(_parse_pipeline(_tokens(rest)), block(("else", "end")))]
                 (body_nodes, stop) = branches[0][1]
-                arms, else_nodes = [(branches[0][0], body_nodes)], []
+                arms = [(branches[0][0], body_nodes)]
+                else_nodes: list[Any] = []
                 while stop.startswith("else"):
                     cond = stop[4:].strip()
                     if cond.startswith("if "):
@@ -369,9 +376,11 @@ class Renderer:
         if head[0] == "ident" and head[1] not in ("true", "false", "nil"):
             name = head[1]
             if name in ("and", "or"):  # short-circuit, returning the deciding operand
-                thunks: list[Callable[[], Any]] = [lambda a=a: self._operand(a, dot, scopes) for a in cmd[1:]]
+                thunks: list[Callable[[], Any]] = [
+                    functools.partial(self._operand, a, dot, scopes) for a in cmd[1:]
+                ]
                 if has_pipe:
-                    thunks.append(lambda: piped)
+                    thunks.append(functools.partial(_identity, piped))
                 v: Any = None
                 for thunk in thunks:
                     v = thunk()

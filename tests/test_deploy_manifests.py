@@ -10,7 +10,7 @@ import base64
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,7 @@ def _ports(c: dict[str, Any]) -> dict[str, int]:
 
 def _probe_port(c: dict[str, Any], probe: dict[str, Any]) -> int:
     port = (probe.get("httpGet") or probe.get("tcpSocket") or {}).get("port")
+    assert port is not None, probe
     return _ports(c)[port] if isinstance(port, str) else int(port)
 
 
@@ -144,10 +145,11 @@ def check_objects(docs: list[dict[str, Any]]) -> None:
             for probe in ("readinessProbe", "livenessProbe"):
                 if probe in c and "exec" not in c[probe]:
                     _probe_port(c, c[probe])  # a named port must exist
-    for kind, selector_of in (
+    selectors: tuple[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]], ...] = (
         ("Service", lambda d: d["spec"]["selector"]),
         ("PodDisruptionBudget", lambda d: d["spec"]["selector"]["matchLabels"]),
-    ):
+    )
+    for kind, selector_of in selectors:
         for d in docs:
             if d["kind"] != kind:
                 continue
@@ -287,15 +289,17 @@ def test_the_checks_catch_broken_manifests() -> None:
     good = load_docs(k8s_files())
 
     def broken(edit: Any) -> list[dict[str, Any]]:
-        docs = yaml.safe_load(yaml.safe_dump(good))
+        docs: list[dict[str, Any]] = yaml.safe_load(yaml.safe_dump(good))
         edit(docs)
         return docs
 
     def worker_c(docs: list[dict[str, Any]]) -> dict[str, Any]:
-        return _component(docs, "worker")["spec"]["template"]["spec"]["containers"][0]
+        c: dict[str, Any] = _component(docs, "worker")["spec"]["template"]["spec"]["containers"][0]
+        return c
 
     def proxy_c(docs: list[dict[str, Any]]) -> dict[str, Any]:
-        return _component(docs, "proxy")["spec"]["template"]["spec"]["containers"][0]
+        c: dict[str, Any] = _component(docs, "proxy")["spec"]["template"]["spec"]["containers"][0]
+        return c
 
     cases = {
         "unknown agent flag": lambda d: worker_c(d)["args"].insert(1, "--no-such-flag"),

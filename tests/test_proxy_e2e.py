@@ -114,7 +114,8 @@ def test_sse_bytes_pass_through_unchanged(fleet: tuple[Proc, list[Proc]]) -> Non
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as r:
             assert r.headers["Content-Type"].startswith("text/event-stream")
-            return r.read()
+            answer: bytes = r.read()
+            return answer
 
     via_proxy = fetch(proxy.url)
     direct = fetch(sims[0].url)

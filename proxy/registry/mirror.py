@@ -15,7 +15,7 @@ from typing import Any
 
 from turbofleet.balancer.policy import WorkerView
 
-from .base import WorkerRecord, to_view
+from .base import Listeners, WorkerChange, WorkerRecord, to_view
 
 #: fields Redis stamps itself (scripts.UPSERT) rather than taking from the caller
 STAMPED = ("registered_at", "last_heartbeat")
@@ -94,6 +94,8 @@ class Mirror:
         self.others: dict[str, int] = {}
         self._views: tuple[WorkerView, ...] | None = None
         self._views_at = 0.0
+        #: told of every worker added, changed or removed as writes apply (whoever made them)
+        self.listeners = Listeners()
 
     # --- fleet ---
     def _newer(self, url: str, version: int) -> bool:
@@ -104,23 +106,28 @@ class Mirror:
         self.seen = max(self.seen, version)
         if not self._newer(record.url, version):
             return False
+        old = self.records.get(record.url)
         self.records[record.url] = record
         self.versions[record.url] = version
         self._views = None
+        self.listeners.emit(WorkerChange.ADDED if old is None else WorkerChange.CHANGED, record.url, record)
         return True
 
     def delete(self, url: str, version: int) -> bool:
         self.seen = max(self.seen, version)
         if not self._newer(url, version):
             return False
-        self.records.pop(url, None)
+        found = self.records.pop(url, None) is not None
         self.versions[url] = version
         self._views = None
+        if found:
+            self.listeners.emit(WorkerChange.REMOVED, url)
         return True
 
     def load(self, epoch: str, version: int, records: Iterable[tuple[WorkerRecord, int]]) -> None:
         """Take a full read made at `version`; keep what the feed already applied past it."""
         fresh = {rec.url: (rec, v) for rec, v in records}
+        before = self.records
         if epoch != self.epoch:
             # Redis lost its data (or this is the first read): versions restarted, nothing old compares
             self.records, self.versions, self.seen = {}, {}, 0
@@ -139,6 +146,15 @@ class Mirror:
         self.base = version
         self.seen = max(self.seen, version)
         self._views = None
+        # what the read changed, told as the feed would have: it may have missed removals and additions
+        for url in before.keys() - records_now.keys():
+            self.listeners.emit(WorkerChange.REMOVED, url)
+        for url, rec in records_now.items():
+            old = before.get(url)
+            if old is None:
+                self.listeners.emit(WorkerChange.ADDED, url, rec)
+            elif old != rec:
+                self.listeners.emit(WorkerChange.CHANGED, url, rec)
 
     # --- in-flight ---
     def acquire(self, url: str) -> int:

@@ -25,7 +25,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -39,7 +39,7 @@ from turbofleet.balancer.policy import WorkerView
 
 from . import keys as K
 from . import scripts
-from .base import STATES, LoadReport, RegistryUnavailable, WorkerRecord, now
+from .base import STATES, Listener, LoadReport, RegistryUnavailable, WorkerRecord, now
 from .feed import IO_ERRORS, Feed, stop_tasks
 from .mirror import (
     Mirror,
@@ -177,6 +177,9 @@ class RedisRegistry:
         self._up = False
 
     # --- reads: local ---
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        return self._mirror.listeners.subscribe(listener)
+
     def snapshot(self) -> Sequence[WorkerView]:
         return self._mirror.snapshot(now())
 

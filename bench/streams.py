@@ -31,8 +31,7 @@ from typing import Any
 import aiohttp
 
 from turbofleet.bench import aio
-from turbofleet.bench.fleet import machine
-from turbofleet.bench.fleet import Child, free_port, spawn, wait_ready
+from turbofleet.bench.fleet import Child, free_port, machine, spawn, wait_ready
 from turbofleet.bench.output import run_log_dir, write_json
 from turbofleet.bench.peers import RouterSpec, build_launch, parse_routers
 from turbofleet.bench.report import _f, table

@@ -10,9 +10,9 @@ concurrency filter, with the engine's own report as an upper bound:
 - queueing delay = TTFT minus the request's own prefill, estimated as its uncached tokens x the worker's
   fastest seconds per token seen lately (a decaying minimum): a long prompt that takes 2 s to prefill on an
   idle worker is not congestion, and must not shrink the limit (it would starve decode batching);
-- an answer whose delay stayed under `target_ttft` / 2 while the limit was binding (the worker held at least
-  limit - 1 requests when it finished) adds 1 (slow start); under `target_ttft`, 1/limit (about +1 per
-  window of `limit` answers);
+- an answer whose delay stayed under `target_ttft` while the limit was binding (the worker held at least
+  limit - 1 requests when it finished) adds 1/limit: about +1 per window of `limit` answers (a slow start,
+  +1 per answer, was tried: on the sim trace it let the engines' backlogs grow to 3 s);
 - one whose delay passed `target_ttft` multiplies the limit by `BACKOFF` (0.8), at most once per window of
   `limit` answers, so one burst of slow answers (all queued behind the same prefill) counts as one signal;
 - a report of requests waiting in the engine (`waiting > 0`) caps the limit at what the engine ran then plus a
@@ -102,7 +102,7 @@ class ConcurrencyLimits:
                 st.limit = max(float(self.min_limit), st.limit * BACKOFF)
                 st.since_decrease = 0
         elif in_flight >= st.limit - 1:
-            st.limit = min(float(self.max_limit), st.limit + (1.0 if delay < self.target_ttft / 2 else 1.0 / st.limit))
+            st.limit = min(float(self.max_limit), st.limit + 1.0 / st.limit)
 
     def report(self, worker_id: str, running: int, waiting: int) -> None:
         """The worker's own report: requests waiting in its engine bound the limit (see the docstring)."""

@@ -1,15 +1,20 @@
 """When is a worker full? A per-worker concurrency limit, learned from what the worker delivers (issue 10).
 
-Pure and synchronous, like every balancer module: the proxy hands in each finished request's time to first
-token and the worker's own report (running, waiting), and asks whether a worker can take one more.
+Pure and synchronous, like every balancer module: the proxy hands in each finished streaming request's time to
+first token (with its prompt's uncached tokens) and the worker's own report (running, waiting), and asks
+whether a worker can take one more.
 
-The limit is AIMD on delivered TTFT, in the spirit of Netflix's concurrency-limits and Envoy's adaptive
+The limit is AIMD on queueing delay, in the spirit of Netflix's concurrency-limits and Envoy's adaptive
 concurrency filter, with the engine's own report as an upper bound:
 
-- a request that got its first token within `target_ttft` while the limit was binding (the worker held at
-  least limit - 1 requests when it finished) adds 1/limit: about +1 per limit's worth of answers;
-- one slower than `target_ttft` multiplies the limit by `BACKOFF` (0.8), at most once per window of `limit`
-  answers, so one burst of slow answers (all queued behind the same prefill) counts as one signal;
+- queueing delay = TTFT minus the request's own prefill, estimated as its uncached tokens x the worker's
+  fastest seconds per token seen lately (a decaying minimum): a long prompt that takes 2 s to prefill on an
+  idle worker is not congestion, and must not shrink the limit (it would starve decode batching);
+- an answer whose delay stayed under `target_ttft` while the limit was binding (the worker held at least
+  limit - 1 requests when it finished) adds 1/limit: about +1 per window of `limit` answers (a slow start,
+  +1 per answer, was tried: on the sim trace it let the engines' backlogs grow to 3 s);
+- one whose delay passed `target_ttft` multiplies the limit by `BACKOFF` (0.8), at most once per window of
+  `limit` answers, so one burst of slow answers (all queued behind the same prefill) counts as one signal;
 - a report of requests waiting in the engine (`waiting > 0`) caps the limit at what the engine ran then plus a
   quarter (pipelining headroom): requests beyond what it batches only wait there, where the proxy can no
   longer order them. LMDeploy refreshes that report only every ~10 s, so it is a bound, not the signal.
@@ -29,6 +34,9 @@ from turbofleet.balancer.policy import READY, WorkerView
 BACKOFF = 0.8
 #: what the engine report leaves on top of what it ran, as a share of it
 HEADROOM = 0.25
+#: how fast the fastest-seconds-per-token estimate forgets (per answer): it follows a worker that got slower
+#: within ~350 answers, slowly enough that sustained queueing is not absorbed into it
+DRIFT = 0.002
 
 
 @dataclass(slots=True)
@@ -36,6 +44,8 @@ class _State:
     limit: float
     #: answers since the last decrease (a decrease needs a window of `limit` answers)
     since_decrease: int = 0
+    #: the fastest prefill seen lately, seconds per uncached prompt token (None until one is seen)
+    per_token: float | None = None
 
 
 class ConcurrencyLimits:
@@ -45,7 +55,7 @@ class ConcurrencyLimits:
         self,
         *,
         target_ttft: float = 1.0,
-        initial: int = 8,
+        initial: int = 16,
         min_limit: int = 1,
         max_limit: int = 256,
         fixed: int = 0,
@@ -72,14 +82,22 @@ class ConcurrencyLimits:
         st = self._state.get(worker_id)
         return self.initial if st is None else max(self.min_limit, int(st.limit))
 
-    def observe(self, worker_id: str, ttft_s: float | None, in_flight: int) -> None:
-        """A request on the worker finished; `ttft_s` None when it failed or the client left (no signal).
-        `in_flight` is what the worker held when it finished, this request included."""
+    def observe(self, worker_id: str, ttft_s: float | None, in_flight: int, tokens: int | None = None) -> None:
+        """A streaming request on the worker finished; `ttft_s` None when it failed, the client left, or it was
+        not streamed (no signal). `in_flight`: what the worker held when it finished, this one included;
+        `tokens`: its uncached prompt tokens, when the worker said."""
         if self.fixed or ttft_s is None:
             return
         st = self._of(worker_id)
+        own = 0.0
+        if tokens:
+            sample = ttft_s / tokens
+            est = st.per_token
+            st.per_token = sample if est is None or sample < est * (1 + DRIFT) else est * (1 + DRIFT)
+            own = st.per_token * tokens
+        delay = ttft_s - own
         st.since_decrease += 1
-        if ttft_s > self.target_ttft:
+        if delay > self.target_ttft:
             if st.since_decrease >= st.limit:
                 st.limit = max(float(self.min_limit), st.limit * BACKOFF)
                 st.since_decrease = 0

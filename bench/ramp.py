@@ -252,6 +252,11 @@ async def run_ramp(args: argparse.Namespace, plan: Any, specs: list[Any], model:
                 runs[f"{step:g}"] = {"skipped": str(e).splitlines()[0][:120]}
                 print(f"bench: {spec.label} at {step:g}x: {e}", file=sys.stderr)
                 continue
+            if args.requests_out:
+                from turbofleet.bench.output import write_requests
+
+                write_requests(f"{args.requests_out}.{spec.label.replace(':', '-')}.{step:g}x.jsonl",
+                               {spec.label: results})
             s = step_summary(results, step_plan.specs, slo_s, args.queue_budget)
             s["offered_rps"] = step * capacity
             s["after"] = summary.get("after")

@@ -114,7 +114,7 @@ class Settings(BaseModel):
     queue_max: int = 1000
     #: per-worker concurrency limit: 0 learns it from delivered TTFT (balancer/saturation.py)
     worker_concurrency: int = 0
-    worker_concurrency_initial: int = 8
+    worker_concurrency_initial: int = 16
     worker_concurrency_max: int = 256
     #: a slower first token than this lowers a worker's learned limit
     target_ttft: float = 1.0

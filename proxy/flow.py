@@ -222,10 +222,11 @@ class Flow:
         ms = ((t.admitted_at or t.enqueued) - t.enqueued) * 1e3
         return replace(decision, reason=f"queued {ms:.0f}ms, {decision.reason}")
 
-    def observe(self, worker: str, ttft_s: float | None) -> None:
-        """A try on `worker` ended (its slot is already released); `ttft_s` None when it failed."""
+    def observe(self, worker: str, ttft_s: float | None, uncached_tokens: int | None = None) -> None:
+        """A try on `worker` ended (its slot is already released); `ttft_s` None when it failed or was not
+        streamed (a non-streaming answer's first byte is its last)."""
         if self.enabled:
-            self.limits.observe(worker, ttft_s, self.registry.in_flight(worker) + 1)
+            self.limits.observe(worker, ttft_s, self.registry.in_flight(worker) + 1, uncached_tokens)
 
     def done(self, t: Ticket | None) -> None:
         """The request ended: its slot is free for the next queued request."""

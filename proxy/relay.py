@@ -304,7 +304,7 @@ class Relay:
                         cached_tokens=_cached_tokens(usage),
                     )
                 )
-                self.flow.observe(worker, trace.ttft if trace.ok else None)
+                self.flow.observe(worker, trace.ttft if trace.ok and facts.stream else None, _uncached(usage))
         finally:
             if trace.retry:
                 self.retrying -= 1
@@ -558,6 +558,11 @@ def _int(usage: dict[str, Any] | None, key: str) -> int | None:
         return None
     v = usage.get(key)
     return int(v) if isinstance(v, int | float) else None
+
+
+def _uncached(usage: dict[str, Any] | None) -> int | None:
+    prompt = _int(usage, "prompt_tokens")
+    return None if prompt is None else max(0, prompt - (_cached_tokens(usage) or 0))
 
 
 def _cached_tokens(usage: dict[str, Any] | None) -> int | None:

@@ -231,3 +231,17 @@ def test_keda_example_scales_the_worker_deployment_on_queue_depth() -> None:
     assert obj["kind"] == "ScaledObject"
     assert obj["spec"]["scaleTargetRef"]["name"] in {d["metadata"]["name"] for d in workers}
     assert "turbofleet_queue_depth" in obj["spec"]["triggers"][0]["metadata"]["query"]
+
+
+def test_a_long_prompt_is_not_congestion() -> None:
+    """A worker that takes 3 s to prefill 10k tokens alone is not congested: the limit stays; the same TTFT on
+    a short prompt is queueing, and backs the limit off."""
+    lim = ConcurrencyLimits(target_ttft=1.0, initial=8)
+    lim.observe("w", 0.1, in_flight=1, tokens=333)  # 0.3 ms per token when nothing is ahead
+    for _ in range(20):
+        lim.observe("w", 3.0, in_flight=2, tokens=10_000)
+    assert lim.limit("w") == 8
+    for _ in range(20):
+        lim.observe("w", 3.0, in_flight=8, tokens=100)
+    assert lim.limit("w") < 8
+

@@ -130,6 +130,7 @@ class Relay:
         self._first_byte = _limit(settings.first_byte_timeout)
         self._idle = _limit(settings.idle_timeout)
         self._whole_answer = _limit(settings.request_timeout)
+        self._slow_client = _limit(settings.slow_client_timeout)
 
     # ------------------------------------------------------------------ routing
     def _decide(self, route_req: RouteRequest, exclude: set[str]) -> Decision:
@@ -435,7 +436,8 @@ class Relay:
         trace.status = 502
         try:
             await resp.prepare(request)
-            await resp.write(first)
+            if not await self._send(request, resp, first, trace):
+                return resp
             while True:
                 try:
                     chunk = await content.readany()
@@ -446,7 +448,8 @@ class Relay:
                     break
                 dl.last = loop.time()
                 prev, last = last, chunk
-                await resp.write(chunk)
+                if not await self._send(request, resp, chunk, trace):
+                    return resp
             if failed is not None:
                 self.outliers.failure(worker, type(failed).__name__)
                 await _end_with_error(
@@ -491,6 +494,30 @@ class Relay:
                 trace.status = 504
                 await _end_with_error(resp, 504, f"The worker sent nothing for {idle:g}s.", "upstream_idle_timeout")
             return resp
+
+
+    async def _send(self, request: web.Request, resp: web.StreamResponse, chunk: bytes, trace: _Trace) -> bool:
+        """Write a chunk to the client. A write that may block (a backlog, or a chunk past the transport's
+        high-water mark) gets slow_client_timeout, not a whole idle gap: a client that stopped reading is
+        dropped and its worker freed (issue 11: a hundred clients that never read held the whole fleet).
+        False when it was dropped."""
+        transport = request.transport
+        if transport is None or transport.get_write_buffer_size() + len(chunk) < _MAY_BLOCK:
+            await resp.write(chunk)  # the common case: small events, nothing queued; no timer
+            return True
+        try:
+            async with asyncio.timeout(self._slow_client):
+                await resp.write(chunk)
+            return True
+        except TimeoutError:
+            trace.status = 499
+            self.metrics.inc("turbofleet_client_disconnects_total")
+            transport.abort()
+            return False
+
+
+#: a write can only wait for the client when this much is queued (asyncio's default high-water mark)
+_MAY_BLOCK = 64 * 1024
 
 
 @dataclass(slots=True)

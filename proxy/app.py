@@ -41,6 +41,7 @@ from .keys import (
 )
 from .limits import LIMITS, Limits, limits_ctx
 from .metrics import Metrics
+from .openapi import openapi_json
 from .registry import open_registry
 from .registry.base import RegistryUnavailable, WorkerRecord
 from .relay import Relay
@@ -193,4 +194,5 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status_page)
     app.router.add_get("/", status_page)
+    app.router.add_get("/openapi.json", openapi_json)
     return app

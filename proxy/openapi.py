@@ -15,7 +15,7 @@ from .validate import AddBody, HeartbeatBody, InferenceBody, StateBody, UrlBody
 
 _ERROR = {"description": "An OpenAI-style error", "content": {"application/json": {"schema": {
     "$ref": "#/components/schemas/Error"}}}}
-_BEARER = [{"bearer": []}]
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 
 #: (method, path) -> (summary, request body schema name or None, credential: "user" | "admin" | "worker" | None)
 ROUTES: dict[tuple[str, str], tuple[str, str | None, str | None]] = {

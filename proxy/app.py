@@ -41,6 +41,7 @@ from .keys import (
 )
 from .limits import LIMITS, Limits, limits_ctx
 from .metrics import Metrics
+from .openapi import openapi_json
 from .registry import open_registry
 from .registry.base import RegistryUnavailable, WorkerChange, WorkerEvent, WorkerRecord
 from .relay import Relay
@@ -188,4 +189,5 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     fleetview.add_routes(app)  # issue 12: /status (the dashboard), /admin/fleet (its data)
+    app.router.add_get("/openapi.json", openapi_json)
     return app

@@ -124,6 +124,7 @@ class Relay:
         self._whole_answer = _limit(settings.request_timeout)
         # issue 10: the queue in front of routing (proxy/flow.py)
         self.flow = Flow(registry=registry, policy=policy, settings=settings, metrics=metrics, outliers=outliers)
+        self._slow_client = _limit(settings.slow_client_timeout)
 
     # ------------------------------------------------------------------ routing
     def _decide(self, route_req: RouteRequest, exclude: set[str]) -> Decision:
@@ -426,7 +427,8 @@ class Relay:
         trace.status = 502
         try:
             await resp.prepare(request)
-            await resp.write(first)
+            if not await self._send(request, resp, first, trace):
+                return resp
             while True:
                 try:
                     chunk = await content.readany()
@@ -437,7 +439,8 @@ class Relay:
                     break
                 dl.last = loop.time()
                 prev, last = last, chunk
-                await resp.write(chunk)
+                if not await self._send(request, resp, chunk, trace):
+                    return resp
             if failed is not None:
                 v = judge(Event(Stage.STREAM, Kind.BROKEN, True, error=type(failed).__name__))
             else:
@@ -489,6 +492,29 @@ class Relay:
         if v.error is not None:
             await _end_with_error(resp, v.error.status, v.error.message, v.error.code)
         return resp
+
+    async def _send(self, request: web.Request, resp: web.StreamResponse, chunk: bytes, trace: _Trace) -> bool:
+        """Write a chunk to the client. A write that may block (a backlog, or a chunk past the transport's
+        high-water mark) gets slow_client_timeout, not a whole idle gap: a client that stopped reading is
+        dropped and its worker freed (issue 11: a hundred clients that never read held the whole fleet).
+        False when it was dropped."""
+        transport = request.transport
+        if transport is None or transport.get_write_buffer_size() + len(chunk) < _MAY_BLOCK:
+            await resp.write(chunk)  # the common case: small events, nothing queued; no timer
+            return True
+        try:
+            async with asyncio.timeout(self._slow_client):
+                await resp.write(chunk)
+            return True
+        except TimeoutError:
+            trace.status = 499
+            self.metrics.inc("turbofleet_client_disconnects_total")
+            transport.abort()
+            return False
+
+
+#: a write can only wait for the client when this much is queued (asyncio's default high-water mark)
+_MAY_BLOCK = 64 * 1024
 
 
 @dataclass(slots=True)

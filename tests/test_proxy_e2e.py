@@ -226,13 +226,16 @@ def test_health_and_metrics(fleet: tuple[Proc, list[Proc]]) -> None:
 def test_nodes_terminate(tmp_path: Path) -> None:
     """LMDeploy's /nodes/terminate asks the api_server to exit (GET /terminate) and forgets it."""
     sim = start_sim(tmp_path, "term-model")
-    proxy = start_proxy(tmp_path, ["--worker", sim.url])
+    # terminate is admin-only (issue 11): refused without an admin token, allowed with it
+    proxy = start_proxy(tmp_path, ["--worker", sim.url, "--admin-token", "adm"])
+    adm = {"Authorization": "Bearer adm"}
     try:
-        wait_until(lambda: sim.url in http_json("GET", proxy.url + "/nodes/status")[1], what="worker")
-        assert http_json("POST", proxy.url + "/nodes/terminate", {"url": sim.url})[0] == 200
-        assert sim.url not in http_json("GET", proxy.url + "/nodes/status")[1]
+        wait_until(lambda: sim.url in http_json("GET", proxy.url + "/nodes/status", headers=adm)[1], what="worker")
+        assert http_json("POST", proxy.url + "/nodes/terminate", {"url": sim.url})[0] == 401
+        assert http_json("POST", proxy.url + "/nodes/terminate", {"url": sim.url}, headers=adm)[0] == 200
+        assert sim.url not in http_json("GET", proxy.url + "/nodes/status", headers=adm)[1]
         wait_until(lambda: not sim.alive(), 10, what="the sim to exit")
-        assert http_json("POST", proxy.url + "/nodes/terminate", {"url": sim.url})[0] == 404
+        assert http_json("POST", proxy.url + "/nodes/terminate", {"url": sim.url}, headers=adm)[0] == 404
     finally:
         proxy.stop()
         sim.stop()

@@ -147,3 +147,14 @@ def test_key_file_is_reloaded_on_sighup(tmp_path: Path) -> None:
         assert "sk-new" not in proxy.output() and "sk-old" not in proxy.output()
     finally:
         proxy.stop()
+
+
+def test_admin_token_help_matches_the_code() -> None:
+    import argparse
+
+    from turbofleet.proxy.config import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    help_text = next(a.help for a in parser._actions if "--admin-token" in a.option_strings)
+    assert help_text is not None and "/admin" not in help_text and "/nodes" in help_text

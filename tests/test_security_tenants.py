@@ -153,3 +153,22 @@ async def test_limits_are_fleet_wide_through_redis(tmp_path: Path, redis_server:
         for c in (a, b, a, b):
             statuses.append((await c.post("/v1/chat/completions", json=CHAT, headers=auth("sk-a"))).status)
         assert statuses == [200, 200, 200, 429]
+
+
+async def test_concurrency_cap_per_client_address_without_keys() -> None:
+    gate = asyncio.Event()
+    async with worker(gate) as url:
+        app = build_app(Settings(workers=(url,), health_interval=3600.0, max_concurrency_per_client=1))
+        async with TestClient(TestServer(app)) as c:
+            first = asyncio.create_task(c.post("/v1/chat/completions", json=CHAT))
+            from turbofleet.proxy.limits import LIMITS
+
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while not c.app[LIMITS].in_flight and loop.time() < deadline:  # noqa: ASYNC110 - until the first is in
+                await asyncio.sleep(0.01)
+            r = await c.post("/v1/chat/completions", json=CHAT)
+            assert r.status == 429 and (await r.json())["error"]["code"] == "concurrency_limit"
+            gate.set()
+            assert (await first).status == 200
+            assert c.app[LIMITS].in_flight == {}

@@ -88,7 +88,8 @@ def traffic(proxy: Proc, requests: int, sessions: int = 6, stream_every: int = 3
     for i in range(requests):
         session = f"conversation-{i % sessions}"
         messages = [{"role": "system", "content": system},
-                    {"role": "user", "content": f"{session} question {i // sessions} " * 8}]
+                    # conversations of different lengths: each worker's hit rate is its own
+                    {"role": "user", "content": f"{session} question {i // sessions} " * (4 + 8 * (i % sessions))}]
         headers = {"X-Session-ID": session}
         if i % stream_every == 0:
             stream = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, stream=True,

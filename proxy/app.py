@@ -14,7 +14,7 @@ from aiohttp import web
 from turbofleet.balancer import make_policy
 from turbofleet.balancer.policy import READY
 
-from . import fleetview, node_routes, openai_routes
+from . import fleetview, node_routes, openai_routes, tracing
 from .config import Settings
 from .errors import Handler, Unauthorized, error_middleware
 from .health import HealthChecker, Outliers
@@ -150,4 +150,5 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     fleetview.add_routes(app)  # issue 12: /status (the dashboard), /admin/fleet (its data)
+    tracing.install(app, settings.tracing)  # issue 12: OpenTelemetry, when the otel extra is installed and asked for
     return app

@@ -179,6 +179,7 @@ class Relay:
             raise _shutting_down()
         self.active += 1
         started = time.monotonic()
+        observe.request_started(request)
         status = 500
         try:
             resp, status = await self._forward_with_retries(request, path, body, facts)
@@ -286,7 +287,8 @@ class Relay:
                 await self.registry.release(worker, facts.session_key)
                 self.metrics.inc("turbofleet_upstream_tries_total", worker=worker, outcome=trace.outcome())
                 usage = trace.usage
-                observe.try_done(self.metrics, request, facts.model, worker, decision.reason, trace.ttft, usage)
+                observe.try_done(self.metrics, request, facts.model, worker, decision.reason, trace.ttft, usage,
+                                 trace.status, trace.ok, facts.stream)
                 self.policy.observe(
                     Outcome(
                         worker_id=worker,
@@ -314,7 +316,8 @@ class Relay:
         try:
             # ---- before the first byte reaches the client: every failure here may be retried
             try:
-                upstream = await self.pool.post(worker + path, body, self._headers(request))
+                headers = observe.try_started(request, worker, reason, self._headers(request))
+                upstream = await self.pool.post(worker + path, body, headers)
                 status = upstream.status
                 if status in RETRYABLE_STATUS:
                     text = await upstream.content.read(64 * 1024)

@@ -50,9 +50,18 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from turbofleet.balancer.backlog import Backlog, Routed
-from turbofleet.balancer.policy import PIN_UNAVAILABLE, READY, Decision, Outcome, RouteRequest, WorkerView
+from turbofleet.balancer.policy import (
+    PIN_UNAVAILABLE,
+    READY,
+    Decision,
+    Outcome,
+    PolicyBase,
+    RouteRequest,
+    WorkerView,
+)
 from turbofleet.balancer.positions import Positions
 from turbofleet.balancer.prefix import DEFAULT_BLOCK_CHARS, DEFAULT_MAX_BLOCKS, PrefixIndex
 from turbofleet.balancer.sessions import SessionTracker
@@ -95,10 +104,31 @@ PRIOR_PLACEMENTS = 8.0
 SESSION_DECAY = 0.999
 
 
-class KvAware:
+class Mark(NamedTuple):
+    """Why a block is listed on a worker before it exists there: the request that listed it optimistically."""
+
+    #: tokens routed to the worker before that request: once the worker has prefilled them, it is computing it
+    routed_before: float
+    #: the blocks that request matched (what a request routed now would find before then)
+    matched: int
+
+
+class Pending(NamedTuple):
+    """A routed request awaiting its outcome."""
+
+    #: blocks the index matched when it was routed
+    matched: int
+    #: the age of the deepest matched block then (None: nothing matched or it was not confirmed)
+    age: int | None
+    #: what the backlog recorded for it
+    routed: Routed
+
+
+class KvAware(PolicyBase):
     """Session pins + prefix-cache cost + bounded loads (see the module docstring)."""
 
     name = "kv_aware"
+    uses_pins = True
 
     def __init__(
         self,
@@ -141,14 +171,13 @@ class KvAware:
         # decayed counts of session requests and of session placements (new sessions, re-pins)
         self._session_requests = PRIOR_SESSION_LENGTH * PRIOR_PLACEMENTS
         self._placements = PRIOR_PLACEMENTS
-        # (worker, last block hash) -> (blocks matched when routed, age of the deepest matched block then,
-        # what the backlog recorded)
-        self._pending: OrderedDict[tuple[str, int], tuple[int, int | None, Routed]] = OrderedDict()
+        # (worker, last block hash) -> the routed request awaiting its outcome
+        self._pending: OrderedDict[tuple[str, int], Pending] = OrderedDict()
         #: each worker's prefill still to do, modelled
         self.backlog = Backlog()
-        # worker -> optimistically listed block -> (tokens routed to the worker before the request that listed
-        # it, the blocks that request matched): the block exists only once that request's prefill has started
-        self._listed: dict[str, dict[int, tuple[float, int]]] = {}
+        # worker -> optimistically listed block -> the request that listed it: the block exists only once that
+        # request's prefill has started
+        self._listed: dict[str, dict[int, Mark]] = {}
 
     def cap(self, total: int, workers: int) -> int:
         """The most a worker may carry after taking one more; `total` (load or sessions) counts that one."""
@@ -315,7 +344,7 @@ class KvAware:
         drain = backlog.drain()
         tick = backlog.tick
         state = backlog.state
-        listed = self._listed
+        usable = self._usable
         # placing a session: each session already on a worker keeps sending requests there, so it weighs
         # like a request ahead for every request a session sends on average
         qs = 0.0 if counts is None else qt * self.session_length()
@@ -356,14 +385,10 @@ class KvAware:
                     m = depth
                     st = state.get(wid)
                     if st is not None:
-                        left = st[0] - drain * (tick - st[1])
+                        left = st.left(drain, tick)
                         if left > busy:
                             busy = left
-                        marks = listed.get(wid)
-                        if marks:  # inlined self._usable
-                            mark = marks.get(hashes[depth - 1])
-                            if mark is not None and st[2] - (left if left > 0.0 else 0.0) < mark[0]:
-                                m = min(depth, mark[1])
+                        m = usable(wid, hashes, depth, st.routed - left)
                     cost = busy + qs * sessions + (work if m == depth else ww * (blocks - m + min(discount, m)))
                     if cost < best_cost or (cost == best_cost and busy < best_busy):
                         best_i, best_m, best_busy, best_cost = j, m, busy, cost
@@ -385,33 +410,39 @@ class KvAware:
         index.insert(worker_id, hashes[: matched + OPTIMISTIC_BLOCKS], matched, confirmed=False)
         uncached = (len(hashes) + 0.5 - matched) * self.tokens_per_block
         routed = self.backlog.add(worker_id, uncached)
-        if routed[1] > 0.0:  # the worker is busy: this request's blocks appear only once it starts (`_usable`)
+        if routed.ahead > 0.0:  # the worker is busy: this request's blocks appear only once it starts (`_usable`)
             marks = self._listed.get(worker_id)
             if marks is None:
                 marks = self._listed[worker_id] = {}
             elif len(marks) > MAX_LISTED:  # entries of requests that never came back
                 marks.clear()
-            mark = (routed[2] - routed[3], matched)
+            mark = Mark(routed.routed_before, matched)
             for h in hashes[matched : matched + OPTIMISTIC_BLOCKS]:
                 marks.setdefault(h, mark)
         pending = self._pending
         # the same prompt twice at once keeps one entry (the later): the earlier one's outcome is not learned from
-        pending[(worker_id, hashes[-1])] = (matched, age, routed)
+        pending[(worker_id, hashes[-1])] = Pending(matched, age, routed)
         if len(pending) > MAX_PENDING:
             pending.popitem(last=False)
 
-    def _usable(self, worker_id: str, hashes: tuple[int, ...], depth: int) -> int:
+    def _usable(self, worker_id: str, hashes: tuple[int, ...], depth: int, done: float | None = None) -> int:
         """How many of the `depth` blocks the index lists on the worker a request routed there now would find
         cached. A block listed only optimistically, by a request whose prefill the backlog says has not
         started, is not there yet: routed there now, this request would be prefilled in the same batch as
-        that one, computing the block again. Then only what that request matched counts."""
+        that one, computing the block again. Then only what that request matched counts.
+
+        `done`: the worker's `Backlog.done_tokens`, when the caller has it at hand."""
         if not depth:
             return 0
         marks = self._listed.get(worker_id)
-        mark = marks.get(hashes[depth - 1]) if marks else None
-        if mark is None or self.backlog.done_tokens(worker_id) >= mark[0]:
+        if not marks:
             return depth
-        return min(depth, mark[1])
+        mark = marks.get(hashes[depth - 1])
+        if mark is None:
+            return depth
+        if done is None:
+            done = self.backlog.done_tokens(worker_id)
+        return depth if done >= mark.routed_before else min(depth, mark.matched)
 
     def _unlist(self, worker_id: str, hashes: tuple[int, ...], matched: int) -> None:
         """The request that listed these blocks came back: they are confirmed or taken back."""
@@ -420,20 +451,20 @@ class KvAware:
             return
         for h in hashes[matched : matched + OPTIMISTIC_BLOCKS]:
             mark = marks.get(h)
-            if mark is not None and mark[1] == matched:
+            if mark is not None and mark.matched == matched:
                 del marks[h]
 
     def observe(self, outcome: Outcome) -> None:
         """Learn token sizes and queue cost; confirm or correct the index with the worker's report."""
         hashes = outcome.prefix_hashes
         wid = outcome.worker_id
-        routed = self._pending.pop((wid, hashes[-1]), None) if hashes else None
-        if routed is not None:
-            self._unlist(wid, hashes, routed[0])
+        pending = self._pending.pop((wid, hashes[-1]), None) if hashes else None
+        if pending is not None:
+            self._unlist(wid, hashes, pending.matched)
         if not outcome.ok:
-            if routed is not None:
+            if pending is not None:
                 # the optimistic listing was never confirmed: take back the blocks the worker lacked
-                self.index.remove(wid, hashes[routed[0] :])
+                self.index.remove(wid, hashes[pending.matched :])
             return
         prompt = outcome.prompt_tokens
         cached = outcome.cached_tokens
@@ -447,10 +478,10 @@ class KvAware:
                 uncached = max(prompt - cached, 0)
                 self.queue_tokens += LEARN_RATE * (uncached - self.queue_tokens)
                 self.queue_tokens = max(self.queue_tokens, self.tokens_per_block)
-        if routed is not None:
+        if pending is not None:
             # without a usage report, what was routed counts as prefilled
             prefilled = max(prompt - cached, 0) if prompt and cached is not None else None
-            self.backlog.done(wid, routed[2], prefilled, outcome.ttft_s, outcome.latency_s)
+            self.backlog.done(wid, pending.routed, prefilled, outcome.ttft_s, outcome.latency_s)
         if not hashes:
             return
         if prompt and cached is not None:
@@ -459,8 +490,8 @@ class KvAware:
                 hashes,
                 cached,
                 prompt,
-                predicted_blocks=None if routed is None else routed[0],
-                predicted_age=None if routed is None else routed[1],
+                predicted_blocks=None if pending is None else pending.matched,
+                predicted_age=None if pending is None else pending.age,
             )
         # the worker has just computed the whole prompt, so it holds all of it now
         self.index.insert(wid, hashes)
@@ -472,3 +503,17 @@ class KvAware:
         self._listed.pop(worker_id, None)
         for key in [k for k in self._pending if k[0] == worker_id]:
             del self._pending[key]
+
+    # ---------------------------------------------------------------- issue 10: placement of queued requests
+    def queue_cost(self, request: RouteRequest, worker: WorkerView) -> float:
+        """What serving `request` on `worker` costs, in prompt tokens of prefill, by the cost model `choose`
+        uses: the worker's queue (its modelled prefill backlog, or queue_tokens x prefill_share x load) plus
+        WORK_WEIGHT x the prompt's blocks it lacks. The proxy's queue calls it when a worker frees up, to send
+        it the queued request whose prefix it holds (proxy/admission.py); it changes no state."""
+        load = worker.in_flight + worker.waiting
+        busy = max(self.backlog.of(worker.id), self.queue_tokens * self.prefill_share * load)
+        hashes = request.prefix_hashes
+        if not hashes:
+            return busy
+        m = self._usable(worker.id, hashes, self.index.match(worker.id, hashes))
+        return busy + self.work_weight * self.tokens_per_block * (len(hashes) + 0.5 - m)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,28 +15,39 @@ from turbofleet.balancer import make_policy
 from turbofleet.balancer.policy import READY
 
 from . import fleetview, node_routes, openai_routes, tracing
+from .auth import Secrets
 from .config import Settings
-from .errors import Handler, Unauthorized, error_middleware
+from .edge import edge_middleware, on_prepare
+from .errors import error_middleware
+from .guard import Allowlist
 from .health import HealthChecker, Outliers
-from .keys import BLOCK_CHARS, CLIENT, HEALTH, METRICS, OUTLIERS, POLICY, POOL, REGISTRY, RELAY, SETTINGS, STARTED
+from .keys import (
+    ALLOWLIST,
+    BLOCK_CHARS,
+    CLIENT,
+    HEALTH,
+    KEYTABLE,
+    METRICS,
+    OUTLIERS,
+    POLICY,
+    POOL,
+    QUEUE,
+    REGISTRY,
+    RELAY,
+    SECRETS,
+    SETTINGS,
+    STARTED,
+    VIA_ID,
+)
+from .limits import LIMITS, Limits, limits_ctx
 from .metrics import Metrics
 from .registry import open_registry
 from .registry.base import RegistryUnavailable, WorkerRecord
 from .relay import Relay
+from .tenants import KeyTable
 from .upstream import UpstreamPool
 
 log = logging.getLogger("turbofleet.proxy")
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Client API keys guard the inference routes (/v1/*, /generate, ...) when configured."""
-    keys = request.app[SETTINGS].api_keys
-    if not request.path.startswith(("/nodes", "/health", "/metrics", "/status", "/admin")) and request.path != "/":
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not given or not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
-            raise Unauthorized("Incorrect or missing API key. Send `Authorization: Bearer <key>`.")
-    return await handler(request)
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
@@ -86,8 +97,10 @@ async def _health(app: web.Application) -> AsyncIterator[None]:
     app[HEALTH] = checker
     app[RELAY] = Relay(pool=app[POOL], registry=app[REGISTRY], policy=app[POLICY], settings=app[SETTINGS],
                        metrics=app[METRICS], outliers=app[OUTLIERS])
+    app[QUEUE] = app[RELAY].flow
     checker.start()
     yield
+    await app[QUEUE].close()
     await checker.stop()
 
 
@@ -122,6 +135,7 @@ async def metrics(request: web.Request) -> web.Response:
                        {"worker": url}, 1.0 if st["state"] == READY else 0.0))
         gauges.append(("turbofleet_worker_waiting", "Requests waiting in the worker's engine (reported).",
                        {"worker": url}, float(st["waiting"])))
+    gauges.extend(app[QUEUE].gauges())
     reg = registry.health()
     gauges.append(("turbofleet_registry_reachable", "1 when the registry answers.", {"backend": str(reg["backend"])},
                    1.0 if reg.get("reachable") else 0.0))
@@ -132,19 +146,29 @@ async def metrics(request: web.Request) -> web.Response:
 
 def build_app(settings: Settings) -> web.Application:
     """A ready-to-run proxy application for `settings`."""
-    # the auth middleware costs a hop on every request: install it only when there are keys to check
-    middlewares = [error_middleware, auth_middleware] if settings.api_keys else [error_middleware]
-    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware, edge_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    # the security perimeter (issue 11): credentials, the node allowlist, this instance's name in `Via`
+    app[SECRETS] = Secrets.of(settings.admin_token, settings.worker_token)
+    app[KEYTABLE] = KeyTable.load(settings.api_keys, settings.api_keys_file)
+    app[ALLOWLIST] = Allowlist.parse(settings.allow_nodes)
+    app[VIA_ID] = "turbofleet-" + secrets.token_hex(6)
+    app[LIMITS] = Limits(redis_url=settings.registry if (settings.registry or "memory") != "memory" else None,
+                         prefix=settings.registry_prefix)
+    app.on_response_prepare.append(on_prepare)
+    if settings.insecure_open_admin:
+        log.warning("!!! --insecure-open-admin: the node API is OPEN. Anyone who can reach this port can register "
+                    "any URL as a worker (and receive prompts), and terminate every worker. Use it only on a "
+                    "trusted network, for LMDeploy compatibility. !!!")
     app[METRICS] = Metrics()
     app[STARTED] = time.monotonic()
     app[REGISTRY] = open_registry(settings.registry, prefix=settings.registry_prefix, pin_ttl=settings.pin_ttl,
                                   replica_id=settings.replica_id)
     app[POLICY] = make_policy(settings.policy, **settings.policy_options)
     # prompts are hashed in the policy's own block size, and not at all for policies blind to prefixes
-    app[BLOCK_CHARS] = int(getattr(app[POLICY], "block_chars", 0))
+    app[BLOCK_CHARS] = app[POLICY].block_chars
     app[OUTLIERS] = Outliers(settings, app[METRICS], app[REGISTRY].snapshot)
-    app.cleanup_ctx.extend([_client_session, _registry, _health, _static_workers])
+    app.cleanup_ctx.extend([_client_session, _registry, _health, _static_workers, limits_ctx])
     openai_routes.add_routes(app)
     node_routes.add_routes(app)
     app.router.add_get("/health", health)

@@ -53,6 +53,19 @@ SPECS: dict[str, Spec] = {
     "turbofleet_completion_tokens_total": Spec("counter", "Completion tokens of answered tries.", ("worker", "model")),
     "turbofleet_ttft_seconds": Spec("histogram", "Time to the first upstream byte, per worker try.", ("worker",)),
     "turbofleet_request_seconds": Spec("histogram", "Whole request duration as seen by the proxy.", ("model",)),
+    # tenants (issue 11): labelled by tenant name, never by key
+    "turbofleet_tenant_requests_total": Spec("counter", "Inference requests per tenant, by status.",
+                                             ("tenant", "status")),
+    "turbofleet_tenant_tokens_total": Spec("counter", "Prompt + completion tokens per tenant, from the answers' usage.",
+                                           ("tenant",)),
+    "turbofleet_tenant_rejected_total": Spec("counter", "Requests refused with 429 per tenant, by limit.",
+                                             ("tenant", "reason")),
+    # the queue (issue 10)
+    "turbofleet_queue_admitted_total": Spec("counter", "Requests admitted to routing, queued first or not.",
+                                            ("queued", "priority")),
+    "turbofleet_queue_shed_total": Spec("counter", "Requests refused by the queue (429/503), by reason.",
+                                        ("reason", "priority")),
+    "turbofleet_queue_wait_seconds": Spec("histogram", "Time a request waited in the proxy's queue.", ("priority",)),
 }
 
 

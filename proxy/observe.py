@@ -10,6 +10,7 @@ The request log is one record per request on the `turbofleet.requests` logger, w
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -78,6 +79,15 @@ def queued(request: web.Request, started: float, ended: float) -> None:
     if tracer is not None and rec.span is not None:
         tracer.end(tracer.child(rec.span, "queue", rec.ns(started)), rec.ns(ended))
         rec.mark = max(rec.mark, ended)
+
+
+def admitted(request: web.Request, ticket: Any) -> None:
+    """The overload queue (flow.py) let the request through; one that waited there gets its `queue` span and
+    queue_ms. The ticket's times are on the event loop's clock."""
+    if ticket is None or getattr(ticket, "waiter", None) is None or getattr(ticket, "admitted_at", None) is None:
+        return
+    shift = time.monotonic() - asyncio.get_running_loop().time()
+    queued(request, ticket.enqueued + shift, ticket.admitted_at + shift)
 
 
 def try_started(request: web.Request, worker: str, reason: str, headers: dict[str, str]) -> dict[str, str]:

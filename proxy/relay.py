@@ -42,7 +42,9 @@ from .errors import (
     UpstreamTimeout,
     sse_error_event,
 )
+from .flow import Flow
 from .health import Outliers
+from .identity import REQUEST_ID, UPSTREAM_VIA, USAGE
 from .metrics import Metrics
 from .registry.base import Registry
 from .upstream import UpstreamConnectError, UpstreamConnectTimeout, UpstreamPool, UpstreamResponse
@@ -78,6 +80,8 @@ class Facts:
     prefix_hashes: tuple[int, ...]
     prompt_tokens: int
     include_usage: bool = False
+    #: the body's `user` (a tenant for the queue's fair shares when the edge names none)
+    user: str | None = None
 
 
 class _Retry(Exception):
@@ -125,11 +129,13 @@ class Relay:
         self.closed = False
         self._live: set[Deadline] = set()
         # a policy that never pins saves the pin lookup (a Redis round trip for a new session)
-        self._uses_pins = bool(getattr(policy, "uses_pins", True))
+        self._uses_pins = policy.uses_pins
         self._kinds: dict[str, str] = {}
         self._first_byte = _limit(settings.first_byte_timeout)
         self._idle = _limit(settings.idle_timeout)
         self._whole_answer = _limit(settings.request_timeout)
+        # issue 10: the queue in front of routing (proxy/flow.py)
+        self.flow = Flow(registry=registry, policy=policy, settings=settings, metrics=metrics, outliers=outliers)
 
     # ------------------------------------------------------------------ routing
     def _decide(self, route_req: RouteRequest, exclude: set[str]) -> Decision:
@@ -142,7 +148,8 @@ class Relay:
                     f"Every worker serving `{route_req.model}` failed this request.", code="no_worker"
                 )
             snapshot = rest
-        return route(self.policy, route_req, snapshot)
+        snapshot = self.flow.candidates(snapshot, route_req.model)
+        return self.flow.annotate(route(self.policy, route_req, snapshot))
 
     def _account(self, decision: Decision, facts: Facts) -> None:
         """Count the decision by kind of reason and log it: re-pins always, every decision at debug level."""
@@ -181,7 +188,10 @@ class Relay:
         started = time.monotonic()
         observe.request_started(request)
         status = 500
+        ticket = None
         try:
+            ticket = await self.flow.admit(request, facts)
+            observe.admitted(request, ticket)
             resp, status = await self._forward_with_retries(request, path, body, facts)
             return resp
         except asyncio.CancelledError:
@@ -196,6 +206,7 @@ class Relay:
             raise
         finally:
             self.active -= 1
+            self.flow.done(ticket)
             observe.request_done(self.metrics, request, path, facts.model, status, started)
 
     async def _forward_with_retries(
@@ -246,8 +257,14 @@ class Relay:
         headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
         if self.settings.worker_api_key:
             headers["Authorization"] = f"Bearer {self.settings.worker_api_key}"
-        elif not self.settings.api_keys and "Authorization" in request.headers:
+        elif self.settings.forward_client_auth and "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
+        # hop detection and the request id (edge.py, issue 11)
+        via, rid = request.get(UPSTREAM_VIA), request.get(REQUEST_ID)
+        if via:
+            headers["Via"] = via
+        if rid:
+            headers["X-Request-ID"] = rid
         return headers
 
     def _first_byte_budget(self, facts: Facts) -> float:
@@ -287,6 +304,8 @@ class Relay:
                 await self.registry.release(worker, facts.session_key)
                 self.metrics.inc("turbofleet_upstream_tries_total", worker=worker, outcome=trace.outcome())
                 usage = trace.usage
+                if usage:
+                    request[USAGE] = usage  # the tenant's token count (edge.py)
                 observe.try_done(self.metrics, request, facts.model, worker, decision.reason, trace.ttft, usage,
                                  trace.status, trace.ok, facts.stream)
                 self.policy.observe(
@@ -300,6 +319,7 @@ class Relay:
                         cached_tokens=_cached_tokens(usage),
                     )
                 )
+                self.flow.observe(worker, trace.ttft if trace.ok else None)
         finally:
             if trace.retry:
                 self.retrying -= 1

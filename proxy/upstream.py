@@ -386,6 +386,24 @@ class UpstreamPool:
         self._all: set[_Conn] = set()
         self._targets: dict[str, tuple[tuple[str, str, int], str, bytes]] = {}
         self._ssl: ssl.SSLContext | None = None
+        #: closes idle connections once they are older than keepalive_timeout (issue 11: without it a pool
+        #: kept every connection it ever opened, thousands after a burst or a loop); armed while any is idle
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        cutoff = time.monotonic() - self.keepalive_timeout
+        left = False
+        for idle in self._idle.values():
+            while idle and (idle[0].closed or idle[0].idle_since <= cutoff):  # oldest first (put back on the right)
+                idle.popleft().close()
+            left = left or bool(idle)
+        if left:
+            self._arm_sweeper()
+
+    def _arm_sweeper(self) -> None:
+        if self._sweeper is None and self.keepalive_timeout > 0:
+            self._sweeper = asyncio.get_running_loop().call_later(self.keepalive_timeout / 2, self._sweep)
 
     def _target(self, url: str) -> tuple[tuple[str, str, int], str, bytes]:
         """(pool key, path, Host header) of a URL; cached, since the proxy talks to few distinct URLs."""
@@ -440,6 +458,8 @@ class UpstreamPool:
             return
         conn.idle_since = time.monotonic()
         idle.append(conn)
+        if self._sweeper is None:
+            self._arm_sweeper()
 
     def _forget(self, conn: _Conn) -> None:
         self._all.discard(conn)
@@ -482,6 +502,9 @@ class UpstreamPool:
         return await self.request("POST", url, data, headers)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._all):
             conn.close()
         for idle in self._idle.values():

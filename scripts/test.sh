@@ -20,6 +20,7 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 bash scripts/install-redis.sh
 bash scripts/install-chromium.sh   # the dashboard's browser test (issue 12)
+bash scripts/install-netbed.sh  # issue 18: ip netns, iptables for the network test bed
 .venv/bin/ruff check proxy balancer worker bench turbofleet tests
 .venv/bin/mypy   # strict, on every package (pyproject.toml)
 set +e

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from turbofleet.balancer.policy import EJECTED, READY, WorkerView
+from turbofleet.balancer.policy import EJECTED, READY, WorkerState, WorkerView
 
-DRAINING = "draining"
-STATES = (READY, DRAINING, EJECTED)
+#: every state a worker can be set to (the values of `WorkerState`)
+STATES: tuple[str, ...] = tuple(WorkerState)
 
 
 class RegistryUnavailable(Exception):

@@ -11,6 +11,7 @@ Layout under one prefix P (default "turbofleet"):
     P:inflight:{id}        HASH    worker url -> requests this replica has in flight there (absolute counts)
     P:pin:{session}        STRING  worker url the session is pinned to, PX pin TTL (slides on every release)
     P:feed:{db}            pub/sub channel: one JSON message per fleet write and per new pin
+    P:bucket:{key id}      HASH    a tenant key's token buckets (r requests, k tokens, s stamp), PX BUCKET_TTL
 
 Pub/sub channels are shared by every database of a Redis server, hence the db number in the channel name.
 The Lua scripts build per-replica names from the prefixes passed in, so names are only spelt here. They touch
@@ -48,6 +49,8 @@ LOCAL_PINS = 100_000
 SEED_GRACE = 3.0
 #: per-call limit on every Redis command (on top of the socket timeouts)
 OP_TIMEOUT = 1.0
+#: a tenant bucket untouched this long is dropped (it would be full again by then: 1 minute refills it)
+BUCKET_TTL = 120.0
 #: reconnect backoff: first wait, cap
 RECONNECT_MIN = 0.05
 RECONNECT_MAX = 2.0
@@ -99,6 +102,10 @@ class Keys:
 
     def pin(self, session_key: str) -> str:
         return f"{self.prefix}:pin:{session_key}"
+
+    def bucket(self, key_ref: str) -> str:
+        """A tenant key's rate buckets (issue 11); `key_ref` is a digest of the key, never the key."""
+        return f"{self.prefix}:bucket:{key_ref}"
 
     @property
     def channel(self) -> str:

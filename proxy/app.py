@@ -14,7 +14,7 @@ from aiohttp import web
 from turbofleet.balancer import make_policy
 from turbofleet.balancer.policy import READY
 
-from . import fleetview, node_routes, openai_routes
+from . import fleetview, node_routes, openai_routes, tracing
 from .auth import Secrets
 from .config import Settings
 from .edge import edge_middleware, on_prepare
@@ -190,4 +190,5 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", metrics)
     fleetview.add_routes(app)  # issue 12: /status (the dashboard), /admin/fleet (its data)
     app.router.add_get("/openapi.json", openapi_json)
+    tracing.install(app, settings.tracing)  # issue 12: OpenTelemetry, when the otel extra is installed and asked for
     return app

@@ -125,6 +125,8 @@ class Settings(BaseModel):
     access_log: bool = False
     # issue 12: the log's format (auto: text on a terminal, JSON lines otherwise); one line per request
     log_format: str = "auto"
+    #: issue 12: OpenTelemetry traces (the otel extra): auto (on when OTEL_EXPORTER_OTLP_* names an endpoint), on, off
+    tracing: str = "auto"
     policy_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -181,6 +183,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     # issue 12
     "log_format": (str, "auto (text on a terminal, JSON lines otherwise), json or text; logs go to stdout, "
                         "one line per request on the turbofleet.requests logger at info level"),
+    "tracing": (str, "OpenTelemetry traces, needs turbofleet[otel]: auto (on when OTEL_EXPORTER_OTLP_ENDPOINT, "
+                     "..._TRACES_ENDPOINT or OTEL_TRACES_EXPORTER is set), on, off; the SDK reads OTEL_* itself"),
 }
 
 

@@ -74,6 +74,11 @@ def queue_depth(snapshot: Any) -> int | None:
     the sum of the numbers under its per-model/per-priority mappings."""
     if snapshot is None:
         return None
+    if isinstance(snapshot, Mapping) and snapshot.get("enabled") is False:
+        return None  # the queue is off: nothing waits in it
+    models = snapshot.get("models") if isinstance(snapshot, Mapping) else None
+    if isinstance(models, Mapping):  # the overload queue's shape (flow.py): per model, `queued`
+        return sum(int(m.get("queued") or 0) for m in models.values() if isinstance(m, Mapping))
     if isinstance(snapshot, Mapping):
         for k in ("depth", "waiting", "queued"):
             if isinstance(snapshot.get(k), int | float) and not isinstance(snapshot.get(k), bool):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
-from . import config, reqlog
+from . import config, reqlog, tracing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = config.build_settings(args, os.environ)
         make_policy(settings.policy, **settings.policy_options)  # a bad policy or option fails here, clearly
-        reqlog.resolve(settings.log_format)  # issue 12: a bad --log-format too
+        reqlog.resolve(settings.log_format)  # issue 12: a bad --log-format too, and --tracing
+        on = tracing.wanted(settings.tracing, os.environ) and settings.tracing == "on"
+        if on and importlib.util.find_spec("opentelemetry.sdk") is None:
+            raise ValueError("--tracing on needs the otel extra: pip install 'turbofleet[otel]'")
     except (ValueError, TypeError, ValidationError) as e:
         print(f"turbofleet proxy: {e}", file=sys.stderr)
         return 2

@@ -175,10 +175,12 @@ class Relay:
             raise shutting_down()
         self.active += 1
         started = time.monotonic()
+        observe.request_started(request)
         status = 500
         ticket = None
         try:
             ticket = await self.flow.admit(request, facts)
+            observe.admitted(request, ticket)
             resp, status = await self._forward_with_retries(request, path, body, facts)
             return resp
         except asyncio.CancelledError:
@@ -293,7 +295,8 @@ class Relay:
                 usage = trace.usage
                 if usage:
                     request[USAGE] = usage  # the tenant's token count (edge.py)
-                observe.try_done(self.metrics, request, facts.model, worker, decision.reason, trace.ttft, usage)
+                observe.try_done(self.metrics, request, facts.model, worker, decision.reason, trace.ttft, usage,
+                                 trace.status, trace.ok, facts.stream)
                 self.policy.observe(
                     Outcome(
                         worker_id=worker,
@@ -323,7 +326,8 @@ class Relay:
             # ---- before the first byte reaches the client: every failure here may be retried (verdict.py)
             stream = facts.stream
             try:
-                upstream = await self.pool.post(worker + path, body, self._headers(request))
+                headers = observe.try_started(request, worker, reason, self._headers(request))
+                upstream = await self.pool.post(worker + path, body, headers)
                 status = upstream.status
                 if status in RETRYABLE_STATUS:
                     text = await upstream.content.read(64 * 1024)

@@ -69,7 +69,10 @@ def fleet(tmp: Path, workers: int = 3, proxy_flags: list[str] | None = None) -> 
         for s in sims:
             args += ["--worker", s.url]
         proxy = start_proxy(tmp, args, name="proxy")
-        wait_until(lambda: len(http_json("GET", proxy.url + "/nodes/status")[1]) == workers, 30,
+        # /nodes/status needs the admin token when one is set
+        token = args[args.index("--admin-token") + 1] if "--admin-token" in args else None
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        wait_until(lambda: len(http_json("GET", proxy.url + "/nodes/status", headers=auth)[1]) == workers, 30,
                    what=f"{workers} workers registered")
         yield proxy, sims
     finally:
@@ -88,7 +91,8 @@ def traffic(proxy: Proc, requests: int, sessions: int = 6, stream_every: int = 3
     for i in range(requests):
         session = f"conversation-{i % sessions}"
         messages = [{"role": "system", "content": system},
-                    {"role": "user", "content": f"{session} question {i // sessions} " * 8}]
+                    # conversations of different lengths: each worker's hit rate is its own
+                    {"role": "user", "content": f"{session} question {i // sessions} " * (4 + 8 * (i % sessions))}]
         headers = {"X-Session-ID": session}
         if i % stream_every == 0:
             stream = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, stream=True,

@@ -135,7 +135,8 @@ function drawChart(id, t, series, color, label) {
   let max = 0;
   for (const ys of Object.values(series)) for (const y of ys) if (y !== null && y > max) max = y;
   if (max <= 0) max = 1;
-  const span = Math.max(900, t.length ? -t[0] : 0);
+  // the x axis spans the history there is (at least a minute, at most the ring's 15 minutes)
+  const span = Math.max(60, t.length ? -t[0] + 5 : 0);
   const x = (ti) => L + (W - L - R) * (1 + ti / span);
   const y = (v) => T + (H - T - B) * (1 - v / max);
   root.appendChild(svg("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }));
@@ -147,7 +148,7 @@ function drawChart(id, t, series, color, label) {
   zero.textContent = label(0);
   root.appendChild(zero);
   const left = svg("text", { x: L, y: H - 4 });
-  left.textContent = "−15 min";
+  left.textContent = "−" + fmt.dur(span);
   root.appendChild(left);
   const right = svg("text", { x: W - R - 22, y: H - 4 });
   right.textContent = "now";

@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .registry import open_registry
 from .registry.base import RegistryUnavailable, WorkerRecord
 from .relay import Relay
+from .shared_sessions import share_sessions
 from .upstream import UpstreamPool
 
 log = logging.getLogger("turbofleet.proxy")
@@ -162,6 +163,7 @@ def build_app(settings: Settings) -> web.Application:
     app[REGISTRY] = open_registry(settings.registry, prefix=settings.registry_prefix, pin_ttl=settings.pin_ttl,
                                   replica_id=settings.replica_id)
     app[POLICY] = make_policy(settings.policy, **settings.policy_options)
+    share_sessions(app[REGISTRY], app[POLICY])  # issue 18: replicas place sessions on fleet-wide counts
     # prompts are hashed in the policy's own block size, and not at all for policies blind to prefixes
     app[BLOCK_CHARS] = int(getattr(app[POLICY], "block_chars", 0))
     app[OUTLIERS] = Outliers(settings, app[METRICS], app[REGISTRY].snapshot)

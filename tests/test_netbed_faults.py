@@ -8,7 +8,9 @@ and the module's bed is torn down even when a test fails. Measured numbers go to
 
 from __future__ import annotations
 
-import concurrent.futures
+import json
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 from tests.netbed import Stream, body, healthy, needs_netbed, post, stream, write_result
 from tests.netbed import fleet as fleet  # the module-scoped fixture
 from tests.procs import wait_until
-from turbofleet.bench.testbed import Fleet
+from turbofleet.bench.testbed import QUICK_PROXY, Fleet
 
 pytestmark = needs_netbed
 __all__ = ["healthy"]
@@ -97,8 +99,7 @@ def test_proxy_cut_off_from_redis(healthy: Fleet) -> None:
     f.bed.partition("p1", "redis")
     try:
         # both keep serving, with load, during the cut
-        with concurrent.futures.ThreadPoolExecutor(1) as _:
-            during = [f.call(post, p, body(f"cut {p[-9:]} {i}", 4)) for i in range(10) for p in (p1, p2)]
+        during = [f.call(post, p, body(f"cut {p[-9:]} {i}", 4)) for i in range(10) for p in (p1, p2)]
         assert all(a.status == 200 for a in during), [a for a in during if a.status != 200]
         # sessions keep their worker at the replica that still sees Redis
         again = {s: f.call(post, p2, body(f"session {s} turn 2", session=s)).worker for s in pins_before}
@@ -217,3 +218,77 @@ def test_one_percent_loss_on_a_worker_link(healthy: Fleet) -> None:
     assert not failed, failed[:5]
     write_result(f.logs, "1% loss", {"requests": len(answers) + len(streams), "failed": len(failed),
                                       "on_w1": sum(1 for a in answers if a.worker == f.worker_url("w1"))})
+
+
+def _bench(f: Fleet, url: str, out: str, seed: int) -> dict[str, Any]:
+    cmd = f.bed["client"].cmd([sys.executable, "-m", "turbofleet", "bench", "multiround", "--url", url,
+                               "--model", "sim-model", "--users", "4", "--rounds", "4", "--first-doc-tokens", "300",
+                               "--answer-tokens", "16", "--think-time", "0", "--seed", str(seed), "--json", out,
+                               "--quiet"])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with open(out) as fh:
+        return dict(json.load(fh))
+
+
+def _fresh_caches(f: Fleet, proxies: list[str]) -> None:
+    """Restart every sim-worker (its agent brings it back at once), so each bench run starts from cold prefix
+    caches: by pid, only processes inside the bed's worker namespaces."""
+    import os
+    import signal
+
+    for w in f.workers:
+        for pid in f.bed[w].run(["ip", "netns", "pids", f.bed[w].ns]).stdout.split():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    argv = fh.read().split(b"\0")
+                if b"sim-worker" in argv and b"worker" not in argv:  # the server, not its agent
+                    os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+    for url in proxies:
+        wait_until(lambda url=url: sum(s["state"] == "ready" for s in f.get(url + "/nodes/status").values()) == 4
+                   and f.call(post, url, body("warm-up after restart", 1)).status == 200, 60,
+                   what=f"four ready workers behind {url}")
+    _ = [f.call(post, f.proxy_url("p1"), body("agents re-registered", 1)) for _ in range(2)]
+    f.wait_ready(60)
+
+
+def test_latency_20ms_between_hosts(healthy: Fleet) -> None:
+    """20 ms ± 5 ms each way on every link of the request path (client -> proxy -> worker), by delay relays:
+    routing quality (prefix-cache hit rate) unchanged, TTFT higher by about the added round trips (2 links x
+    2 directions x 20 ms = 80 ms)."""
+    f = healthy
+    relay = [sys.executable, "-m", "turbofleet.bench.delay_relay", "--delay-ms", "20", "--jitter-ms", "5"]
+    procs = [f.bed[w].popen([*relay, "--listen", "0.0.0.0:23334", "--to", "127.0.0.1:23333"]) for w in f.workers]
+    direct = [a for w in f.workers for a in ("--worker", f.worker_url(w))]
+    delayed = [a for w in f.workers for a in ("--worker", f"http://{f.bed[w].ip}:23334")]
+    base = [sys.executable, "-m", "turbofleet", "proxy", "--host", "0.0.0.0", "--replica-id", "latency",
+            *QUICK_PROXY]
+    procs.append(f.bed["p1"].popen([*base, "--port", "8001", *direct], f.logs / "p1-direct.log"))
+    procs.append(f.bed["p1"].popen([*base, "--port", "8002", *delayed], f.logs / "p1-delayed.log"))
+    procs.append(f.bed["p1"].popen([*relay, "--listen", "0.0.0.0:8003", "--to", "127.0.0.1:8002"]))
+    p1 = f.bed["p1"].ip
+    try:
+        for port in (8001, 8003):
+            wait_until(lambda port=port: len(f.get(f"http://{p1}:{port}/nodes/status")) == 4, 30,
+                       what=f"proxy on {port} with four workers")
+        urls = [f"http://{p1}:8001", f"http://{p1}:8003"]
+        _fresh_caches(f, urls)
+        fast = _bench(f, urls[0], str(f.logs / "bench-direct.json"), 1)
+        _fresh_caches(f, urls)
+        slow = _bench(f, urls[1], str(f.logs / "bench-delayed.json"), 1)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(5)
+    assert fast["errors"] == 0 and slow["errors"] == 0, (fast["errors_by_kind"], slow["errors_by_kind"])
+    assert slow["hit_rate"] >= fast["hit_rate"] - 0.05, (fast["hit_rate"], slow["hit_rate"])
+    added = slow["ttft_ms"]["p50"] - fast["ttft_ms"]["p50"]
+    assert 60 <= added <= 80 + 120, added  # the relays' 80 ms, give or take jitter and a loaded box
+    write_result(f.logs, "latency 20±5 ms", {"hit_rate_direct": round(fast["hit_rate"], 3),
+                                               "hit_rate_delayed": round(slow["hit_rate"], 3),
+                                               "ttft_p50_ms_direct": round(fast["ttft_ms"]["p50"], 1),
+                                               "ttft_p50_ms_delayed": round(slow["ttft_ms"]["p50"], 1),
+                                               "ttft_p99_ms_direct": round(fast["ttft_ms"]["p99"], 1),
+                                               "ttft_p99_ms_delayed": round(slow["ttft_ms"]["p99"], 1)})

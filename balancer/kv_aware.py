@@ -249,7 +249,10 @@ class KvAware(PolicyBase):
         else:
             self._placements = self._placements * SESSION_DECAY + 1.0
             counts = self.sessions.counts
-            session_cap = self.cap(len(self.sessions) + 1, n)
+            others = sum(w.sessions for w in workers)
+            if others:  # other replicas' sessions (handed in through WorkerView): place on the fleet's count
+                counts = {w.id: counts.get(w.id, 0) + w.sessions for w in workers}
+            session_cap = self.cap(len(self.sessions) + others + 1, n)
             ranks = [counts.get(w.id, 0) * _SESSION_WEIGHT + b for w, b in zip(window, busy, strict=True)]
             a = self._in_turn(ranks, min(ranks), exact)
         if loads[a] >= cap:  # least busy by this policy's count, yet loaded by others: the least loaded

@@ -61,6 +61,9 @@ class WorkerView:
     #: the most recent observed end-to-end latencies in seconds, oldest first (LMDeploy keeps 15)
     latencies: tuple[float, ...] = ()
     role: int = 1
+    #: active sessions OTHER proxy replicas have placed on this worker (shared through Redis; issue 18):
+    #: a session-placing policy adds them to its own count, so replicas place new sessions as one would
+    sessions: int = 0
 
     def with_in_flight(self, in_flight: int) -> WorkerView:
         """A copy with another in-flight count: the registry's per-request update, faster than
@@ -76,6 +79,7 @@ class WorkerView:
             self.speed,
             self.latencies,
             self.role,
+            self.sessions,
         )
 
     @property

@@ -114,6 +114,14 @@ class Host:
         self.procs.append(p)
         return p
 
+    def kill_all(self) -> list[int]:
+        """SIGKILL every process inside this host's namespace (by pid, from `ip netns pids`): its power cord."""
+        pids = [int(p) for p in _run(["ip", "netns", "pids", self.ns], check=False).stdout.split()]
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
     def ipt(self, *rule: str) -> None:
         self.run(["iptables", "-w", *rule])
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The tools the network test bed (bench/netbed.py, issue 18) drives: iproute2 (ip netns, veth, bridge, tc tbf),
-# iptables (DROP rules, -m statistic random loss, conntrack for one-way partitions). Debian packages; root only.
+# iptables (DROP rules, -m statistic random loss), conntrack (one-way partitions drop live flows). Debian packages; root only.
 set -euo pipefail
 missing=()
 command -v ip >/dev/null || missing+=(iproute2)
 command -v iptables >/dev/null || missing+=(iptables)
+command -v conntrack >/dev/null || missing+=(conntrack)
 if [ "${#missing[@]}" -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
   echo "netbed tests need ${missing[*]} (root + apt-get); they will be skipped" >&2

@@ -278,6 +278,26 @@ class Agent:
 
     # ------------------------------------------------------------- heartbeats
     async def _heartbeat_loop(self) -> None:
+        beats: dict[str, asyncio.Task[Any]] = {}
+        try:
+            await self._heartbeats(beats)
+        finally:
+            for task in beats.values():
+                task.cancel()
+
+    def _beat_each(self, beats: dict[str, asyncio.Task[Any]], call: Any) -> None:
+        """One heartbeat per proxy, each on its own: a proxy that went silent (a black-holed host holds each
+        call for the whole client timeout) must not delay the heartbeats to the others past their TTL (issue
+        18). A proxy whose last heartbeat is still in flight is skipped this round."""
+        for p in self.proxies:
+            task = beats.get(p.base)
+            if task is not None:
+                if not task.done():
+                    continue
+                task.result()  # raises Fatal
+            beats[p.base] = asyncio.create_task(self._each(call, [p]))
+
+    async def _heartbeats(self, beats: dict[str, asyncio.Task[Any]]) -> None:
         failures = 0
         while True:
             tick = time.monotonic()
@@ -289,7 +309,7 @@ class Agent:
                 failures = 0
                 # a failed /metrics read repeats the last load rather than reporting an idle server
                 self.last_load = load or self.last_load
-                await self._each(functools.partial(self._heartbeat, load=self.last_load))
+                self._beat_each(beats, functools.partial(self._heartbeat, load=self.last_load))
             else:
                 failures += 1
                 log.warning("health check %d/%d failed", failures, self.cfg.unhealthy_threshold)
@@ -344,7 +364,7 @@ class Agent:
 
         await self._each(one)
 
-    async def _each(self, call: Any) -> list[Any]:
+    async def _each(self, call: Any, proxies: list[ProxyClient] | None = None) -> list[Any]:
         """`call(proxy)` on every proxy at once. Unavailable: logged (on change) and None; Rejected: Fatal."""
 
         async def one(p: ProxyClient) -> Any:
@@ -362,7 +382,7 @@ class Agent:
                 self._proxy_down.discard(p.base)
             return result
 
-        return list(await asyncio.gather(*(one(p) for p in self.proxies)))
+        return list(await asyncio.gather(*(one(p) for p in (self.proxies if proxies is None else proxies))))
 
     async def _unfinished(self) -> int:
         """In-flight requests the proxies have on this worker (a proxy that does not answer counts 0: its

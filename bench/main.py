@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--routers",
         help=f"comma list of router specs (compare default: {DEFAULT_COMPARE_ROUTERS}; "
         f"overhead default: {DEFAULT_OVERHEAD_ROUTERS}); a spec is NAME[:POLICY], "
-        "NAME in turbofleet, turbofleet-x2, lmdeploy, sglang, vllm, ideal",
+        "NAME in turbofleet, turbofleet-x2, turbofleet-p2 (--processes 2), lmdeploy, sglang, vllm, ideal",
     )
     g.add_argument("--sim-args", default="", help='extra sim-worker flags, quoted: "--max-batch 8 ..."')
     g.add_argument(

@@ -13,13 +13,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("turbofleet", "turbofleet-redis", "turbofleet-x2", "lmdeploy", "sglang", "vllm", "ideal")
+KINDS = ("turbofleet", "turbofleet-redis", "turbofleet-x2", "turbofleet-p2", "lmdeploy", "sglang", "vllm", "ideal")
+#: issue 16: one `turbofleet proxy --processes 2` (two event-loop processes on one port, private redis-server)
+PROCESS_KINDS = {"turbofleet-p2": 2}
 #: turbofleet kinds that need a Redis: one proxy on the Redis registry, or two replicas sharing one
 REDIS_KINDS = frozenset({"turbofleet-redis", "turbofleet-x2"})
 DEFAULT_POLICY = {
     "turbofleet": "kv_aware",
     "turbofleet-redis": "kv_aware",
     "turbofleet-x2": "kv_aware",
+    "turbofleet-p2": "kv_aware",
     "lmdeploy": "min_expected_latency",
     "sglang": "cache_aware",
     "vllm": "cache_aware",
@@ -94,7 +97,7 @@ def build_launch(
     """The command lines for `spec`. Raises LookupError when a peer is not installed."""
     if spec.kind == "ideal":
         return Launch(argvs=[], ports=[], ready_path="", pin_workers=True)
-    if spec.kind in ("turbofleet", *REDIS_KINDS):
+    if spec.kind in ("turbofleet", *REDIS_KINDS, *PROCESS_KINDS):
         replicas = 2 if spec.kind == "turbofleet-x2" else 1
         if spec.kind in REDIS_KINDS and not redis_url:
             raise LookupError(f"{spec.kind} needs --redis URL or a redis-server on PATH")
@@ -118,6 +121,8 @@ def build_launch(
             for w in workers:
                 argv += ["--worker", w]
             argv += list(proxy_args)
+            if spec.kind in PROCESS_KINDS:
+                argv += ["--processes", str(PROCESS_KINDS[spec.kind])]
             if redis_url and spec.kind in REDIS_KINDS:
                 # A fresh key prefix per run: no pins or prefix index survive from an earlier router's run.
                 argv += ["--registry", redis_url, "--registry-prefix", f"tf-{run_id}", "--replica-id", f"r{i}"]

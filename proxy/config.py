@@ -79,6 +79,11 @@ class Settings(BaseModel):
     pool_size: int = 1000
     pool_per_host: int = 0
 
+    # issue 16: `--processes N|auto` event-loop processes on one port (proxy/supervisor.py); each child binds
+    # with SO_REUSEPORT
+    processes: str = "1"
+    reuse_port: bool = False
+
     log_level: str = "info"
     access_log: bool = False
     policy_options: dict[str, Any] = Field(default_factory=dict)
@@ -115,6 +120,9 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "heartbeat_ttl": (float, "agent-registered worker is gone after this long without a heartbeat"),
     "shutdown_grace": (float, "seconds to finish in-flight requests on SIGTERM"),
     "log_level": (str, "debug, info, warning, error"),
+    # issue 16
+    "processes": (str, "event-loop processes on the port (SO_REUSEPORT), or auto (one per core); without "
+                       "--registry they share a private redis-server on a Unix socket (docs/BENCHMARKS.md)"),
 }
 
 

@@ -20,11 +20,15 @@ def run(args: argparse.Namespace) -> int:
     from turbofleet.balancer import make_policy
 
     from .serve import serve
+    from .supervisor import resolve_processes, supervise
 
     try:
         settings = config.build_settings(args, os.environ)
         make_policy(settings.policy, **settings.policy_options)  # a bad policy or option fails here, clearly
+        processes = resolve_processes(settings.processes)
     except (ValueError, TypeError, ValidationError) as e:
         print(f"turbofleet proxy: {e}", file=sys.stderr)
         return 2
+    if processes > 1:  # issue 16: N event-loop processes on one port
+        return supervise(settings, processes)
     return serve(settings)

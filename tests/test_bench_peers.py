@@ -164,3 +164,10 @@ def test_proxy_args_reach_every_turbofleet_replica() -> None:
     for argv in launch.argvs:
         i = argv.index("--policy-option")
         assert argv[i + 1] == "epsilon=0.25"
+
+
+def test_turbofleet_p2_is_one_proxy_with_two_processes() -> None:
+    launch = build_launch(RouterSpec("turbofleet-p2", "kv_aware"), WORKERS, ports(), python="py")
+    (argv,) = launch.argvs  # one port: the processes share it (SO_REUSEPORT)
+    assert argv[argv.index("--processes") + 1] == "2" and "--registry" not in argv
+    assert len(launch.urls) == 1

@@ -13,7 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("turbofleet", "turbofleet-redis", "turbofleet-x2", "turbofleet-p2", "lmdeploy", "sglang", "vllm", "ideal")
+KINDS = ("turbofleet", "turbofleet-redis", "turbofleet-x2", "turbofleet-p2", "lmdeploy", "sglang", "vllm", "ideal",
+         "bare-memory", "bare-relay")
+#: issue 16: floors, not routers (bench/bare.py): aiohttp answering from memory; aiohttp + our upstream client
+BARE_KINDS = {"bare-memory": "memory", "bare-relay": "relay"}
 #: issue 16: one `turbofleet proxy --processes 2` (two event-loop processes on one port, private redis-server)
 PROCESS_KINDS = {"turbofleet-p2": 2}
 #: turbofleet kinds that need a Redis: one proxy on the Redis registry, or two replicas sharing one
@@ -27,6 +30,8 @@ DEFAULT_POLICY = {
     "sglang": "cache_aware",
     "vllm": "cache_aware",
     "ideal": "hash",
+    "bare-memory": "none",
+    "bare-relay": "none",
 }
 EXECUTABLE = {"lmdeploy": "lmdeploy", "sglang": "sglang-router", "vllm": "vllm-router"}
 DEFAULT_PEERS_VENV = ".venv-peers"
@@ -38,10 +43,13 @@ class RouterSpec:
 
     kind: str
     policy: str
+    #: turbofleet kinds: run the proxy from this checkout (NAME@DIR), to compare revisions in one run
+    source: str | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.kind}:{self.policy}"
+        at = f"@{Path(self.source).name}" if self.source else ""
+        return f"{self.kind}{at}:{self.policy}"
 
 
 def parse_routers(text: str) -> list[RouterSpec]:
@@ -51,10 +59,13 @@ def parse_routers(text: str) -> list[RouterSpec]:
         if not item:
             continue
         kind, _, policy = item.partition(":")
+        kind, _, source = kind.partition("@")
         kind = kind.strip().lower()
         if kind not in KINDS:
             raise ValueError(f"unknown router {kind!r} (one of {', '.join(KINDS)})")
-        out.append(RouterSpec(kind, policy.strip() or DEFAULT_POLICY[kind]))
+        if source and not kind.startswith("turbofleet"):
+            raise ValueError(f"{item!r}: only turbofleet kinds run from another checkout (NAME@DIR)")
+        out.append(RouterSpec(kind, policy.strip() or DEFAULT_POLICY[kind], source.strip() or None))
     return out
 
 
@@ -97,6 +108,11 @@ def build_launch(
     """The command lines for `spec`. Raises LookupError when a peer is not installed."""
     if spec.kind == "ideal":
         return Launch(argvs=[], ports=[], ready_path="", pin_workers=True)
+    if spec.kind in BARE_KINDS:
+        port = free_port()
+        argv = [python, "-m", "turbofleet.bench.bare", "--mode", BARE_KINDS[spec.kind], "--port", str(port),
+                "--worker", workers[0]]
+        return Launch(argvs=[argv], ports=[port], ready_path="/health")
     if spec.kind in ("turbofleet", *REDIS_KINDS, *PROCESS_KINDS):
         replicas = 2 if spec.kind == "turbofleet-x2" else 1
         if spec.kind in REDIS_KINDS and not redis_url:
@@ -104,8 +120,11 @@ def build_launch(
         ports = [free_port() for _ in range(replicas)]
         argvs = []
         for i, port in enumerate(ports):
+            # NAME@DIR: that checkout's code first on the path (its turbofleet/ links to its rooms)
+            # (-P: not the current directory, which may hold another checkout)
+            head = ["env", f"PYTHONPATH={Path(spec.source).resolve()}", python, "-P"] if spec.source else [python]
             argv = [
-                python,
+                *head,
                 "-m",
                 "turbofleet",
                 "proxy",

@@ -17,6 +17,12 @@ def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
     return "{" + inner + "}"
 
 
+def _key(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The series key: labels in name order. Issue 16: the hot path's calls carry none or one label, which
+    need no sort."""
+    return tuple(labels.items()) if len(labels) < 2 else tuple(sorted(labels.items()))
+
+
 class Histogram:
     def __init__(self) -> None:
         self.counts = [0] * (len(_BUCKETS) + 1)
@@ -48,10 +54,10 @@ class Metrics:
         }
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        self.counters[name][tuple(sorted(labels.items()))] += value
+        self.counters[name][_key(labels)] += value
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
+        key = _key(labels)
         h = self.histograms[name].get(key)
         if h is None:
             h = self.histograms[name][key] = Histogram()

@@ -117,9 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--routers",
         help=f"comma list of router specs (compare default: {DEFAULT_COMPARE_ROUTERS}; "
-        f"overhead default: {DEFAULT_OVERHEAD_ROUTERS}); a spec is NAME[:POLICY][@PYTHON] (@PYTHON: a turbofleet "
-        "run by another interpreter, e.g. an older checkout's venv, to compare before/after in one run), "
-        "NAME in turbofleet, turbofleet-x2, lmdeploy, sglang, vllm, ideal",
+        f"overhead default: {DEFAULT_OVERHEAD_ROUTERS}); a spec is NAME[@DIR][:POLICY] (@DIR: a turbofleet run from "
+        "another checkout, to compare before/after in one run), "
+        "NAME in turbofleet, turbofleet-x2, turbofleet-p2 (--processes 2), lmdeploy, sglang, vllm, ideal, "
+        "bare-memory, bare-relay",
     )
     g.add_argument("--sim-args", default="", help='extra sim-worker flags, quoted: "--max-batch 8 ..."')
     g.add_argument(

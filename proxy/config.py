@@ -120,6 +120,10 @@ class Settings(BaseModel):
     target_ttft: float = 1.0
     #: placement looks this many queued requests ahead (in fair order) for the one a freed worker fits best
     placement_window: int = 8
+    # issue 16: `--processes N|auto` event-loop processes on one port (proxy/supervisor.py); each child binds
+    # with SO_REUSEPORT
+    processes: str = "1"
+    reuse_port: bool = False
 
     log_level: str = "info"
     access_log: bool = False
@@ -185,6 +189,9 @@ _FLAGS: dict[str, tuple[type, str]] = {
                         "one line per request on the turbofleet.requests logger at info level"),
     "tracing": (str, "OpenTelemetry traces, needs turbofleet[otel]: auto (on when OTEL_EXPORTER_OTLP_ENDPOINT, "
                      "..._TRACES_ENDPOINT or OTEL_TRACES_EXPORTER is set), on, off; the SDK reads OTEL_* itself"),
+    # issue 16
+    "processes": (str, "event-loop processes on the port (SO_REUSEPORT), or auto (one per core); without "
+                       "--registry they share a private redis-server on a Unix socket (docs/BENCHMARKS.md)"),
 }
 
 

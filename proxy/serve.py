@@ -68,7 +68,8 @@ async def _serve(settings: Settings) -> None:
         header_timeout=settings.header_timeout,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=2048, reuse_address=True)
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=2048, reuse_address=True,
+                       reuse_port=settings.reuse_port or None)  # issue 16: one of --processes N
     await site.start()
     log.info(
         "turbofleet proxy on http://%s:%d (policy %s, registry %s)",

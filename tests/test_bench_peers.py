@@ -178,3 +178,22 @@ def test_one_proxy_command_line_for_compare_and_soak() -> None:
     assert soak.proxy_argv is peers.proxy_argv  # type: ignore[attr-defined]
     launch = peers.build_launch(peers.RouterSpec("turbofleet", "round_robin"), ["http://w1"], lambda: 9, python="py")
     assert launch.argvs == [peers.proxy_argv(9, ["http://w1"], policy="round_robin", log_level="warning", python="py")]
+
+def test_turbofleet_p2_is_one_proxy_with_two_processes() -> None:
+    launch = build_launch(RouterSpec("turbofleet-p2", "kv_aware"), WORKERS, ports(), python="py")
+    (argv,) = launch.argvs  # one port: the processes share it (SO_REUSEPORT)
+    assert argv[argv.index("--processes") + 1] == "2" and "--registry" not in argv
+    assert len(launch.urls) == 1
+
+
+def test_turbofleet_from_another_checkout_and_floors(tmp_path: Path) -> None:
+    (spec,) = parse_routers(f"turbofleet@{tmp_path}:round_robin")
+    assert spec.source == str(tmp_path) and spec.label == f"turbofleet@{tmp_path.name}:round_robin"
+    (argv,) = build_launch(spec, WORKERS, ports(), python="py").argvs
+    assert argv[:6] == ["env", f"PYTHONPATH={tmp_path.resolve()}", "py", "-P", "-m", "turbofleet"]
+    with pytest.raises(ValueError):
+        parse_routers(f"vllm@{tmp_path}")
+    for kind, mode in (("bare-memory", "memory"), ("bare-relay", "relay")):
+        (argv,) = build_launch(parse_routers(kind)[0], WORKERS, ports(), python="py").argvs
+        assert argv[:5] == ["py", "-m", "turbofleet.bench.bare", "--mode", mode]
+        assert argv[argv.index("--worker") + 1] == WORKERS[0]

@@ -81,6 +81,7 @@ class AgentConfig:
     probe_timeout: float = 3.0
     pid_file: str | None = None
     gpu_facts: bool = True
+    gpu_python: str | None = None  # the interpreter of the GPU-facts subprocess (None: the agent's own)
 
 
 class Agent:
@@ -161,7 +162,7 @@ class Agent:
                 continue
             self.models = models
             if self.cfg.gpu_facts:
-                self.gpu = await gpu_facts()
+                self.gpu = await gpu_facts(python=self.cfg.gpu_python)
             self.state = READY
             self.last_load = Load()
             await self._register_all()

@@ -106,8 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--routers",
         help=f"comma list of router specs (compare default: {DEFAULT_COMPARE_ROUTERS}; "
-        f"overhead default: {DEFAULT_OVERHEAD_ROUTERS}); a spec is NAME[:POLICY], "
-        "NAME in turbofleet, turbofleet-x2, lmdeploy, sglang, vllm, ideal",
+        f"overhead default: {DEFAULT_OVERHEAD_ROUTERS}); a spec is NAME[:POLICY[/KEY=VALUE...]], "
+        "NAME in turbofleet, turbofleet-x2, lmdeploy, sglang, vllm, ideal; /KEY=VALUE: a turbofleet policy option",
     )
     g.add_argument("--sim-args", default="", help='extra sim-worker flags, quoted: "--max-batch 8 ..."')
     g.add_argument(

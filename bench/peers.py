@@ -42,7 +42,8 @@ class RouterSpec:
 
 
 def parse_routers(text: str) -> list[RouterSpec]:
-    """'turbofleet:kv_aware,lmdeploy,sglang' -> specs with each kind's default policy filled in."""
+    """'turbofleet:kv_aware,lmdeploy,sglang' -> specs with each kind's default policy filled in. A turbofleet
+    policy may carry options: 'turbofleet:kv_aware/room_weight=1/backlog=auto' (each a --policy-option)."""
     out = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
@@ -111,10 +112,13 @@ def build_launch(
                 "--port",
                 str(port),
                 "--policy",
-                spec.policy,
+                spec.policy.split("/")[0],
                 "--log-level",
                 "warning",
             ]
+            # issue 14: turbofleet:kv_aware/KEY=VALUE/... compares policy variants in one run
+            for opt in spec.policy.split("/")[1:]:
+                argv += ["--policy-option", opt]
             for w in workers:
                 argv += ["--worker", w]
             argv += list(proxy_args)

@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -152,7 +153,7 @@ async def run_one(
 ) -> tuple[dict[str, Any], list[RequestResult]]:
     """Router in front of the workers (a fresh simulated fleet, or the --fleet-url servers), workload through it
     (every prompt opened by the run marker `salt`, when given); always tears down what it started."""
-    tag = spec.label.replace(":", "-")
+    tag = re.sub(r"[^A-Za-z0-9_.=-]", "-", spec.label)  # a file name: no ':' and no '/' of policy options
     fleet: WorkerFleet
     if args.fleet_url:
         fleet = ExternalFleet(args.fleet_url)

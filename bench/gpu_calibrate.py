@@ -154,6 +154,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 last[-1]["prompt"],
             )
         out["prefill"] = rows
+        save(args.out, out)  # partial results survive a timeout
         # cache hits
         rows = []
         for n in args.hit_lengths:
@@ -173,6 +174,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 },
             )
         out["hits"] = rows
+        save(args.out, out)  # partial results survive a timeout
         # decode step vs batch size
         rows = []
         for b in args.batches:
@@ -197,6 +199,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 round(1000 * rows[-1]["ttft_max"], 1),
             )
         out["decode"] = rows
+        save(args.out, out)  # partial results survive a timeout
         # a long prefill arriving while a batch decodes
         rows = []
         for b, n in args.mix:
@@ -219,6 +222,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             )
             log("mix", b, n, {k: rows[-1][k] for k in ("prompt", "ttft", "decoder_max_gap", "decoder_itl")})
         out["mix"] = rows
+        save(args.out, out)  # partial results survive a timeout
         # several long prompts at once: batched into one step, or one after another?
         rows = []
         for k, n in args.multi:
@@ -226,10 +230,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             rows.append({"k": k, "n": n, "ttfts": sorted(r["ttft"] for r in recs), "prompt": recs[0]["prompt_tokens"]})
             log("multi", k, n, [round(1000 * x, 1) for x in rows[-1]["ttfts"]])
         out["multi"] = rows
+        save(args.out, out)  # partial results survive a timeout
         # max batch: more streams than the engine runs
         recs = await asyncio.gather(*[req(u, 64, args.maxb_tokens) for _ in range(args.maxb)])
         ttfts = sorted(r["ttft"] or 0 for r in recs)
         out["max_batch_probe"] = {"streams": args.maxb, "tokens": args.maxb_tokens, "ttfts": ttfts}
+        save(args.out, out)
         log(
             "max batch probe",
             args.maxb,
@@ -253,6 +259,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({"servers": len(urls), "prefill": n, "ttfts": sorted(r["ttft"] for r in recs)})
                 log("contention prefill", len(urls), "x", n, [round(1000 * x, 1) for x in rows[-1]["ttfts"]])
             out["contention"] = rows
+            save(args.out, out)  # partial results survive a timeout
     return out
 
 
@@ -267,6 +274,11 @@ def pairs(text: str) -> list[tuple[int, int]]:
         a, b = item.split("x")
         out.append((int(a), int(b)))
     return out
+
+
+def save(path: str, out: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(out, f)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     out = asyncio.run(main_async(args))
     out["seconds"] = round(time.time() - t0, 1)
-    with open(args.out, "w") as f:
-        json.dump(out, f)
+    save(args.out, out)
     print(f"wrote {args.out} in {out['seconds']} s")
     return 0
 

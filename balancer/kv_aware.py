@@ -561,3 +561,17 @@ class KvAware:
         self._listed.pop(worker_id, None)
         for key in [k for k in self._pending if k[0] == worker_id]:
             del self._pending[key]
+
+    # ---------------------------------------------------------------- issue 10: placement of queued requests
+    def queue_cost(self, request: RouteRequest, worker: WorkerView) -> float:
+        """What serving `request` on `worker` costs, in prompt tokens of prefill, by the cost model `choose`
+        uses: the worker's queue (its modelled prefill backlog, or queue_tokens x prefill_share x load) plus
+        WORK_WEIGHT x the prompt's blocks it lacks. The proxy's queue calls it when a worker frees up, to send
+        it the queued request whose prefix it holds (proxy/admission.py); it changes no state."""
+        load = worker.in_flight + worker.waiting
+        busy = max(self.backlog.of(worker.id), self.queue_tokens * self.prefill_share * load)
+        hashes = request.prefix_hashes
+        if not hashes:
+            return busy
+        m = self._usable(worker.id, hashes, self.index.match(worker.id, hashes))
+        return busy + self.work_weight * self.tokens_per_block * (len(hashes) + 0.5 - m)

@@ -101,6 +101,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "0.125 with big sim caches to measure reuse, see docs/BENCHMARKS.md)",
     )
 
+    g = parser.add_argument_group("ramp (compare --ramp: offered load in steps of measured capacity; issue 10)")
+    g.add_argument("--ramp", help="compare: multiples of capacity to step through, e.g. 0.5,1,1.5,2")
+    g.add_argument("--capacity", type=float, help="ramp: capacity in req/s (default: measured closed-loop through "
+                   "the first router, --concurrency slots)")
+    g.add_argument("--slo-ms", type=float, default=2000.0, help="ramp: TTFT SLO for goodput (default 2000)")
+    g.add_argument("--interactive-share", type=float, default=0.0,
+                   help="ramp: share of requests sent with X-Priority: interactive (default 0)")
+    g.add_argument("--tenants", help="ramp: NAME:WEIGHT,... each request sends X-Tenant drawn by weight")
+    g.add_argument("--queue-budget", type=float, help="ramp: seconds sent as X-Queue-Timeout on every request; "
+                   "a 429 after it is counted")
+
     g = parser.add_argument_group("compare / overhead")
     g.add_argument("--workers", type=int, help="simulated workers (compare default 4; overhead default 2)")
     g.add_argument(

@@ -19,7 +19,20 @@ from . import node_routes, openai_routes
 from .config import Settings
 from .errors import Handler, Unauthorized, error_middleware
 from .health import HealthChecker, Outliers
-from .keys import BLOCK_CHARS, CLIENT, HEALTH, METRICS, OUTLIERS, POLICY, POOL, REGISTRY, RELAY, SETTINGS, STARTED
+from .keys import (
+    BLOCK_CHARS,
+    CLIENT,
+    HEALTH,
+    METRICS,
+    OUTLIERS,
+    POLICY,
+    POOL,
+    QUEUE,
+    REGISTRY,
+    RELAY,
+    SETTINGS,
+    STARTED,
+)
 from .metrics import Metrics
 from .registry import open_registry
 from .registry.base import RegistryUnavailable, WorkerRecord
@@ -87,8 +100,10 @@ async def _health(app: web.Application) -> AsyncIterator[None]:
     app[HEALTH] = checker
     app[RELAY] = Relay(pool=app[POOL], registry=app[REGISTRY], policy=app[POLICY], settings=app[SETTINGS],
                        metrics=app[METRICS], outliers=app[OUTLIERS])
+    app[QUEUE] = app[RELAY].flow
     checker.start()
     yield
+    await app[QUEUE].close()
     await checker.stop()
 
 
@@ -123,6 +138,7 @@ async def metrics(request: web.Request) -> web.Response:
                        {"worker": url}, 1.0 if st["state"] == READY else 0.0))
         gauges.append(("turbofleet_worker_waiting", "Requests waiting in the worker's engine (reported).",
                        {"worker": url}, float(st["waiting"])))
+    gauges.extend(app[QUEUE].gauges())
     reg = registry.health()
     gauges.append(("turbofleet_registry_reachable", "1 when the registry answers.", {"backend": str(reg["backend"])},
                    1.0 if reg.get("reachable") else 0.0))
@@ -146,9 +162,22 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}<
 <h1>turbofleet</h1><p>policy <b>{html.escape(request.app[POLICY].name)}</b> &middot; registry
 <b>{html.escape(str(reg.get("backend")))}</b> ({"reachable" if reg.get("reachable") else "UNREACHABLE"})
 &middot; in flight here: {request.app[RELAY].active}</p>
+<p>{html.escape(queue_line(request.app[QUEUE].snapshot()))}</p>
 <table><tr><th>worker</th><th>models</th><th>state</th><th>in flight</th><th>running</th><th>waiting</th>
 <th>KV cache</th><th>source</th><th>why out</th></tr>{rows}</table></body></html>"""
     return web.Response(text=page, content_type="text/html")
+
+
+def queue_line(snap: dict[str, Any]) -> str:
+    """The status page's queue line (issue 10): depth per class and the oldest wait, per model."""
+    if not snap["enabled"]:
+        return "queue: off (--admission off)"
+    parts = [f"{model}: " + ", ".join(f"{p} {n}" for p, n in m["depth"].items())
+             + (f" (oldest {m['oldest_wait_s']:.1f}s)" if m["queued"] else "")
+             for model, m in sorted(snap["models"].items())]
+    limits = sorted(snap["limits"].values())
+    lim = f"; worker limits {limits[0]}-{limits[-1]}" if limits else ""
+    return "queue: " + ("; ".join(parts) if parts else "empty") + lim
 
 
 def build_app(settings: Settings) -> web.Application:

@@ -8,6 +8,7 @@ from aiohttp import web
 from turbofleet.balancer.policy import Policy
 
 from .config import Settings
+from .flow import Flow
 from .health import HealthChecker, Outliers
 from .metrics import Metrics
 from .registry.base import Registry
@@ -26,3 +27,5 @@ RELAY = web.AppKey("relay", Relay)
 STARTED = web.AppKey("started", float)
 #: characters per prefix block the policy indexes; 0 when the policy does not look at prefixes
 BLOCK_CHARS = web.AppKey("block_chars", int)
+#: the queue in front of routing (issue 10): `snapshot()` per model/priority depth, oldest wait, limits
+QUEUE = web.AppKey("queue", Flow)

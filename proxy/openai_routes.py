@@ -102,6 +102,7 @@ def facts_of(request: web.Request, data: dict[str, Any], *, require: tuple[str, 
         prefix_hashes=block_hashes(text, block_chars) if (block_chars := request.app[BLOCK_CHARS]) else (),
         prompt_tokens=len(text) // CHARS_PER_TOKEN,
         include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
+        user=user if isinstance(user := data.get("user"), str) else None,
     )
 
 

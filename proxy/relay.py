@@ -41,6 +41,7 @@ from .errors import (
     UpstreamTimeout,
     sse_error_event,
 )
+from .flow import Flow
 from .health import Outliers
 from .metrics import Metrics
 from .registry.base import Registry
@@ -77,6 +78,8 @@ class Facts:
     prefix_hashes: tuple[int, ...]
     prompt_tokens: int
     include_usage: bool = False
+    #: the body's `user` (a tenant for the queue's fair shares when the edge names none)
+    user: str | None = None
 
 
 class _Retry(Exception):
@@ -131,6 +134,8 @@ class Relay:
         self._first_byte = _limit(settings.first_byte_timeout)
         self._idle = _limit(settings.idle_timeout)
         self._whole_answer = _limit(settings.request_timeout)
+        # issue 10: the queue in front of routing (proxy/flow.py)
+        self.flow = Flow(registry=registry, policy=policy, settings=settings, metrics=metrics, outliers=outliers)
 
     # ------------------------------------------------------------------ routing
     def _decide(self, route_req: RouteRequest, exclude: set[str]) -> Decision:
@@ -143,7 +148,8 @@ class Relay:
                     f"Every worker serving `{route_req.model}` failed this request.", code="no_worker"
                 )
             snapshot = rest
-        return route(self.policy, route_req, snapshot)
+        snapshot = self.flow.candidates(snapshot, route_req.model)
+        return self.flow.annotate(route(self.policy, route_req, snapshot))
 
     def _account(self, decision: Decision, facts: Facts) -> None:
         """Count the decision by kind of reason and log it: re-pins always, every decision at debug level."""
@@ -181,7 +187,9 @@ class Relay:
         self.active += 1
         started = time.monotonic()
         status = 500
+        ticket = None
         try:
+            ticket = await self.flow.admit(request, facts)
             resp, status = await self._forward_with_retries(request, path, body, facts)
             return resp
         except asyncio.CancelledError:
@@ -196,6 +204,7 @@ class Relay:
             raise
         finally:
             self.active -= 1
+            self.flow.done(ticket)
             self.metrics.inc("turbofleet_requests_total", route=path, status=str(status))
             self.metrics.observe("turbofleet_request_seconds", time.monotonic() - started)
 
@@ -299,6 +308,7 @@ class Relay:
                         cached_tokens=_cached_tokens(usage),
                     )
                 )
+                self.flow.observe(worker, trace.ttft if trace.ok and facts.stream else None, _uncached(usage))
         finally:
             if trace.retry:
                 self.retrying -= 1
@@ -573,6 +583,11 @@ def _int(usage: dict[str, Any] | None, key: str) -> int | None:
         return None
     v = usage.get(key)
     return int(v) if isinstance(v, int | float) else None
+
+
+def _uncached(usage: dict[str, Any] | None) -> int | None:
+    prompt = _int(usage, "prompt_tokens")
+    return None if prompt is None else max(0, prompt - (_cached_tokens(usage) or 0))
 
 
 def _cached_tokens(usage: dict[str, Any] | None) -> int | None:

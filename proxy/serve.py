@@ -34,6 +34,7 @@ async def drain(runner: web.AppRunner, grace: float) -> int:
     if server is not None:
         server.pre_shutdown()  # idle keep-alive connections close now, busy ones after their response
     relay = runner.app[RELAY]
+    relay.flow.shutdown()  # queued requests get 503 shutting_down now; those in flight drain
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     # polled: an event would cost every request a check; this loop runs once, at shutdown

@@ -81,18 +81,18 @@ if has trace; then
     --token-scale ${TRACE_TOK:-0.1} --routers $TR_ROUTERS --json $R/trace.json --requests-out $R/req-trace.jsonl
   for port in 23333 23334 23335 23336; do curl -s localhost:$port/metrics | grep -E "^lmdeploy:gpu_cache_usage_perc"; done; save
 fi
-if has trace2; then  # the trace again, other routers or the same in another order (call 2)
-  ts "Mooncake conversation trace again: $TR2_ROUTERS"
-  timeout $(lim ${TRACE_TO:-260}) $BC trace /tmp/mooncake_head.jsonl $BO --max-requests ${TRACE_N:-400} --time-scale ${TRACE_TS:-0.2} \
-    --token-scale ${TRACE_TOK:-0.1} --routers $TR2_ROUTERS --json $R/trace2.json --requests-out $R/req-trace2.jsonl
-  save
-fi
 if has ramp; then  # issue 10 on real TurboMind: offered load in steps of measured capacity, goodput within an SLO
   ts "ramp ${RAMP:-1,1.5,2} x capacity on the trace: ${RAMP_ROUTERS:-turbofleet:kv_aware,lmdeploy}"
   timeout $(lim ${RAMP_TO:-240}) $BC trace /tmp/mooncake_head.jsonl --quiet $FLEET --model m1b --log-dir $L/ramp \
     --max-requests ${RAMP_N:-300} --token-scale ${TRACE_TOK:-0.1} --routers ${RAMP_ROUTERS:-turbofleet:kv_aware,lmdeploy} \
     --ramp ${RAMP:-1,1.5,2} --concurrency 64 --slo-ms ${SLO_MS:-1000} --interactive-share 0.2 --queue-budget 1.5 \
     --json $R/ramp.json --requests-out $R/req-ramp.jsonl
+  save
+fi
+if has trace2; then  # the trace again, other routers or the same in another order (call 2)
+  ts "Mooncake conversation trace again: $TR2_ROUTERS"
+  timeout $(lim ${TRACE_TO:-260}) $BC trace /tmp/mooncake_head.jsonl $BO --max-requests ${TRACE_N:-400} --time-scale ${TRACE_TS:-0.2} \
+    --token-scale ${TRACE_TOK:-0.1} --routers $TR2_ROUTERS --json $R/trace2.json --requests-out $R/req-trace2.jsonl
   save
 fi
 if has multi; then

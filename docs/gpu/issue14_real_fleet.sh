@@ -78,7 +78,7 @@ BO="--quiet $FLEET --model m1b --log-dir $L/bench ${PROXY_ARGS:+--proxy-args} ${
 if has trace; then
   ts "Mooncake conversation trace, first ${TRACE_N:-400} requests"
   timeout $(lim ${TRACE_TO:-260}) $BC trace /tmp/mooncake_head.jsonl $BO --max-requests ${TRACE_N:-400} --time-scale ${TRACE_TS:-0.2} \
-    --token-scale ${TRACE_TOK:-0.1} --routers $TR_ROUTERS --json $R/trace.json --requests-out $R/req-trace.jsonl
+    --token-scale ${TRACE_TOK:-0.1} --routers $TR_ROUTERS --json $R/trace.json --requests-out $R/req-trace.jsonl --plot $R/plot-trace
   for port in 23333 23334 23335 23336; do curl -s localhost:$port/metrics | grep -E "^lmdeploy:gpu_cache_usage_perc"; done; save
 fi
 if has ramp; then  # issue 10 on real TurboMind: offered load in steps of measured capacity, goodput within an SLO
@@ -86,7 +86,7 @@ if has ramp; then  # issue 10 on real TurboMind: offered load in steps of measur
   timeout $(lim ${RAMP_TO:-240}) $BC trace /tmp/mooncake_head.jsonl --quiet $FLEET --model m1b --log-dir $L/ramp \
     --max-requests ${RAMP_N:-300} --token-scale ${TRACE_TOK:-0.1} --routers ${RAMP_ROUTERS:-turbofleet:kv_aware,lmdeploy} \
     --ramp ${RAMP:-1,1.5,2} --concurrency 64 --slo-ms ${SLO_MS:-1000} --interactive-share 0.2 --queue-budget 1.5 \
-    --json $R/ramp.json --requests-out $R/req-ramp.jsonl
+    --json $R/ramp.json --requests-out $R/req-ramp.jsonl --plot $R/plot-ramp
   save
 fi
 if has trace2; then  # the trace again, other routers or the same in another order (call 2)

@@ -159,6 +159,12 @@ class Policy(Protocol):
     def forget(self, worker_id: str) -> None:
         """Drop whatever is kept about a worker that left the fleet; may do nothing."""
 
+    #: whether the proxy should call `first_token` when a streamed request's first token arrives
+    wants_first_token: bool
+
+    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> None:
+        """A streamed request routed to `worker_id` got its first token: its prefill is done (issue 14)."""
+
 
 class PolicyBase:
     """Defaults for the Policy protocol's optional abilities: no pins, no prefix hashes, no unfiltered
@@ -175,6 +181,11 @@ class PolicyBase:
         pass
 
     def forget(self, worker_id: str) -> None:
+        pass
+
+    wants_first_token: bool = False
+
+    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> None:
         pass
 
 

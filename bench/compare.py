@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import shlex
 import sys
 import time
@@ -210,7 +211,7 @@ async def run_one(
 ) -> tuple[dict[str, Any], list[RequestResult]]:
     """Router in front of the workers (a fresh simulated fleet, or the --fleet-url servers), workload through it
     (every prompt opened by the run marker `salt`, when given); always tears down what it started."""
-    tag = spec.label.replace(":", "-")
+    tag = re.sub(r"[^A-Za-z0-9_.=-]", "-", spec.label)  # a file name: no ':' and no '/' of policy options
     fleet: WorkerFleet
     if args.fleet_url:
         fleet = ExternalFleet(args.fleet_url)

@@ -117,8 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--routers",
         help=f"comma list of router specs (compare default: {DEFAULT_COMPARE_ROUTERS}; "
-        f"overhead default: {DEFAULT_OVERHEAD_ROUTERS}); a spec is NAME[@DIR][:POLICY] (@DIR: a turbofleet run from "
-        "another checkout, to compare before/after in one run), "
+        f"overhead default: {DEFAULT_OVERHEAD_ROUTERS}); a spec is NAME[@DIR][:POLICY[/KEY=VALUE...]] (@DIR: a "
+        "turbofleet run from another checkout, to compare before/after in one run; /KEY=VALUE: a turbofleet policy "
+        "option, to compare policy variants in one run), "
         "NAME in turbofleet, turbofleet-x2, turbofleet-p2 (--processes 2), lmdeploy, sglang, vllm, ideal, "
         "bare-memory, bare-relay",
     )

@@ -56,7 +56,8 @@ class RouterSpec:
 
 
 def parse_routers(text: str) -> list[RouterSpec]:
-    """'turbofleet:kv_aware,lmdeploy,sglang' -> specs with each kind's default policy filled in."""
+    """'turbofleet:kv_aware,lmdeploy,sglang' -> specs with each kind's default policy filled in. A turbofleet
+    policy may carry options: 'turbofleet:kv_aware/room_weight=1/backlog=auto' (each a --policy-option)."""
     out = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
@@ -144,7 +145,10 @@ def build_launch(
         ports = [free_port() for _ in range(replicas)]
         argvs = []
         for i, port in enumerate(ports):
-            argv = proxy_argv(port, workers, policy=spec.policy, log_level="warning", extra=proxy_args,
+            # issue 14: turbofleet:kv_aware/KEY=VALUE/... compares policy variants in one run
+            policy, *options = spec.policy.split("/")
+            opts = [x for o in options for x in ("--policy-option", o)]
+            argv = proxy_argv(port, workers, policy=policy, log_level="warning", extra=[*opts, *proxy_args],
                               python=python)
             if spec.source:
                 # NAME@DIR: that checkout's code first on the path (its turbofleet/ links to its rooms)

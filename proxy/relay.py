@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -118,6 +118,10 @@ class Relay:
         self._live: set[Deadline] = set()
         # a policy that never pins saves the pin lookup (a Redis round trip for a new session)
         self._uses_pins = policy.uses_pins
+        # issue 14: a policy may want each streamed request's first token (the measured prefill backlog)
+        self._first_token: Callable[[str, tuple[int, ...]], None] | None = (
+            policy.first_token if policy.wants_first_token else None
+        )
         self._kinds: dict[str, str] = {}
         self._first_byte = _limit(settings.first_byte_timeout)
         self._idle = _limit(settings.idle_timeout)
@@ -275,7 +279,7 @@ class Relay:
         """One try on one worker. Returns the response and the status to account it under (a stream that
         broke mid-way went out as 200 but is counted as the error it ended with)."""
         worker = decision.worker_id
-        trace = _Trace(t0=time.monotonic(), retry=retry)
+        trace = _Trace(t0=time.monotonic(), retry=retry, hashes=route_req.prefix_hashes)
         if retry:
             self.retrying += 1
         try:
@@ -355,6 +359,8 @@ class Relay:
                 self._failed(worker, ev, e)
             trace.ttft = time.monotonic() - trace.t0
             self.metrics.observe("turbofleet_ttft_seconds", trace.ttft, worker=worker)
+            if self._first_token is not None and facts.stream and status == 200:
+                self._first_token(worker, trace.hashes)  # issue 14: its prefill is done
             if trace.retry:  # the retry got its answer: it no longer counts against the budget
                 trace.retry = False
                 self.retrying -= 1
@@ -529,6 +535,8 @@ class _Trace:
     #: a retry that has not got its first byte yet (counted in Relay.retrying)
     retry: bool = False
     ttft: float | None = None
+    #: the request's prefix hashes, for the policy's first-token hook
+    hashes: tuple[int, ...] = ()
     usage: dict[str, Any] | None = None
     status: int = 0
     ok: bool = False

@@ -44,6 +44,15 @@ def test_turbofleet_launch() -> None:
     assert "--registry" not in argv and launch.urls == ["http://127.0.0.1:9000"] and launch.ready_path == "/health"
 
 
+def test_turbofleet_policy_options_in_the_spec() -> None:
+    """Issue 14: turbofleet:kv_aware/room_weight=1/backlog=auto runs kv_aware with two --policy-option flags."""
+    (spec,) = parse_routers("turbofleet:kv_aware/room_weight=1/backlog=auto")
+    assert spec.label == "turbofleet:kv_aware/room_weight=1/backlog=auto"
+    (argv,) = build_launch(spec, WORKERS, ports(), python="py").argvs
+    assert argv[argv.index("--policy") + 1] == "kv_aware"
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--policy-option"] == ["room_weight=1", "backlog=auto"]
+
+
 def test_turbofleet_x2_shares_redis() -> None:
     spec = RouterSpec("turbofleet-x2", "kv_aware")
     with pytest.raises(LookupError):

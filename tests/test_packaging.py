@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
+@pytest.mark.timeout(600)
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
@@ -40,6 +41,7 @@ def test_no_module_imports_a_room_by_its_bare_name() -> None:
     assert offenders == []
 
 
+@pytest.mark.timeout(600)  # a venv and a pip install: minutes on a loaded 2-core box
 def test_the_wheel_works_in_a_fresh_venv_beside_pypis_proxy_package(wheel: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)

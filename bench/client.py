@@ -17,6 +17,7 @@ import aiohttp
 from turbofleet.bench.workloads import RequestSpec, salt_messages
 
 ROUTE_HEADERS = ("X-Turbofleet-Worker", "X-Turbofleet-Route")
+ROUTE_REASON_HEADER = "X-Turbofleet-Route"
 
 
 @dataclass
@@ -37,6 +38,8 @@ class RequestResult:
     error: str | None = None  # kind: http_<status>, error_body, sse_error, broken_stream, timeout, connect, ...
     error_detail: str = ""
     worker: str | None = None
+    #: the router's X-Turbofleet-Route reason, when it sent one
+    route: str | None = None
     text: str = ""
     #: the Retry-After header of an error answer (429/503)
     retry_after: str | None = None
@@ -166,6 +169,7 @@ async def send_chat(
                 if name in resp.headers:
                     res.worker = resp.headers[name]
                     break
+            res.route = resp.headers.get(ROUTE_REASON_HEADER)
             if resp.status != 200:
                 res.retry_after = resp.headers.get("Retry-After")
                 res.error = f"http_{resp.status}"

@@ -68,12 +68,6 @@ SERVICE_LEARN = 0.05
 
 _CURRENT: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("turbofleet_ticket", default=None)
 
-HELP = {
-    "turbofleet_queue_wait_seconds": "Time requests waited in the proxy's queue before routing, by class.",
-    "turbofleet_queue_shed_total": "Requests refused by the queue (429/503), by reason and class.",
-    "turbofleet_queue_admitted_total": "Requests admitted, by whether they waited in the queue and class.",
-}
-
 
 def _shed(code: str, message: str, wait_s: float | None) -> ProxyError:
     return TooManyRequests(message, code=code, headers={"Retry-After": retry_after(wait_s)})
@@ -115,8 +109,6 @@ class Flow:
         self._service: dict[str, float] = {}
         self._tick: asyncio.Task[None] | None = None
         self.closed = False
-        for name, text in HELP.items():
-            metrics.help.setdefault(name, text)
 
     # ------------------------------------------------------------------ admission
     async def admit(self, request: web.Request, facts: Any) -> Ticket | None:

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+#: building a wheel, a venv and a pip install take minutes on a loaded 2-core box
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-@pytest.mark.timeout(600)
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
@@ -41,7 +42,6 @@ def test_no_module_imports_a_room_by_its_bare_name() -> None:
     assert offenders == []
 
 
-@pytest.mark.timeout(600)  # a venv and a pip install: minutes on a loaded 2-core box
 def test_the_wheel_works_in_a_fresh_venv_beside_pypis_proxy_package(wheel: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)

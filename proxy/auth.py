@@ -142,7 +142,11 @@ def header_text_ok(value: str) -> bool:
     return all((0x20 <= ord(c) <= 0xFF and ord(c) != 0x7F) or c == "\t" for c in value)
 
 
-def check_headers(request: web.Request, names: tuple[str, ...] = ("Content-Type", "Authorization")) -> None:
+#: headers the proxy reads or forwards: each must be readable as latin-1 text
+CHECKED_HEADERS = ("Content-Type", "Authorization", "Via", "X-Session-ID")
+
+
+def check_headers(request: web.Request, names: tuple[str, ...] = CHECKED_HEADERS) -> None:
     for name in names:
         value = request.headers.get(name)
         if value is not None and not header_text_ok(value):

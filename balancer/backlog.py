@@ -21,11 +21,44 @@ never lets an error outlive the next response. Costs O(1) per worker read.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from turbofleet.balancer.policy import WorkerView
 
-#: what `add` returns and `done` takes back: (tick, backlog ahead, tokens ever routed to the worker, tokens added)
-Routed = tuple[int, float, float, float]
+
+class Queue(NamedTuple):
+    """One worker's backlog as last written: `backlog` tokens still to prefill at tick `at`, out of `routed`
+    tokens ever routed there."""
+
+    backlog: float
+    at: int
+    routed: float
+
+    def left(self, drain: float, tick: int) -> float:
+        """The backlog at `tick`, drained at `drain` tokens per decision since `at`, never below 0: the one
+        drain formula (the policy's hot loops call it too)."""
+        left = self.backlog - drain * (tick - self.at)
+        return left if left > 0.0 else 0.0
+
+
+class Routed(NamedTuple):
+    """What `Backlog.add` returns and `Backlog.done` takes back: one routed request's place in its worker's
+    queue."""
+
+    #: the decision tick it was routed at
+    tick: int
+    #: the backlog ahead of it on the worker then
+    ahead: float
+    #: tokens ever routed to the worker, counting this request's
+    routed: float
+    #: this request's own uncached tokens
+    tokens: float
+
+    @property
+    def routed_before(self) -> float:
+        """Tokens routed to the worker before this request."""
+        return self.routed - self.tokens
+
 
 #: weight of each outcome in the decayed sums behind `speed` and `rate`
 DECAY = 0.98
@@ -41,9 +74,8 @@ class Backlog:
     def __init__(self) -> None:
         #: decisions so far (the clock)
         self.tick = 0
-        #: worker -> (backlog at tick `at`, `at`, tokens ever routed there); read directly by hot loops:
-        #: the backlog now is `backlog - drain() * (tick - at)`, floored at 0
-        self.state: dict[str, tuple[float, int, float]] = {}
+        #: worker -> its queue as last written; read directly by hot loops (through `Queue.left`)
+        self.state: dict[str, Queue] = {}
         # decayed sums: work prefilled and the ttft it took; decisions during requests and their latency
         self._work = 0.0
         self._ttft = 0.0
@@ -56,36 +88,36 @@ class Backlog:
         """Tokens prefilled per decision (0 until learned)."""
         return self._drain
 
-    def of(self, worker_id: str, drain: float | None = None) -> float:
+    def of(self, worker_id: str) -> float:
+        """The worker's backlog now."""
         st = self.state.get(worker_id)
-        if st is None:
-            return 0.0
-        left = st[0] - (self.drain() if drain is None else drain) * (self.tick - st[1])
-        return left if left > 0.0 else 0.0
+        return 0.0 if st is None else st.left(self._drain, self.tick)
 
     def done_tokens(self, worker_id: str) -> float:
         """Tokens the worker has prefilled of all routed there (by the model)."""
         st = self.state.get(worker_id)
-        return 0.0 if st is None else st[2] - self.of(worker_id)
+        return 0.0 if st is None else st.routed - st.left(self._drain, self.tick)
 
     def values(self, window: Sequence[WorkerView]) -> list[float]:
         """The backlog of each worker in `window`, in order."""
         state = self.state
         if not state:
             return [0.0] * len(window)
-        d = self.drain()
+        d = self._drain
         t = self.tick
         get = state.get
-        none = (0.0, t, 0.0)
-        return [left if (left := st[0] - d * (t - st[1])) > 0.0 else 0.0 for st in [get(w.id, none) for w in window]]
+        none = Queue(0.0, t, 0.0)
+        return [get(w.id, none).left(d, t) for w in window]
 
     def add(self, worker_id: str, tokens: float) -> Routed:
-        """Route `tokens` of prefill to the worker now: returns (tick, backlog ahead, tokens ever routed)."""
-        ahead = self.of(worker_id)
+        """Route `tokens` of prefill to the worker now."""
         st = self.state.get(worker_id)
-        total = (st[2] if st else 0.0) + tokens
-        self.state[worker_id] = (ahead + tokens, self.tick, total)
-        return self.tick, ahead, total, tokens
+        if st is None:
+            ahead, total = 0.0, tokens
+        else:
+            ahead, total = st.left(self._drain, self.tick), st.routed + tokens
+        self.state[worker_id] = Queue(ahead + tokens, self.tick, total)
+        return Routed(self.tick, ahead, total, tokens)
 
     def done(
         self,
@@ -97,19 +129,18 @@ class Backlog:
     ) -> None:
         """A request routed with `add` (its return value `routed`) finished; `uncached` is what the worker
         says it really prefilled (None when it did not say: what was routed counts)."""
-        tick, ahead, total, tokens = routed
         if uncached is None:
-            uncached = tokens
+            uncached = routed.tokens
         st = self.state.get(worker_id)
         if st is not None:
             # FIFO: everything routed there up to this request is prefilled; only what came since may be left
-            since = st[2] - total
-            left = self.of(worker_id)
-            self.state[worker_id] = (min(left, since if since > 0.0 else 0.0), self.tick, st[2])
+            since = st.routed - routed.routed
+            left = st.left(self._drain, self.tick)
+            self.state[worker_id] = Queue(min(left, since if since > 0.0 else 0.0), self.tick, st.routed)
         if ttft_s is not None and ttft_s > 0 and latency_s:
-            self._work = self._work * DECAY + ahead + uncached
+            self._work = self._work * DECAY + routed.ahead + uncached
             self._ttft = self._ttft * DECAY + ttft_s
-            self._decisions = self._decisions * DECAY + (self.tick - tick)
+            self._decisions = self._decisions * DECAY + (self.tick - routed.tick)
             self._latency = self._latency * DECAY + latency_s
             self._n += 1
             if self._n >= MIN_OUTCOMES and self._ttft > 0 and self._decisions > 0:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from turbofleet.balancer.policy import Decision, Outcome, RouteRequest, WorkerView
+from turbofleet.balancer.policy import Decision, PolicyBase, RouteRequest, WorkerView
 
 
-class RoundRobin:
+class RoundRobin(PolicyBase):
     """Each eligible worker in turn (the cursor wraps over whatever list the call gets)."""
 
     name = "round_robin"
-    #: never pins sessions, so the proxy need not look pins up for it
-    uses_pins = False
 
     def __init__(self) -> None:
         self._next = 0
@@ -23,19 +21,11 @@ class RoundRobin:
         self._next = i + 1
         return Decision(workers[i].id, "round robin")
 
-    def observe(self, outcome: Outcome) -> None:
-        pass
 
-    def forget(self, worker_id: str) -> None:
-        pass
-
-
-class Random:
+class Random(PolicyBase):
     """Uniformly at random; weighted by `WorkerView.speed` when speeds differ (LMDeploy's `random`)."""
 
     name = "random"
-    #: never pins sessions, so the proxy need not look pins up for it
-    uses_pins = False
 
     def __init__(self, seed: int | None = None, by_speed: bool = True) -> None:
         self._rng = random.Random(seed)
@@ -49,12 +39,6 @@ class Random:
                 return Decision(w.id, f"random by speed {w.speed:g}")
         return Decision(workers[self._rng.randrange(len(workers))].id, "random")
 
-    def observe(self, outcome: Outcome) -> None:
-        pass
-
-    def forget(self, worker_id: str) -> None:
-        pass
-
 
 def least_loaded(loads: list[int], cursor: int) -> int:
     """Index of the least load, the first one at or after `cursor` (wrapping), so ties take turns."""
@@ -65,12 +49,10 @@ def least_loaded(loads: list[int], cursor: int) -> int:
         return loads.index(low)
 
 
-class LeastQueue:
+class LeastQueue(PolicyBase):
     """Fewest `in_flight + waiting` (`WorkerView.load`); equal loads take turns instead of list order."""
 
     name = "least_queue"
-    #: never pins sessions, so the proxy need not look pins up for it
-    uses_pins = False
 
     def __init__(self) -> None:
         self._cursor = 0
@@ -80,9 +62,3 @@ class LeastQueue:
         i = least_loaded(loads, self._cursor)
         self._cursor = i + 1
         return Decision(workers[i].id, f"least queue load={loads[i]}")
-
-    def observe(self, outcome: Outcome) -> None:
-        pass
-
-    def forget(self, worker_id: str) -> None:
-        pass

@@ -47,12 +47,24 @@ bench/microbench_decision.py.
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import NamedTuple
 
 from turbofleet.balancer.backlog import Backlog, Routed
-from turbofleet.balancer.policy import PIN_UNAVAILABLE, READY, Decision, Outcome, RouteRequest, WorkerView
+from turbofleet.balancer.measured import MeasuredBacklog
+from turbofleet.balancer.policy import (
+    PIN_UNAVAILABLE,
+    READY,
+    Decision,
+    Outcome,
+    PolicyBase,
+    RouteRequest,
+    WorkerView,
+)
 from turbofleet.balancer.positions import Positions
 from turbofleet.balancer.prefix import DEFAULT_BLOCK_CHARS, DEFAULT_MAX_BLOCKS, PrefixIndex
 from turbofleet.balancer.sessions import SessionTracker
@@ -93,12 +105,45 @@ PRIOR_SESSION_LENGTH = 4.0
 PRIOR_PLACEMENTS = 8.0
 #: per session request, how much older counts fade (the mean session length follows ~1000 requests)
 SESSION_DECAY = 0.999
+#: issue 14. Which backlog `busy` reads: "modelled" (balancer/backlog.py), "measured" (balancer/measured.py:
+#: requests routed and still without a first token, reported by the relay's first-token hook), or "auto"
+#: (measured once the relay has reported a first token, modelled until then)
+BACKLOG_SOURCES = ("modelled", "measured", "auto")
+DEFAULT_BACKLOG = "modelled"
+#: issue 14: with this set to 1 in the proxy's environment, every decision's reason ends with the chosen
+#: worker's backlog estimates at dispatch, ` [backlog modelled=M measured=S]` (bench/backlog_check.py reads it)
+AUDIT_ENV = "TURBOFLEET_BACKLOG_AUDIT"
+#: issue 14: the weight of cache room in the cost of the uncached blocks a request adds to a worker (0: off)
+DEFAULT_ROOM_WEIGHT = 0.0
+#: the fleet's cached share of prompt tokens, until outcomes tell (the value of a cached token, see _fill)
+PRIOR_HIT = 0.25
 
 
-class KvAware:
+class Mark(NamedTuple):
+    """Why a block is listed on a worker before it exists there: the request that listed it optimistically."""
+
+    #: tokens routed to the worker before that request: once the worker has prefilled them, it is computing it
+    routed_before: float
+    #: the blocks that request matched (what a request routed now would find before then)
+    matched: int
+
+
+class Pending(NamedTuple):
+    """A routed request awaiting its outcome."""
+
+    #: blocks the index matched when it was routed
+    matched: int
+    #: the age of the deepest matched block then (None: nothing matched or it was not confirmed)
+    age: int | None
+    #: what the backlog recorded for it
+    routed: Routed
+
+
+class KvAware(PolicyBase):
     """Session pins + prefix-cache cost + bounded loads (see the module docstring)."""
 
     name = "kv_aware"
+    uses_pins = True
 
     def __init__(
         self,
@@ -115,11 +160,18 @@ class KvAware:
         seed: int | None = None,
         shared_credit: float = SHARED_CREDIT,
         work_weight: float = WORK_WEIGHT,
+        backlog: str = DEFAULT_BACKLOG,
+        room_weight: float = DEFAULT_ROOM_WEIGHT,
+        audit: bool | None = None,
     ) -> None:
         if epsilon < 0 or slack < 0:
             raise ValueError("epsilon and slack must not be negative")
         if block_chars <= 0 or chars_per_token <= 0 or sample < 1:
             raise ValueError("block_chars, chars_per_token and sample must be positive")
+        if backlog not in BACKLOG_SOURCES:
+            raise ValueError(f"backlog must be one of {', '.join(BACKLOG_SOURCES)}")
+        if room_weight < 0:
+            raise ValueError("room_weight must not be negative")
         self.epsilon = epsilon
         self.slack = slack
         self.shared_credit = shared_credit
@@ -141,14 +193,21 @@ class KvAware:
         # decayed counts of session requests and of session placements (new sessions, re-pins)
         self._session_requests = PRIOR_SESSION_LENGTH * PRIOR_PLACEMENTS
         self._placements = PRIOR_PLACEMENTS
-        # (worker, last block hash) -> (blocks matched when routed, age of the deepest matched block then,
-        # what the backlog recorded)
-        self._pending: OrderedDict[tuple[str, int], tuple[int, int | None, Routed]] = OrderedDict()
+        # (worker, last block hash) -> the routed request awaiting its outcome
+        self._pending: OrderedDict[tuple[str, int], Pending] = OrderedDict()
         #: each worker's prefill still to do, modelled
         self.backlog = Backlog()
-        # worker -> optimistically listed block -> (tokens routed to the worker before the request that listed
-        # it, the blocks that request matched): the block exists only once that request's prefill has started
-        self._listed: dict[str, dict[int, tuple[float, int]]] = {}
+        # worker -> optimistically listed block -> the request that listed it: the block exists only once that
+        # request's prefill has started
+        self._listed: dict[str, dict[int, Mark]] = {}
+        # issue 14: the measured backlog (the relay's first-token hook feeds it), which one `busy` reads, the
+        # cache-room weight, the fleet's cached share of prompt tokens, the audit suffix of the last dispatch
+        self.measured = MeasuredBacklog()
+        self.backlog_source = backlog
+        self.room_weight = float(room_weight)
+        self.hit = PRIOR_HIT
+        self.audit = os.environ.get(AUDIT_ENV) == "1" if audit is None else audit
+        self._audit_note = ""
 
     def cap(self, total: int, workers: int) -> int:
         """The most a worker may carry after taking one more; `total` (load or sessions) counts that one."""
@@ -157,7 +216,42 @@ class KvAware:
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
         decision = self._choose(request, workers, None)
         assert decision is not None  # only an unfiltered choice gives up
-        return decision
+        return self._noted(decision)
+
+    def _noted(self, decision: Decision) -> Decision:
+        if not self.audit:
+            return decision
+        note, self._audit_note = self._audit_note, ""
+        return replace(decision, reason=f"{decision.reason}{note}")
+
+    def _measuring(self) -> bool:
+        """Whether `busy` reads the measured backlog (see BACKLOG_SOURCES)."""
+        src = self.backlog_source
+        return src == "measured" or (src == "auto" and self.measured.active)
+
+    def _fill(self, w: WorkerView) -> float:
+        """How full the worker's cache is, 0..1: its reported kv_usage or the index's own estimate (blocks
+        listed there over its learned capacity), whichever is higher."""
+        index = self.index
+        est = index.blocks(w.id) / index.capacity(w.id)
+        return w.kv_usage if w.kv_usage > est else est
+
+    def _room(self, window: Sequence[WorkerView], hashes: tuple[int, ...]) -> list[float] | None:
+        """Per worker, what the prompt's blocks cost in cache room if none is cached there: each new block
+        lands in a cache `fill` full, evicting about `fill` of a block others may reuse, worth a cached
+        token's share (`hit`) of a token of prefill at `work_weight` (None when the weight is 0)."""
+        if not self.room_weight or not hashes:
+            return None
+        per_fill = self.room_weight * self.hit * self.work_weight * self.tokens_per_block * (len(hashes) + 0.5)
+        return [per_fill * self._fill(w) for w in window]
+
+    wants_first_token = True
+
+    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> None:
+        """The relay's hook (issue 14): the request routed to `worker_id` with these hashes got its first
+        token, so its prefill is done and it leaves the measured backlog."""
+        if prefix_hashes:
+            self.measured.started((worker_id, prefix_hashes[-1]))
 
     def choose_unfiltered(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision | None:
         """`choose` on a whole fleet snapshot, skipping workers that are not ready or do not serve the model.
@@ -168,7 +262,8 @@ class KvAware:
         """
         if len(workers) <= self.exact_limit:
             return None
-        return self._choose(request, workers, request.model)
+        decision = self._choose(request, workers, request.model)
+        return None if decision is None else self._noted(decision)
 
     def _choose(self, request: RouteRequest, workers: Sequence[WorkerView], model: str | None) -> Decision | None:
         """The decision; `model` is set when `workers` is not filtered (see `choose_unfiltered`)."""
@@ -210,18 +305,24 @@ class KvAware:
         # what a worker's queue costs a new request, in prompt tokens: its modelled prefill backlog, or the
         # mean prefill ahead per request in flight times the load (which counts other replicas' requests)
         qt = self.queue_tokens * self.prefill_share
-        busy = [b if b > (t := qt * load) else t for b, load in zip(self.backlog.values(window), loads, strict=True)]
+        ahead = self.measured.values(window) if self._measuring() else self.backlog.values(window)
+        busy = [b if b > (t := qt * load) else t for b, load in zip(ahead, loads, strict=True)]
         floor = min(busy)
+        room = self._room(window, hashes)  # issue 14: an unmatched prompt goes where the cache has room
+        ranked = busy if room is None else [b + r for b, r in zip(busy, room, strict=True)]
         counts: dict[str, int] | None = None
         session_cap = 0
         exact = window is workers
         if key is None:
-            a = self._in_turn(busy, floor, exact)
+            a = self._in_turn(ranked, min(ranked), exact)
         else:
             self._placements = self._placements * SESSION_DECAY + 1.0
             counts = self.sessions.counts
-            session_cap = self.cap(len(self.sessions) + 1, n)
-            ranks = [counts.get(w.id, 0) * _SESSION_WEIGHT + b for w, b in zip(window, busy, strict=True)]
+            others = sum(w.sessions for w in workers)
+            if others:  # other replicas' sessions (handed in through WorkerView): place on the fleet's count
+                counts = {w.id: counts.get(w.id, 0) + w.sessions for w in workers}
+            session_cap = self.cap(len(self.sessions) + others + 1, n)
+            ranks = [counts.get(w.id, 0) * _SESSION_WEIGHT + b for w, b in zip(window, ranked, strict=True)]
             a = self._in_turn(ranks, min(ranks), exact)
         if loads[a] >= cap:  # least busy by this policy's count, yet loaded by others: the least loaded
             a = self._in_turn(loads, min(loads), exact)
@@ -315,14 +416,19 @@ class KvAware:
         drain = backlog.drain()
         tick = backlog.tick
         state = backlog.state
-        listed = self._listed
+        usable = self._usable
+        measuring = self._measuring()
         # placing a session: each session already on a worker keeps sending requests there, so it weighs
         # like a request ahead for every request a session sends on average
         qs = 0.0 if counts is None else qt * self.session_length()
         least_sessions = 0 if counts is None else counts.get(a_id, 0)
         best_i, best_m, best_busy = a, m_a, a_busy
-        # cost = queue + sessions + the prefill this request adds (see WORK_WEIGHT)
+        # issue 14: the cache room the uncached blocks take (see _room), per block and unit of fill
+        rw = self.room_weight * self.hit * ww
+        # cost = queue + sessions + the prefill this request adds (see WORK_WEIGHT) [+ the room it takes]
         best_cost = a_busy + qs * least_sessions + ww * (blocks - m_a + min(discount, m_a))
+        if rw:
+            best_cost += rw * (blocks - m_a) * self._fill(workers[a])
         capped_depth = 0
         seen = index.bit(a_id)
         positions = self._positions
@@ -355,16 +461,18 @@ class KvAware:
                 if cost <= best_cost:
                     m = depth
                     st = state.get(wid)
+                    if measuring:  # issue 14: the measured backlog instead of the modelled one
+                        ahead = self.measured.value(wid)
+                        if ahead > busy:
+                            busy = ahead
                     if st is not None:
-                        left = st[0] - drain * (tick - st[1])
-                        if left > busy:
+                        left = st.left(drain, tick)
+                        if left > busy and not measuring:
                             busy = left
-                        marks = listed.get(wid)
-                        if marks:  # inlined self._usable
-                            mark = marks.get(hashes[depth - 1])
-                            if mark is not None and st[2] - (left if left > 0.0 else 0.0) < mark[0]:
-                                m = min(depth, mark[1])
+                        m = usable(wid, hashes, depth, st.routed - left)
                     cost = busy + qs * sessions + (work if m == depth else ww * (blocks - m + min(discount, m)))
+                    if rw:
+                        cost += rw * (blocks - m) * self._fill(w)
                     if cost < best_cost or (cost == best_cost and busy < best_busy):
                         best_i, best_m, best_busy, best_cost = j, m, busy, cost
                     if busy <= floor and sessions <= least_sessions:
@@ -384,34 +492,46 @@ class KvAware:
         age = index.age(worker_id, hashes[matched - 1], confirmed=True) if matched else None
         index.insert(worker_id, hashes[: matched + OPTIMISTIC_BLOCKS], matched, confirmed=False)
         uncached = (len(hashes) + 0.5 - matched) * self.tokens_per_block
+        if self.audit:
+            self._audit_note = (
+                f" [backlog modelled={self.backlog.of(worker_id):.0f} measured={self.measured.value(worker_id):.0f}"
+                f" uncached={uncached:.0f}]"
+            )
+        self.measured.add((worker_id, hashes[-1]), uncached)
         routed = self.backlog.add(worker_id, uncached)
-        if routed[1] > 0.0:  # the worker is busy: this request's blocks appear only once it starts (`_usable`)
+        if routed.ahead > 0.0:  # the worker is busy: this request's blocks appear only once it starts (`_usable`)
             marks = self._listed.get(worker_id)
             if marks is None:
                 marks = self._listed[worker_id] = {}
             elif len(marks) > MAX_LISTED:  # entries of requests that never came back
                 marks.clear()
-            mark = (routed[2] - routed[3], matched)
+            mark = Mark(routed.routed_before, matched)
             for h in hashes[matched : matched + OPTIMISTIC_BLOCKS]:
                 marks.setdefault(h, mark)
         pending = self._pending
         # the same prompt twice at once keeps one entry (the later): the earlier one's outcome is not learned from
-        pending[(worker_id, hashes[-1])] = (matched, age, routed)
+        pending[(worker_id, hashes[-1])] = Pending(matched, age, routed)
         if len(pending) > MAX_PENDING:
             pending.popitem(last=False)
 
-    def _usable(self, worker_id: str, hashes: tuple[int, ...], depth: int) -> int:
+    def _usable(self, worker_id: str, hashes: tuple[int, ...], depth: int, done: float | None = None) -> int:
         """How many of the `depth` blocks the index lists on the worker a request routed there now would find
         cached. A block listed only optimistically, by a request whose prefill the backlog says has not
         started, is not there yet: routed there now, this request would be prefilled in the same batch as
-        that one, computing the block again. Then only what that request matched counts."""
+        that one, computing the block again. Then only what that request matched counts.
+
+        `done`: the worker's `Backlog.done_tokens`, when the caller has it at hand."""
         if not depth:
             return 0
         marks = self._listed.get(worker_id)
-        mark = marks.get(hashes[depth - 1]) if marks else None
-        if mark is None or self.backlog.done_tokens(worker_id) >= mark[0]:
+        if not marks:
             return depth
-        return min(depth, mark[1])
+        mark = marks.get(hashes[depth - 1])
+        if mark is None:
+            return depth
+        if done is None:
+            done = self.backlog.done_tokens(worker_id)
+        return depth if done >= mark.routed_before else min(depth, mark.matched)
 
     def _unlist(self, worker_id: str, hashes: tuple[int, ...], matched: int) -> None:
         """The request that listed these blocks came back: they are confirmed or taken back."""
@@ -420,20 +540,22 @@ class KvAware:
             return
         for h in hashes[matched : matched + OPTIMISTIC_BLOCKS]:
             mark = marks.get(h)
-            if mark is not None and mark[1] == matched:
+            if mark is not None and mark.matched == matched:
                 del marks[h]
 
     def observe(self, outcome: Outcome) -> None:
         """Learn token sizes and queue cost; confirm or correct the index with the worker's report."""
         hashes = outcome.prefix_hashes
         wid = outcome.worker_id
-        routed = self._pending.pop((wid, hashes[-1]), None) if hashes else None
-        if routed is not None:
-            self._unlist(wid, hashes, routed[0])
+        pending = self._pending.pop((wid, hashes[-1]), None) if hashes else None
+        if hashes:
+            self.measured.ended((wid, hashes[-1]))
+        if pending is not None:
+            self._unlist(wid, hashes, pending.matched)
         if not outcome.ok:
-            if routed is not None:
+            if pending is not None:
                 # the optimistic listing was never confirmed: take back the blocks the worker lacked
-                self.index.remove(wid, hashes[routed[0] :])
+                self.index.remove(wid, hashes[pending.matched :])
             return
         prompt = outcome.prompt_tokens
         cached = outcome.cached_tokens
@@ -441,16 +563,18 @@ class KvAware:
             share = min(1.0, max(0.0, outcome.ttft_s / outcome.latency_s))
             self.prefill_share += LEARN_RATE * (share - self.prefill_share)
         if prompt:
+            if cached is not None:
+                self.hit += LEARN_RATE * (min(cached, prompt) / prompt - self.hit)
             if hashes:
                 self.tokens_per_block += LEARN_RATE * (prompt / (len(hashes) + 0.5) - self.tokens_per_block)
             if cached is not None and self._learn_queue:
                 uncached = max(prompt - cached, 0)
                 self.queue_tokens += LEARN_RATE * (uncached - self.queue_tokens)
                 self.queue_tokens = max(self.queue_tokens, self.tokens_per_block)
-        if routed is not None:
+        if pending is not None:
             # without a usage report, what was routed counts as prefilled
             prefilled = max(prompt - cached, 0) if prompt and cached is not None else None
-            self.backlog.done(wid, routed[2], prefilled, outcome.ttft_s, outcome.latency_s)
+            self.backlog.done(wid, pending.routed, prefilled, outcome.ttft_s, outcome.latency_s)
         if not hashes:
             return
         if prompt and cached is not None:
@@ -459,8 +583,8 @@ class KvAware:
                 hashes,
                 cached,
                 prompt,
-                predicted_blocks=None if routed is None else routed[0],
-                predicted_age=None if routed is None else routed[1],
+                predicted_blocks=None if pending is None else pending.matched,
+                predicted_age=None if pending is None else pending.age,
             )
         # the worker has just computed the whole prompt, so it holds all of it now
         self.index.insert(wid, hashes)
@@ -469,6 +593,21 @@ class KvAware:
         self.index.forget(worker_id)
         self.sessions.forget(worker_id)
         self.backlog.forget(worker_id)
+        self.measured.forget(worker_id)
         self._listed.pop(worker_id, None)
         for key in [k for k in self._pending if k[0] == worker_id]:
             del self._pending[key]
+
+    # ---------------------------------------------------------------- issue 10: placement of queued requests
+    def queue_cost(self, request: RouteRequest, worker: WorkerView) -> float:
+        """What serving `request` on `worker` costs, in prompt tokens of prefill, by the cost model `choose`
+        uses: the worker's queue (its modelled prefill backlog, or queue_tokens x prefill_share x load) plus
+        WORK_WEIGHT x the prompt's blocks it lacks. The proxy's queue calls it when a worker frees up, to send
+        it the queued request whose prefix it holds (proxy/admission.py); it changes no state."""
+        load = worker.in_flight + worker.waiting
+        busy = max(self.backlog.of(worker.id), self.queue_tokens * self.prefill_share * load)
+        hashes = request.prefix_hashes
+        if not hashes:
+            return busy
+        m = self._usable(worker.id, hashes, self.index.match(worker.id, hashes))
+        return busy + self.work_weight * self.tokens_per_block * (len(hashes) + 0.5 - m)

@@ -16,18 +16,16 @@ from collections import deque
 from collections.abc import Sequence
 
 from turbofleet.balancer.basic import least_loaded
-from turbofleet.balancer.policy import Decision, Outcome, RouteRequest, WorkerView
+from turbofleet.balancer.policy import Decision, Outcome, PolicyBase, RouteRequest, WorkerView
 
 #: LMDeploy's LATENCY_DEQUE_LEN
 LATENCY_WINDOW = 15
 
 
-class MinExpectedLatency:
+class MinExpectedLatency(PolicyBase):
     """Fewest in-flight requests per unit of speed; ties broken at random (LMDeploy shuffles the nodes)."""
 
     name = "min_expected_latency"
-    #: never pins sessions, so the proxy need not look pins up for it
-    uses_pins = False
 
     def __init__(self, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
@@ -38,12 +36,6 @@ class MinExpectedLatency:
         tied = [i for i, s in enumerate(scores) if s == low]
         i = tied[0] if len(tied) == 1 else self._rng.choice(tied)
         return Decision(workers[i].id, f"min expected latency unfinished={workers[i].in_flight}")
-
-    def observe(self, outcome: Outcome) -> None:
-        pass
-
-    def forget(self, worker_id: str) -> None:
-        pass
 
 
 class _History:
@@ -63,7 +55,7 @@ class _History:
         return self.total / len(self.latencies)
 
 
-class MinObservedLatency:
+class MinObservedLatency(PolicyBase):
     """Lowest mean of the last `window` observed latencies; workers with no history are tried first.
 
     History comes from `observe()`; when the policy has none for a worker it falls back to the latencies in
@@ -73,8 +65,6 @@ class MinObservedLatency:
     """
 
     name = "min_observed_latency"
-    #: never pins sessions, so the proxy need not look pins up for it
-    uses_pins = False
 
     def __init__(self, window: int = LATENCY_WINDOW) -> None:
         if window < 1:

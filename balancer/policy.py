@@ -8,11 +8,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
-READY = "ready"
-DRAINING = "draining"
-EJECTED = "ejected"
+
+class WorkerState(StrEnum):
+    """A worker's routing state, the one definition the proxy and the balancer use. The worker agent, which
+    speaks only HTTP, keeps the same values (worker/agent.py; a test checks they agree)."""
+
+    #: takes new requests
+    READY = "ready"
+    #: finishes what it has, takes nothing new (set by the agent or an operator)
+    DRAINING = "draining"
+    #: taken out of routing: heartbeats stopped, health checks failed, or an operator said so
+    EJECTED = "ejected"
+
+
+READY = WorkerState.READY
+DRAINING = WorkerState.DRAINING
+EJECTED = WorkerState.EJECTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +61,9 @@ class WorkerView:
     #: the most recent observed end-to-end latencies in seconds, oldest first (LMDeploy keeps 15)
     latencies: tuple[float, ...] = ()
     role: int = 1
+    #: active sessions OTHER proxy replicas have placed on this worker (shared through Redis; issue 18):
+    #: a session-placing policy adds them to its own count, so replicas place new sessions as one would
+    sessions: int = 0
 
     def with_in_flight(self, in_flight: int) -> WorkerView:
         """A copy with another in-flight count: the registry's per-request update, faster than
@@ -62,6 +79,7 @@ class WorkerView:
             self.speed,
             self.latencies,
             self.role,
+            self.sessions,
         )
 
     @property
@@ -117,17 +135,58 @@ class NoHealthyWorker(RoutingError):
 
 @runtime_checkable
 class Policy(Protocol):
-    """A routing policy. `choose` gets a non-empty list of eligible workers (right model, ready)."""
+    """A routing policy. `choose` gets a non-empty list of eligible workers (right model, ready).
+
+    Every member is required; `PolicyBase` gives the optional abilities their do-nothing defaults.
+    """
 
     name: str
+    #: whether the policy may pin sessions; when False the proxy skips the pin lookup before routing
+    uses_pins: bool
+    #: the text block size (chars) `RouteRequest.prefix_hashes` must be made with; 0: the policy reads none
+    block_chars: int
 
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision: ...
+
+    def choose_unfiltered(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision | None:
+        """`choose` on the whole unfiltered fleet, checking model and readiness only of the workers it
+        considers (in a big fleet, a sample), sparing `eligible`'s pass; None: filter and call `choose`."""
+        ...
 
     def observe(self, outcome: Outcome) -> None:
         """Learn from a finished request (latency history, prefix index); may do nothing."""
 
     def forget(self, worker_id: str) -> None:
         """Drop whatever is kept about a worker that left the fleet; may do nothing."""
+
+    #: whether the proxy should call `first_token` when a streamed request's first token arrives
+    wants_first_token: bool
+
+    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> None:
+        """A streamed request routed to `worker_id` got its first token: its prefill is done (issue 14)."""
+
+
+class PolicyBase:
+    """Defaults for the Policy protocol's optional abilities: no pins, no prefix hashes, no unfiltered
+    shortcut, nothing learned and nothing to forget. A policy overrides what it does."""
+
+    name: str = ""
+    uses_pins: bool = False
+    block_chars: int = 0
+
+    def choose_unfiltered(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision | None:
+        return None
+
+    def observe(self, outcome: Outcome) -> None:
+        pass
+
+    def forget(self, worker_id: str) -> None:
+        pass
+
+    wants_first_token: bool = False
+
+    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> None:
+        pass
 
 
 #: the reason a policy gives when the session's pinned worker is not among the eligible workers; `route`,
@@ -147,14 +206,9 @@ def eligible(model: str, workers: Sequence[WorkerView]) -> list[WorkerView]:
 
 
 def route(policy: Policy, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
-    """Filter by model and health, then let the policy choose among what is left.
-
-    A policy may offer `choose_unfiltered(request, workers) -> Decision | None`, which looks at the model and
-    readiness of only the workers it considers (in a big fleet, a sample), sparing the filtering pass over
-    every worker; when it returns None the workers are filtered and `choose` decides.
-    """
-    lazy = getattr(policy, "choose_unfiltered", None)
-    decision = lazy(request, workers) if lazy is not None else None
+    """Filter by model and health, then let the policy choose among what is left (unless its
+    `choose_unfiltered` decided on the whole fleet)."""
+    decision = policy.choose_unfiltered(request, workers)
     if decision is None:
         decision = policy.choose(request, eligible(request.model, workers))
     if request.pinned_worker is not None and decision.reason.startswith(PIN_UNAVAILABLE):

@@ -7,9 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import os
-import platform
+import re
 import shlex
 import sys
 import time
@@ -23,6 +22,7 @@ import aiohttp
 from turbofleet.bench import aio, report
 from turbofleet.bench.client import RequestResult, make_session, send_chat
 from turbofleet.bench.fleet import (
+    DEFAULT_MODEL,
     REQUESTS_METRIC,
     Child,
     ExternalFleet,
@@ -32,52 +32,25 @@ from turbofleet.bench.fleet import (
     cpu_times,
     free_port,
     group_cpu_seconds,
+    machine,
     parse_fleet_urls,
     spawn,
+    start_redis,
     wait_ready,
 )
 from turbofleet.bench.output import detect_model, run_log_dir, write_json, write_requests
-from turbofleet.bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
+from turbofleet.bench.peers import (
+    DEFAULT_COMPARE_ROUTERS,
+    REDIS_KINDS,
+    Launch,
+    RouterSpec,
+    build_launch,
+    parse_routers,
+)
 from turbofleet.bench.plan import Plan, PlanError, build_plan, execute
 from turbofleet.bench.runner import RunOptions, Targets
 from turbofleet.bench.stats import summarize
 from turbofleet.bench.workloads import RequestSpec, new_salt
-
-DEFAULT_MODEL = "sim-model"
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-async def start_redis(log_dir: Path) -> tuple[Child, str]:
-    """A throw-away redis-server on a free port, without persistence."""
-    port = free_port()
-    child = spawn(
-        "redis",
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        log_dir,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"PING\r\n")
-            await writer.drain()
-            line = await reader.readline()
-            writer.close()
-            if line.startswith(b"+PONG"):
-                return child, f"redis://127.0.0.1:{port}/0"
-        if not child.alive():
-            break
-        await asyncio.sleep(0.1)
-    child.stop()
-    raise RuntimeError(f"redis-server did not start:\n{child.tail()}")
 
 
 async def warm_up(session: aiohttp.ClientSession, urls: list[str], model: str, wait_s: float = 60.0) -> None:
@@ -140,6 +113,92 @@ async def settled_growth(
         await asyncio.sleep(0.2)
 
 
+def pick_counts(
+    simulated: bool, pinned: bool, routed: dict[str, float] | None, metrics: dict[str, float] | None
+) -> tuple[dict[str, float] | None, str | None]:
+    """Where a run's requests per worker come from, and the counts: (counts, source), or (None, None).
+
+    `routed`: what the run itself saw (the router's worker header, or the workers the client pinned);
+    `metrics`: the growth of the workers' request counters (None: unreadable, or not read, see
+    `reads_metrics`). Our own sims count exactly this run's requests: their counters first. Servers we share
+    with whoever else: what the run saw first; their counters only when they add up to the run's requests
+    (`settled_growth` checks that).
+    """
+    seen = (routed, "pinned" if pinned else "router_header") if routed is not None else None
+    counted = (metrics, "worker_metrics") if metrics is not None else None
+    for choice in (counted, seen) if simulated else (seen, counted):
+        if choice is not None:
+            return choice
+    return None, None
+
+
+def reads_metrics(simulated: bool, routed: dict[str, float] | None) -> bool:
+    """Whether `pick_counts` needs the workers' counters: always for our sims, else only when the run saw no
+    worker (reading shared servers' counters means waiting for them to settle)."""
+    return simulated or routed is None
+
+
+async def launch_router(
+    spec: RouterSpec,
+    fleet: WorkerFleet,
+    args: argparse.Namespace,
+    log_dir: Path,
+    redis_url: str | None,
+    session: aiohttp.ClientSession,
+    children: list[Child],
+) -> Launch:
+    """Start the router's processes in front of `fleet` (each appended to `children` as it starts, so the
+    caller can stop them whatever fails), wait until they answer, and register the workers where it must."""
+    tag = spec.label.replace(":", "-")
+    launch = build_launch(
+        spec,
+        fleet.urls,
+        free_port,
+        peers_venv=args.peers_venv,
+        redis_url=redis_url,
+        run_id=uuid.uuid4().hex[:8],
+        proxy_args=shlex.split(args.proxy_args or ""),
+    )
+    for i, argv in enumerate(launch.argvs):
+        children.append(spawn(f"{tag}-{i}", argv, log_dir))
+    for url, child in zip(launch.urls, children, strict=True):
+        await wait_ready(session, url + launch.ready_path, child)
+    for path, body in launch.register:
+        async with session.post(launch.urls[0] + path, json=body) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"{path} {body} -> HTTP {resp.status}: {(await resp.text())[:200]}")
+    return launch
+
+
+async def measure(
+    plan: Plan, targets: Targets, opts: RunOptions, router_pg: set[int], sim_pg: set[int], simulated: bool
+) -> tuple[list[RequestResult], dict[str, Any], float | None]:
+    """Run the workload and what it cost: (results, CPU seconds by party, the machine's busy share)."""
+    groups0, self0, wall0, cpu0 = (
+        group_cpu_seconds(router_pg | sim_pg),
+        time.process_time(),
+        time.perf_counter(),
+        cpu_times(),
+    )
+    results = await execute(plan, targets, opts)
+    busy = cpu_busy(cpu0, cpu_times())
+    groups1, self1, wall1 = group_cpu_seconds(router_pg | sim_pg), time.process_time(), time.perf_counter()
+    router_s = sum(groups1[p] - groups0[p] for p in router_pg) if router_pg else None
+    # servers we did not start (--fleet-url) run elsewhere or under someone else: not measured
+    workers_s = sum(groups1[p] - groups0[p] for p in sim_pg) if simulated else None
+    own_s = (router_s or 0.0) + (workers_s or 0.0) + self1 - self0
+    cpu = {
+        "router_s": router_s,
+        "workers_s": workers_s,
+        "client_s": self1 - self0,
+        "wall_s": wall1 - wall0,
+        # what the bench's own processes asked of the box, whatever else ran beside them
+        "own_share": own_s / ((wall1 - wall0) * (os.cpu_count() or 1)),
+        "machine_busy": busy,
+    }
+    return results, cpu, busy
+
+
 async def run_one(
     spec: RouterSpec,
     plan: Plan,
@@ -152,7 +211,7 @@ async def run_one(
 ) -> tuple[dict[str, Any], list[RequestResult]]:
     """Router in front of the workers (a fresh simulated fleet, or the --fleet-url servers), workload through it
     (every prompt opened by the run marker `salt`, when given); always tears down what it started."""
-    tag = spec.label.replace(":", "-")
+    tag = re.sub(r"[^A-Za-z0-9_.=-]", "-", spec.label)  # a file name: no ':' and no '/' of policy options
     fleet: WorkerFleet
     if args.fleet_url:
         fleet = ExternalFleet(args.fleet_url)
@@ -161,23 +220,7 @@ async def run_one(
     children: list[Child] = []
     try:
         await fleet.start(session)
-        launch = build_launch(
-            spec,
-            fleet.urls,
-            free_port,
-            peers_venv=args.peers_venv,
-            redis_url=redis_url,
-            run_id=uuid.uuid4().hex[:8],
-            proxy_args=shlex.split(args.proxy_args or ""),
-        )
-        for i, argv in enumerate(launch.argvs):
-            children.append(spawn(f"{tag}-{i}", argv, log_dir))
-        for url, child in zip(launch.urls, children, strict=True):
-            await wait_ready(session, url + launch.ready_path, child)
-        for path, body in launch.register:
-            async with session.post(launch.urls[0] + path, json=body) as resp:
-                if resp.status != 200:
-                    raise RuntimeError(f"{path} {body} -> HTTP {resp.status}: {(await resp.text())[:200]}")
+        launch = await launch_router(spec, fleet, args, log_dir, redis_url, session, children)
         if launch.pin_workers:
             targets = Targets(fleet.urls, "pin")
         else:
@@ -193,53 +236,25 @@ async def run_one(
             salt=salt,
         )
         router_pg, sim_pg = {c.popen.pid for c in children}, {c.popen.pid for c in fleet.children}
-        groups0, self0, wall0, cpu0 = (
-            group_cpu_seconds(router_pg | sim_pg),
-            time.process_time(),
-            time.perf_counter(),
-            cpu_times(),
-        )
-        results = await execute(plan, targets, opts)
-        busy = cpu_busy(cpu0, cpu_times())
-        groups1, self1, wall1 = group_cpu_seconds(router_pg | sim_pg), time.process_time(), time.perf_counter()
-        router_s = sum(groups1[p] - groups0[p] for p in router_pg) if router_pg else None
-        # servers we did not start (--fleet-url) run elsewhere or under someone else: not measured
-        workers_s = sum(groups1[p] - groups0[p] for p in sim_pg) if fleet.simulated else None
-        own_s = (router_s or 0.0) + (workers_s or 0.0) + self1 - self0
-        cpu = {
-            "router_s": router_s,
-            "workers_s": workers_s,
-            "client_s": self1 - self0,
-            "wall_s": wall1 - wall0,
-            # what the bench's own processes asked of the box, whatever else ran beside them
-            "own_share": own_s / ((wall1 - wall0) * (os.cpu_count() or 1)),
-            "machine_busy": busy,
-        }
+        results, cpu, busy = await measure(plan, targets, opts, router_pg, sim_pg, fleet.simulated)
         names = {u: f"w{i}" for i, u in enumerate(fleet.urls)}
         for r in results:  # name workers like the fleet, whether the router said (header) or we pinned
             r.worker = names.get(r.url) if launch.pin_workers else names.get(r.worker or "", r.worker)
         routed = routed_counts(results, list(names.values()))
-        routed_source = "pinned" if launch.pin_workers else "router_header"
-        counts: dict[str, float] | None
-        if fleet.simulated:
-            # Our own sims count exactly this run's requests: their counters first, as always.
-            counts = counter_growth(before, await fleet.request_counts(session), names)
-            source = "worker_metrics" if counts is not None else routed_source if routed is not None else None
-            counts = counts if counts is not None else routed
-        else:
-            # Servers we share with whoever else: what the run itself saw first; their counters only when they
-            # add up to this run's requests.
-            source = routed_source if routed is not None else None
-            counts = routed
-            if counts is None:
-                counts = await settled_growth(fleet, session, before, sum(r.ok for r in results))
-                source = "worker_metrics" if counts is not None else None
+        metrics: dict[str, float] | None = None
+        if reads_metrics(fleet.simulated, routed):
+            if fleet.simulated:
+                metrics = counter_growth(before, await fleet.request_counts(session), names)
+            else:
+                metrics = await settled_growth(fleet, session, before, sum(r.ok for r in results))
+        counts, source = pick_counts(fleet.simulated, launch.pin_workers, routed, metrics)
         if counts is None:
             print(
                 f"bench: {spec.label}: requests per worker unknown (the router names no worker and the servers' "
                 f"{REQUESTS_METRIC} is unreadable or does not add up to the run's requests)",
                 file=sys.stderr,
             )
+        after = await _counts_after(session, launch.urls) if spec.kind.startswith("turbofleet") else None
         dead = [c.name for c in [*children, *fleet.children] if not c.alive()]
         summary = summarize(results, counts if counts is not None else {})
         summary["workers_source"] = source
@@ -248,11 +263,31 @@ async def run_one(
         summary["cpu"] = cpu
         if dead:
             summary["died"] = dead
+        if after is not None:
+            summary["after"] = after
         return summary, results
     finally:
         for c in children:
             c.stop()
         fleet.stop()
+
+
+async def _counts_after(session: aiohttp.ClientSession, urls: Sequence[str], wait_s: float = 5.0) -> dict[str, float]:
+    """turbofleet's in-flight and queued counts once a run is over (summed over replicas), after they settle:
+    both must be back to 0."""
+    from turbofleet.bench.output import parse_prometheus
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        total = {"in_flight": 0.0, "queued": 0.0}
+        for url in urls:
+            async with session.get(url + "/metrics") as resp:
+                m = parse_prometheus(await resp.text())
+            total["in_flight"] += m.get("turbofleet_in_flight_requests", 0.0)
+            total["queued"] += m.get("turbofleet_queue_depth", 0.0)
+        if not any(total.values()) or time.monotonic() > deadline:
+            return total
+        await asyncio.sleep(0.2)
 
 
 async def _compare(
@@ -284,6 +319,19 @@ async def _compare(
             except (RuntimeError, OSError) as e:
                 print(f"bench: no redis for {', '.join(sorted(REDIS_KINDS))}: {e}", file=sys.stderr)
         async with make_session(timeout=30) as session:
+            if args.ramp:
+                from turbofleet.bench import ramp
+
+                data = await ramp.run_ramp(args, plan, specs, model, log_dir, redis_url, session, salts)
+                print(ramp.report(data))
+                if args.json:
+                    write_json(args.json, {"workload": plan.describe(), "machine": machine(), "command": sys.argv,
+                                           "sim_args": None if fleet_urls else args.sim_args,
+                                           "workers": len(fleet_urls) if fleet_urls else args.workers,
+                                           "fleet_urls": fleet_urls, "proxy_args": args.proxy_args, "ramp": data})
+                if args.plot:
+                    print(f"wrote {ramp.plot(data, args.plot)}", file=sys.stderr)
+                return 0
             for spec in specs:
                 salt = None
                 while salted and (salt is None or salt in salts):  # a marker no earlier run of this compare used
@@ -337,7 +385,6 @@ async def _compare(
 
 
 def run_compare(args: argparse.Namespace, what: list[str]) -> int:
-    from turbofleet.bench.main import DEFAULT_COMPARE_ROUTERS
 
     try:
         plan = build_plan(args, what)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -15,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -268,3 +270,41 @@ class ExternalFleet:
 
     def stop(self) -> None:
         pass
+
+
+# ---------------------------------------------------------------- run facts and a throw-away Redis
+DEFAULT_MODEL = "sim-model"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+async def start_redis(log_dir: Path) -> tuple[Child, str]:
+    """A throw-away redis-server on a free port, without persistence."""
+    port = free_port()
+    child = spawn(
+        "redis",
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        log_dir,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"PING\r\n")
+            await writer.drain()
+            line = await reader.readline()
+            writer.close()
+            if line.startswith(b"+PONG"):
+                return child, f"redis://127.0.0.1:{port}/0"
+        if not child.alive():
+            break
+        await asyncio.sleep(0.1)
+    child.stop()
+    raise RuntimeError(f"redis-server did not start:\n{child.tail()}")

@@ -25,10 +25,9 @@ from typing import Any
 import aiohttp
 
 from turbofleet.bench import aio, report
-from turbofleet.bench.compare import DEFAULT_MODEL, machine, start_redis
-from turbofleet.bench.fleet import Child, free_port, sim_argv, spawn, wait_ready
+from turbofleet.bench.fleet import DEFAULT_MODEL, Child, free_port, machine, sim_argv, spawn, start_redis, wait_ready
 from turbofleet.bench.output import run_log_dir, write_json
-from turbofleet.bench.peers import REDIS_KINDS, RouterSpec, build_launch, parse_routers
+from turbofleet.bench.peers import DEFAULT_OVERHEAD_ROUTERS, REDIS_KINDS, RouterSpec, build_launch, parse_routers
 from turbofleet.bench.stats import percentile
 
 NGINX = "/usr/sbin/nginx"
@@ -345,7 +344,6 @@ async def _overhead(args: argparse.Namespace, specs: list[RouterSpec], d: Path, 
 
 
 def run_overhead(args: argparse.Namespace) -> int:
-    from turbofleet.bench.main import DEFAULT_OVERHEAD_ROUTERS
 
     try:
         specs = parse_routers(args.routers or DEFAULT_OVERHEAD_ROUTERS)

@@ -32,6 +32,7 @@ import aiohttp
 
 from turbofleet.bench.client import RequestResult, make_session, send_chat
 from turbofleet.bench.fleet import Child, free_port, sim_argv, spawn, wait_ready
+from turbofleet.bench.peers import proxy_argv
 from turbofleet.bench.workloads import RequestSpec
 
 MODEL = "soak-model"
@@ -85,18 +86,8 @@ class Soak:
             )
         )
         port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "turbofleet",
-            "proxy",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *[a for p in self.ports for a in ("--worker", f"http://127.0.0.1:{p}")],
-            *shlex.split(self.args.proxy_args),
-        ]
+        workers = [f"http://127.0.0.1:{p}" for p in self.ports]
+        argv = proxy_argv(port, workers, extra=shlex.split(self.args.proxy_args))
         self.proxy = spawn("proxy", argv, self.log_dir)
         self.proxy_url = f"http://127.0.0.1:{port}"
         await wait_ready(session, self.proxy_url + "/health", self.proxy)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import logging
 import secrets
 import time
@@ -15,7 +14,7 @@ from aiohttp import web
 from turbofleet.balancer import make_policy
 from turbofleet.balancer.policy import READY
 
-from . import node_routes, openai_routes
+from . import fleetview, node_routes, openai_routes, tracing
 from .auth import Secrets
 from .config import Settings
 from .edge import edge_middleware, on_prepare
@@ -32,6 +31,7 @@ from .keys import (
     OUTLIERS,
     POLICY,
     POOL,
+    QUEUE,
     REGISTRY,
     RELAY,
     SECRETS,
@@ -43,8 +43,9 @@ from .limits import LIMITS, Limits, limits_ctx
 from .metrics import Metrics
 from .openapi import openapi_json
 from .registry import open_registry
-from .registry.base import RegistryUnavailable, WorkerRecord
+from .registry.base import RegistryUnavailable, WorkerChange, WorkerEvent, WorkerRecord
 from .relay import Relay
+from .shared_sessions import share_sessions
 from .tenants import KeyTable
 from .upstream import UpstreamPool
 
@@ -98,8 +99,10 @@ async def _health(app: web.Application) -> AsyncIterator[None]:
     app[HEALTH] = checker
     app[RELAY] = Relay(pool=app[POOL], registry=app[REGISTRY], policy=app[POLICY], settings=app[SETTINGS],
                        metrics=app[METRICS], outliers=app[OUTLIERS])
+    app[QUEUE] = app[RELAY].flow
     checker.start()
     yield
+    await app[QUEUE].close()
     await checker.stop()
 
 
@@ -134,6 +137,7 @@ async def metrics(request: web.Request) -> web.Response:
                        {"worker": url}, 1.0 if st["state"] == READY else 0.0))
         gauges.append(("turbofleet_worker_waiting", "Requests waiting in the worker's engine (reported).",
                        {"worker": url}, float(st["waiting"])))
+    gauges.extend(app[QUEUE].gauges())
     reg = registry.health()
     gauges.append(("turbofleet_registry_reachable", "1 when the registry answers.", {"backend": str(reg["backend"])},
                    1.0 if reg.get("reachable") else 0.0))
@@ -142,25 +146,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=app[METRICS].render(gauges), content_type="text/plain", charset="utf-8")
 
 
-async def status_page(request: web.Request) -> web.Response:
-    """A small human view of the fleet: one row per worker (admin-only once an admin token is set)."""
-    node_routes.require_admin(request)
-    status = node_routes.node_status(request.app)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-            url, ", ".join(st["models"]), st["state"], st["unfinished"], st["running"], st["waiting"],
-            f"{st['kv_usage']:.0%}", st["source"], st["reason"])) + "</tr>"
-        for url, st in sorted(status.items()))
-    reg = request.app[REGISTRY].health()
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>turbofleet</title>
-<meta http-equiv="refresh" content="2"><style>body{{font-family:sans-serif;margin:2em}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head><body>
-<h1>turbofleet</h1><p>policy <b>{html.escape(request.app[POLICY].name)}</b> &middot; registry
-<b>{html.escape(str(reg.get("backend")))}</b> ({"reachable" if reg.get("reachable") else "UNREACHABLE"})
-&middot; in flight here: {request.app[RELAY].active}</p>
-<table><tr><th>worker</th><th>models</th><th>state</th><th>in flight</th><th>running</th><th>waiting</th>
-<th>KV cache</th><th>source</th><th>why out</th></tr>{rows}</table></body></html>"""
-    return web.Response(text=page, content_type="text/html")
+def _follow_the_fleet(app: web.Application) -> None:
+    """A worker that joined or left, here or through another replica, starts clean: the policy forgets what
+    it kept about the URL (prefix index, sessions, backlog) and so does this replica's health view."""
+    policy, outliers = app[POLICY], app[OUTLIERS]
+
+    def on_change(event: WorkerEvent) -> None:
+        if event.change is not WorkerChange.CHANGED:
+            policy.forget(event.url)
+            outliers.forget(event.url)
+
+    app[REGISTRY].subscribe(on_change)
 
 
 def build_app(settings: Settings) -> web.Application:
@@ -184,15 +180,17 @@ def build_app(settings: Settings) -> web.Application:
     app[REGISTRY] = open_registry(settings.registry, prefix=settings.registry_prefix, pin_ttl=settings.pin_ttl,
                                   replica_id=settings.replica_id)
     app[POLICY] = make_policy(settings.policy, **settings.policy_options)
+    share_sessions(app[REGISTRY], app[POLICY])  # issue 18: replicas place sessions on fleet-wide counts
     # prompts are hashed in the policy's own block size, and not at all for policies blind to prefixes
-    app[BLOCK_CHARS] = int(getattr(app[POLICY], "block_chars", 0))
+    app[BLOCK_CHARS] = app[POLICY].block_chars
     app[OUTLIERS] = Outliers(settings, app[METRICS], app[REGISTRY].snapshot)
+    _follow_the_fleet(app)
     app.cleanup_ctx.extend([_client_session, _registry, _health, _static_workers, limits_ctx])
     openai_routes.add_routes(app)
     node_routes.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/status", status_page)
-    app.router.add_get("/", status_page)
+    fleetview.add_routes(app)  # issue 12: /status (the dashboard), /admin/fleet (its data)
     app.router.add_get("/openapi.json", openapi_json)
+    tracing.install(app, settings.tracing)  # issue 12: OpenTelemetry, when the otel extra is installed and asked for
     return app

@@ -42,8 +42,9 @@ class Role(Enum):
 #: node API routes the worker token may call (the agent's lifecycle)
 WORKER_ROUTES = frozenset({"/nodes/add", "/nodes/heartbeat", "/nodes/state", "/nodes/drain", "/nodes/remove",
                            "/nodes/status"})
-#: routes that show the fleet (worker URLs, labels, GPU facts): admin-only once an admin token is set
-FLEET_VIEWS = frozenset({"/nodes/status", "/status", "/"})
+#: routes that show the fleet (worker URLs, labels, GPU facts): admin-only once an admin token is set (the
+#: dashboard page at /status is static and holds no fleet data; it reads /admin/fleet with the token it is given)
+FLEET_VIEWS = frozenset({"/nodes/status", "/admin/fleet"})
 #: routes anyone may call, with or without credentials
 OPEN_ROUTES = frozenset({"/health", "/metrics", "/openapi.json"})
 

@@ -105,8 +105,32 @@ class Settings(BaseModel):
     pool_size: int = 1000
     pool_per_host: int = 0
 
+    # issue 10: admission control, the queue and fair shares (proxy/flow.py, proxy/admission.py)
+    #: "on" queues requests for a saturated model; "off" forwards everything at once (as before)
+    admission: str = "on"
+    #: queue budget per class: seconds for all, or "interactive=2,default=5,batch=30"
+    queue_timeout: str = "interactive=2,default=5,batch=30"
+    #: queued requests per model, 429 beyond
+    queue_max: int = 1000
+    #: per-worker concurrency limit: 0 learns it from delivered TTFT (balancer/saturation.py)
+    worker_concurrency: int = 0
+    worker_concurrency_initial: int = 16
+    worker_concurrency_max: int = 256
+    #: a slower first token than this lowers a worker's learned limit
+    target_ttft: float = 1.0
+    #: placement looks this many queued requests ahead (in fair order) for the one a freed worker fits best
+    placement_window: int = 8
+    # issue 16: `--processes N|auto` event-loop processes on one port (proxy/supervisor.py); each child binds
+    # with SO_REUSEPORT
+    processes: str = "1"
+    reuse_port: bool = False
+
     log_level: str = "info"
     access_log: bool = False
+    # issue 12: the log's format (auto: text on a terminal, JSON lines otherwise); one line per request
+    log_format: str = "auto"
+    #: issue 12: OpenTelemetry traces (the otel extra): auto (on when OTEL_EXPORTER_OTLP_* names an endpoint), on, off
+    tracing: str = "auto"
     policy_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -150,6 +174,24 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "heartbeat_ttl": (float, "agent-registered worker is gone after this long without a heartbeat"),
     "shutdown_grace": (float, "seconds to finish in-flight requests on SIGTERM"),
     "log_level": (str, "debug, info, warning, error"),
+    # issue 10: admission control and the queue
+    "admission": (str, "on (default): queue requests for a saturated model; off: forward everything at once"),
+    "queue_timeout": (str, "queue budget, s: one number, or per class: interactive=2,default=5,batch=30 (a shorter "
+                           "X-Queue-Timeout header wins)"),
+    "queue_max": (int, "queued requests per model; 429 beyond"),
+    "worker_concurrency": (int, "requests a worker may hold at once (0: learned from TTFT, the default)"),
+    "worker_concurrency_initial": (int, "the learned limit's starting value"),
+    "worker_concurrency_max": (int, "the learned limit's ceiling"),
+    "target_ttft": (float, "a first token slower than this (s) lowers a worker's learned limit"),
+    "placement_window": (int, "queued requests a freed worker chooses among (its best prefix match first)"),
+    # issue 12
+    "log_format": (str, "auto (text on a terminal, JSON lines otherwise), json or text; logs go to stdout, "
+                        "one line per request on the turbofleet.requests logger at info level"),
+    "tracing": (str, "OpenTelemetry traces, needs turbofleet[otel]: auto (on when OTEL_EXPORTER_OTLP_ENDPOINT, "
+                     "..._TRACES_ENDPOINT or OTEL_TRACES_EXPORTER is set), on, off; the SDK reads OTEL_* itself"),
+    # issue 16
+    "processes": (str, "event-loop processes on the port (SO_REUSEPORT), or auto (one per core); without "
+                       "--registry they share a private redis-server on a Unix socket (docs/BENCHMARKS.md)"),
 }
 
 

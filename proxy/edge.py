@@ -40,7 +40,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 #: more turbofleet hops than this in `Via` is a loop between proxies, even if none of them is this one
 MAX_HOPS = 8
 #: inference routes: every path that is not the node API, a fleet view or an open route
-_NOT_INFERENCE = ("/nodes/", "/status")
+_NOT_INFERENCE = ("/nodes/", "/status", "/admin/")
 
 
 def request_id(value: str | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,11 +19,20 @@ from aiohttp import web
 from turbofleet.balancer.policy import READY
 
 from .auth import Role, bearer, node_access
-from .errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, RegistryWriteUnavailable, TooManyRequests
+from .errors import (
+    BadRequest,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+    RegistryWriteUnavailable,
+    TooManyRequests,
+)
 from .guard import UNSPECIFIED_HOSTS, check_target, check_url_shape
-from .keys import ALLOWLIST, CLIENT, OUTLIERS, POLICY, REGISTRY, SECRETS, SETTINGS
+from .keys import ALLOWLIST, CLIENT, OUTLIERS, REGISTRY, SECRETS, SETTINGS, TOMBSTONES
 from .openai_routes import read_body
 from .registry.base import STATES, LoadReport, RegistryUnavailable, WorkerRecord
+from .tombstones import Tombstones
 from .validate import AddBody, HeartbeatBody, LoadBody, StateBody, StatusBody, UrlBody, node_body, parse_json_object
 
 log = logging.getLogger("turbofleet.nodes")
@@ -114,6 +124,10 @@ async def add_node(request: web.Request) -> web.Response:
     require_admin(request)
     body = node_body(AddBody, await _body(request))
     url = normalize_url(body.url, request)
+    if request.app[TOMBSTONES].refuses(url, body.agent_id, body.rejoin, time.monotonic()):
+        log.info("ignored a re-registration of %s: its agent removed it a moment ago", url)
+        raise ProxyError(f"{url} was just removed by its own agent; this late re-registration is ignored.",
+                         status=409, code="worker_removed")
     await check_new_target(request, url)
     status = body.status or StatusBody()
     model_names = tuple(status.models) if status.models else await discover_models(request.app, url)
@@ -141,11 +155,14 @@ async def add_node(request: web.Request) -> web.Response:
 
 async def remove_node(request: web.Request) -> web.Response:
     require_admin(request)
-    url = normalize_url(node_body(UrlBody, await _body(request)).url, request)
-    if not await _write(request.app[REGISTRY].remove(url)):
+    body = node_body(UrlBody, await _body(request))
+    url = normalize_url(body.url, request)
+    removed = await _write(request.app[REGISTRY].remove(url))
+    if body.agent_id:  # the agent removes itself: keep its late heartbeat 404 from bringing it back
+        request.app[TOMBSTONES].bury(url, body.agent_id, time.monotonic())
+    if not removed:
         raise NotFound("No such worker is registered.", code="worker_not_found")
-    request.app[POLICY].forget(url)
-    request.app[OUTLIERS].forget(url)
+    # the policy and the health view forget it through the registry's event (app.py), as on every replica
     log.info("worker %s removed", url)
     return web.json_response("Deleted successfully")
 
@@ -209,9 +226,7 @@ async def _terminate(app: web.Application, url: str) -> None:
                             url, r.status)
     except (aiohttp.ClientError, OSError, TimeoutError):
         pass  # a server that exits may drop the connection before answering
-    await _write(app[REGISTRY].remove(url))
-    app[POLICY].forget(url)
-    app[OUTLIERS].forget(url)
+    await _write(app[REGISTRY].remove(url))  # the registry's event makes the policy and health view forget it
 
 
 def node_status(app: web.Application) -> dict[str, dict[str, Any]]:
@@ -258,6 +273,8 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    # issue 18: a worker its own agent just removed is not brought back by that agent's late heartbeat 404
+    app[TOMBSTONES] = Tombstones(ttl=app[SETTINGS].heartbeat_ttl)
     app.router.add_post("/nodes/add", add_node)
     app.router.add_post("/nodes/remove", remove_node)
     app.router.add_get("/nodes/status", get_status)

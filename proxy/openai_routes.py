@@ -39,6 +39,15 @@ async def read_body(request: web.Request) -> bytes:
         raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds the limit of {limit}.")
     try:
         async with asyncio.timeout(settings.body_timeout if settings.body_timeout > 0 else None):
+            n = request.content_length
+            if n:
+                # issue 16: a body of announced length in one call (read() loops readany and copies twice)
+                try:
+                    return await request.content.readexactly(n)
+                except asyncio.IncompleteReadError as e:
+                    if e.partial:
+                        raise BadRequest(f"The request body ended after {len(e.partial)} of {n} bytes.") from None
+                    # nothing left to read: someone read the body before us (read() keeps it) or none came
             return await request.read()
     except web.HTTPRequestEntityTooLarge as e:
         raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.") from e
@@ -110,6 +119,7 @@ def facts_of(request: web.Request, data: dict[str, Any], *, require: tuple[str, 
         prefix_hashes=block_hashes(text, block_chars) if (block_chars := request.app[BLOCK_CHARS]) else (),
         prompt_tokens=len(text) // CHARS_PER_TOKEN,
         include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
+        user=user if isinstance(user := data.get("user"), str) else None,
     )
 
 

@@ -22,35 +22,34 @@ import json
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 from aiohttp import web
 
 from turbofleet.balancer.policy import Decision, Outcome, Policy, RouteRequest, RoutingError, WorkerView, route
 
+from . import observe
 from .config import Settings
 from .deadline import SHUTDOWN, Deadline
 from .errors import (
     NoWorkerAvailable,
     ProxyError,
     TooManyRequests,
-    UpstreamFailed,
-    UpstreamTimeout,
     sse_error_event,
 )
+from .flow import Flow
 from .health import Outliers
 from .identity import REQUEST_ID, UPSTREAM_VIA, USAGE
 from .metrics import Metrics
 from .registry.base import Registry
 from .upstream import UpstreamConnectError, UpstreamConnectTimeout, UpstreamPool, UpstreamResponse
+from .verdict import RETRYABLE_STATUS, Event, Kind, Stage, Verdict, judge, shutting_down
 
 log = logging.getLogger("turbofleet.relay")
 
-#: statuses from a worker that mean "try another one" (the worker did not do the work)
-RETRYABLE_STATUS = frozenset({429, 502, 503})
 #: what reading from or writing to a worker raises when it fails (OSError: resets below aiohttp's wrappers)
 UPSTREAM_ERRORS = (aiohttp.ClientError, OSError)
 _DIGITS = re.compile(r"\d+")
@@ -78,6 +77,8 @@ class Facts:
     prefix_hashes: tuple[int, ...]
     prompt_tokens: int
     include_usage: bool = False
+    #: the body's `user` (a tenant for the queue's fair shares when the edge names none)
+    user: str | None = None
 
 
 class _Retry(Exception):
@@ -87,15 +88,6 @@ class _Retry(Exception):
         super().__init__(reason)
         self.reason = reason
         self.error = error
-
-
-def _shutting_down() -> ProxyError:
-    return ProxyError(
-        "The proxy is shutting down; retry on another replica.",
-        status=503,
-        code="shutting_down",
-        headers={"Retry-After": "1"},
-    )
 
 
 class Relay:
@@ -125,11 +117,17 @@ class Relay:
         self.closed = False
         self._live: set[Deadline] = set()
         # a policy that never pins saves the pin lookup (a Redis round trip for a new session)
-        self._uses_pins = bool(getattr(policy, "uses_pins", True))
+        self._uses_pins = policy.uses_pins
+        # issue 14: a policy may want each streamed request's first token (the measured prefill backlog)
+        self._first_token: Callable[[str, tuple[int, ...]], None] | None = (
+            policy.first_token if policy.wants_first_token else None
+        )
         self._kinds: dict[str, str] = {}
         self._first_byte = _limit(settings.first_byte_timeout)
         self._idle = _limit(settings.idle_timeout)
         self._whole_answer = _limit(settings.request_timeout)
+        # issue 10: the queue in front of routing (proxy/flow.py)
+        self.flow = Flow(registry=registry, policy=policy, settings=settings, metrics=metrics, outliers=outliers)
         self._slow_client = _limit(settings.slow_client_timeout)
 
     # ------------------------------------------------------------------ routing
@@ -143,7 +141,8 @@ class Relay:
                     f"Every worker serving `{route_req.model}` failed this request.", code="no_worker"
                 )
             snapshot = rest
-        return route(self.policy, route_req, snapshot)
+        snapshot = self.flow.candidates(snapshot, route_req.model)
+        return self.flow.annotate(route(self.policy, route_req, snapshot))
 
     def _account(self, decision: Decision, facts: Facts) -> None:
         """Count the decision by kind of reason and log it: re-pins always, every decision at debug level."""
@@ -177,11 +176,15 @@ class Relay:
         if limit and self.active >= limit:
             raise TooManyRequests("The proxy is at its concurrency limit; retry later.", headers={"Retry-After": "1"})
         if self.closed:
-            raise _shutting_down()
+            raise shutting_down()
         self.active += 1
         started = time.monotonic()
+        observe.request_started(request)
         status = 500
+        ticket = None
         try:
+            ticket = await self.flow.admit(request, facts)
+            observe.admitted(request, ticket)
             resp, status = await self._forward_with_retries(request, path, body, facts)
             return resp
         except asyncio.CancelledError:
@@ -196,8 +199,8 @@ class Relay:
             raise
         finally:
             self.active -= 1
-            self.metrics.inc("turbofleet_requests_total", route=path, status=str(status))
-            self.metrics.observe("turbofleet_request_seconds", time.monotonic() - started)
+            self.flow.done(ticket)
+            observe.request_done(self.metrics, request, path, facts.model, status, started)
 
     async def _forward_with_retries(
         self, request: web.Request, path: str, body: bytes, facts: Facts
@@ -276,7 +279,7 @@ class Relay:
         """One try on one worker. Returns the response and the status to account it under (a stream that
         broke mid-way went out as 200 but is counted as the error it ended with)."""
         worker = decision.worker_id
-        trace = _Trace(t0=time.monotonic(), retry=retry)
+        trace = _Trace(t0=time.monotonic(), retry=retry, hashes=route_req.prefix_hashes)
         if retry:
             self.retrying += 1
         try:
@@ -292,10 +295,12 @@ class Relay:
             finally:
                 # exactly once per acquire: success, retry, error, or the client going away (CancelledError)
                 await self.registry.release(worker, facts.session_key)
-                self.metrics.inc("turbofleet_upstream_tries_total", outcome=trace.outcome())
+                self.metrics.inc("turbofleet_upstream_tries_total", worker=worker, outcome=trace.outcome())
                 usage = trace.usage
                 if usage:
                     request[USAGE] = usage  # the tenant's token count (edge.py)
+                observe.try_done(self.metrics, request, facts.model, worker, decision.reason, trace.ttft, usage,
+                                 trace.status, trace.ok, facts.stream)
                 self.policy.observe(
                     Outcome(
                         worker_id=worker,
@@ -307,6 +312,7 @@ class Relay:
                         cached_tokens=_cached_tokens(usage),
                     )
                 )
+                self.flow.observe(worker, trace.ttft if trace.ok and facts.stream else None, _uncached(usage))
         finally:
             if trace.retry:
                 self.retrying -= 1
@@ -321,56 +327,40 @@ class Relay:
         self._live.add(dl)
         upstream: UpstreamResponse | None = None
         try:
-            # ---- before the first byte reaches the client: every failure here may be retried
+            # ---- before the first byte reaches the client: every failure here may be retried (verdict.py)
+            stream = facts.stream
             try:
-                upstream = await self.pool.post(worker + path, body, self._headers(request))
+                headers = observe.try_started(request, worker, reason, self._headers(request))
+                upstream = await self.pool.post(worker + path, body, headers)
                 status = upstream.status
                 if status in RETRYABLE_STATUS:
                     text = await upstream.content.read(64 * 1024)
-                    if status != 429:  # 429 is load shedding, not a fault: it does not count towards ejection
-                        self.outliers.failure(worker, f"status {status}")
-                    raise _Retry(
-                        f"status_{status}",
-                        UpstreamFailed(_upstream_message(text, status), status=status, headers=_retry_after(upstream)),
-                    )
-                if facts.stream and status == 200:
+                    retry_after = upstream.headers.get("Retry-After")
+                    self._failed(worker, Event(Stage.ANSWER, Kind.STATUS, stream, status, text, retry_after))
+                if stream and status == 200:
                     first = await upstream.content.readany()
                     if not first:
-                        self.outliers.failure(worker, "empty stream")
-                        raise _Retry("empty_stream", UpstreamFailed("The worker closed the stream without data."))
+                        self._failed(worker, Event(Stage.ANSWER, Kind.EMPTY, stream))
                 else:
                     data = await upstream.read()
             except asyncio.CancelledError:
                 why = dl.caught()
                 if why is None:
                     raise  # the client went away
-                if why == SHUTDOWN:
-                    raise _shutting_down() from None
-                self.outliers.failure(worker, "first-byte timeout" if facts.stream else "request timeout")
-                if not facts.stream:
-                    # the whole-answer cap is spent: another try would double the client's wait (no retry)
-                    raise UpstreamTimeout(f"The worker did not answer within {budget:g}s.") from None
-                raise _Retry(
-                    "first_byte_timeout", UpstreamTimeout(f"The worker sent no token within {budget:g}s.")
-                ) from None
+                kind = Kind.SHUTDOWN if why == SHUTDOWN else Kind.TIMEOUT
+                stage = Stage.CONNECT if upstream is None else Stage.ANSWER
+                self._failed(worker, Event(stage, kind, stream, limit_s=budget), None)
             except UPSTREAM_ERRORS as e:
-                self.outliers.failure(worker, type(e).__name__)
                 if upstream is None:
-                    why = _before_answer(e)
-                    if why == "connect_timeout":
-                        raise _Retry(
-                            why,
-                            UpstreamTimeout(
-                                f"The worker did not accept a connection within {self.settings.connect_timeout:g}s."
-                            ),
-                        ) from e
-                    raise _Retry(why, UpstreamFailed(f"The worker could not be reached: {type(e).__name__}.")) from e
-                # nothing went to the client yet, so another worker may still save the request
-                raise _Retry(
-                    "broken", UpstreamFailed(f"The worker broke the connection before answering: {type(e).__name__}.")
-                ) from e
+                    limit = self.settings.connect_timeout
+                    ev = Event(Stage.CONNECT, _before_answer(e), stream, error=type(e).__name__, limit_s=limit)
+                else:
+                    ev = Event(Stage.ANSWER, Kind.BROKEN, stream, error=type(e).__name__)
+                self._failed(worker, ev, e)
             trace.ttft = time.monotonic() - trace.t0
-            self.metrics.observe("turbofleet_ttft_seconds", trace.ttft)
+            self.metrics.observe("turbofleet_ttft_seconds", trace.ttft, worker=worker)
+            if self._first_token is not None and facts.stream and status == 200:
+                self._first_token(worker, trace.hashes)  # issue 14: its prefill is done
             if trace.retry:  # the retry got its answer: it no longer counts against the budget
                 trace.retry = False
                 self.retrying -= 1
@@ -383,15 +373,26 @@ class Relay:
             if upstream is not None:
                 upstream.release()  # back to the pool when read to the end; closed otherwise
 
+    def _failed(self, worker: str, event: Event, cause: BaseException | None = None) -> NoReturn:
+        """Act on a failure before the stream started: blame the worker if the verdict says so, then raise
+        the retry (another worker may save the request) or the client's error."""
+        v = judge(event)
+        if v.blame is not None:
+            self.outliers.failure(worker, v.blame)
+        assert v.error is not None
+        if v.retry is not None:
+            raise _Retry(v.retry, v.error) from cause
+        raise v.error from cause
+
     def _whole(
         self, upstream: UpstreamResponse, data: bytes, worker: str, reason: str, trace: _Trace
     ) -> web.Response:
         """A complete answer (non-streaming, or an error status on a stream), sent in one piece."""
         status = upstream.status
-        trace.status = status
-        trace.ok = status < 500
-        if not trace.ok:  # a worker answering 5xx to everything is as broken as one that is down
-            self.outliers.failure(worker, f"status {status}")
+        v = judge(Event(Stage.ANSWER, Kind.STATUS, status=status))
+        trace.status, trace.ok = v.status, v.ok
+        if v.blame is not None:
+            self.outliers.failure(worker, v.blame)
         if status == 200 and b'"usage"' in data:
             try:
                 parsed = json.loads(data)
@@ -451,25 +452,22 @@ class Relay:
                 if not await self._send(request, resp, chunk, trace):
                     return resp
             if failed is not None:
-                self.outliers.failure(worker, type(failed).__name__)
-                await _end_with_error(
-                    resp, 502, f"The worker failed mid-stream: {type(failed).__name__}.", "upstream_failed"
-                )
+                v = judge(Event(Stage.STREAM, Kind.BROKEN, True, error=type(failed).__name__))
+            else:
+                v = judge(Event(Stage.STREAM, Kind.END, True, complete=path not in SSE_PATHS or _ended(prev, last)))
+            if v.ok:
+                _succeeded(trace, prev, last)
+                await resp.write_eof()
                 return resp
-            if path in SSE_PATHS and not _ended(prev, last):
-                # the worker closed the connection without finishing the stream
-                self.outliers.failure(worker, "truncated stream")
-                await _end_with_error(resp, 502, "The worker ended the stream early.", "upstream_truncated")
-                return resp
-            _succeeded(trace, prev, last)
-            await resp.write_eof()
-            return resp
+            return await self._stream_failed(resp, worker, trace, v)
         except ConnectionError:
-            # a write to the client failed: it went away (aiohttp may not have cancelled the handler yet)
-            if path in SSE_PATHS and _ended(prev, last):
-                _succeeded(trace, prev, last)  # ... after `data: [DONE]`: it has the whole answer
+            # a write to the client failed: it went away (aiohttp may not have cancelled the handler yet); after
+            # `data: [DONE]` it has the whole answer
+            v = judge(Event(Stage.STREAM, Kind.CLIENT_GONE, True, complete=path in SSE_PATHS and _ended(prev, last)))
+            if v.ok:
+                _succeeded(trace, prev, last)
                 return resp
-            trace.status = 499
+            trace.status = v.status
             self.metrics.inc("turbofleet_client_disconnects_total")
             return resp
         except asyncio.CancelledError:
@@ -477,24 +475,33 @@ class Relay:
             if why is None:
                 # the client went away. Right after `data: [DONE]` (many clients hang up on it, before the
                 # worker's end of stream arrives) that is a success, not a disconnect
-                if path in SSE_PATHS and _ended(prev, last) and dl.absorb():
+                complete = path in SSE_PATHS and _ended(prev, last) and dl.absorb()
+                if judge(Event(Stage.STREAM, Kind.CLIENT_GONE, True, complete=complete)).ok:
                     _succeeded(trace, prev, last)
                     return resp
                 raise
             transport = request.transport
             if why == SHUTDOWN:
-                trace.status = 503
-                await _end_with_error(resp, 503, "The proxy is shutting down.", "shutting_down")
+                kind = Kind.SHUTDOWN
             elif transport is not None and transport.get_write_buffer_size():
-                # the client stopped reading, not the worker: drop the connection, blame nobody upstream
-                trace.status = 499
-                transport.abort()
+                kind = Kind.CLIENT_STALLED
             else:
-                self.outliers.failure(worker, "idle timeout")
-                trace.status = 504
-                await _end_with_error(resp, 504, f"The worker sent nothing for {idle:g}s.", "upstream_idle_timeout")
-            return resp
+                kind = Kind.TIMEOUT
+            v = judge(Event(Stage.STREAM, kind, True, limit_s=idle))
+            if kind is Kind.CLIENT_STALLED and transport is not None:
+                transport.abort()  # the client stopped reading: drop its connection
+            return await self._stream_failed(resp, worker, trace, v)
 
+    async def _stream_failed(
+        self, resp: web.StreamResponse, worker: str, trace: _Trace, v: Verdict
+    ) -> web.StreamResponse:
+        """Act on a failure after the stream started: record, blame, and end the stream with an error event."""
+        trace.status = v.status
+        if v.blame is not None:
+            self.outliers.failure(worker, v.blame)
+        if v.error is not None:
+            await _end_with_error(resp, v.error.status, v.error.message, v.error.code)
+        return resp
 
     async def _send(self, request: web.Request, resp: web.StreamResponse, chunk: bytes, trace: _Trace) -> bool:
         """Write a chunk to the client. A write that may block (a backlog, or a chunk past the transport's
@@ -528,6 +535,8 @@ class _Trace:
     #: a retry that has not got its first byte yet (counted in Relay.retrying)
     retry: bool = False
     ttft: float | None = None
+    #: the request's prefix hashes, for the policy's first-token hook
+    hashes: tuple[int, ...] = ()
     usage: dict[str, Any] | None = None
     status: int = 0
     ok: bool = False
@@ -556,29 +565,13 @@ async def _end_with_error(resp: web.StreamResponse, status: int, message: str, c
         pass  # the client is gone too; nothing left to tell it
 
 
-def _before_answer(e: BaseException) -> str:
-    """The retry reason for a failure before the worker answered anything."""
+def _before_answer(e: BaseException) -> Kind:
+    """What an exception raised before the worker answered anything means."""
     if isinstance(e, UpstreamConnectTimeout | aiohttp.ServerTimeoutError):
-        return "connect_timeout"
+        return Kind.CONNECT_TIMEOUT
     if isinstance(e, UpstreamConnectError | aiohttp.ClientConnectorError):
-        return "connect"
-    return "reset"  # connected, sent the request, and the connection broke
-
-
-def _upstream_message(text: bytes, status: int) -> str:
-    try:
-        parsed = json.loads(text)
-        msg = parsed.get("error", {}).get("message") if isinstance(parsed, dict) else None
-        if isinstance(msg, str) and msg:
-            return f"Worker answered {status}: {msg}"
-    except (ValueError, AttributeError):
-        pass
-    return f"Worker answered {status}."
-
-
-def _retry_after(upstream: UpstreamResponse) -> dict[str, str]:
-    ra = upstream.headers.get("Retry-After")
-    return {"Retry-After": ra} if ra else {}
+        return Kind.CONNECT_ERROR
+    return Kind.BROKEN  # connected, sent the request, and the connection broke
 
 
 def _usage_from_sse_tail(tail: bytes) -> dict[str, Any] | None:
@@ -603,6 +596,11 @@ def _int(usage: dict[str, Any] | None, key: str) -> int | None:
         return None
     v = usage.get(key)
     return int(v) if isinstance(v, int | float) else None
+
+
+def _uncached(usage: dict[str, Any] | None) -> int | None:
+    prompt = _int(usage, "prompt_tokens")
+    return None if prompt is None else max(0, prompt - (_cached_tokens(usage) or 0))
 
 
 def _cached_tokens(usage: dict[str, Any] | None) -> int | None:

@@ -13,6 +13,7 @@ import signal
 
 from aiohttp import web
 
+from . import reqlog
 from .app import build_app
 from .config import Settings
 from .edge import AccessLogger, EdgeRunner
@@ -35,6 +36,7 @@ async def drain(runner: web.AppRunner, grace: float) -> int:
     if server is not None:
         server.pre_shutdown()  # idle keep-alive connections close now, busy ones after their response
     relay = runner.app[RELAY]
+    relay.flow.shutdown()  # queued requests get 503 shutting_down now; those in flight drain
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     # polled: an event would cost every request a check; this loop runs once, at shutdown
@@ -66,7 +68,8 @@ async def _serve(settings: Settings) -> None:
         header_timeout=settings.header_timeout,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=2048, reuse_address=True)
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=2048, reuse_address=True,
+                       reuse_port=settings.reuse_port or None)  # issue 16: one of --processes N
     await site.start()
     log.info(
         "turbofleet proxy on http://%s:%d (policy %s, registry %s)",
@@ -91,8 +94,24 @@ async def _serve(settings: Settings) -> None:
     log.info("stopped")
 
 
+def raise_nofile() -> tuple[int, int]:
+    """Issue 16: every stream costs the proxy two descriptors (client and worker side), so the soft open-file
+    limit (often 1,024) would cap it near 500 streams: raise it to the hard limit. Returns (soft, hard)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft, hard
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def serve(settings: Settings) -> int:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reqlog.configure(settings.log_level, settings.log_format)
+    soft, _ = raise_nofile()
+    log.debug("open-file limit %d", soft)
     try:
         import uvloop
 

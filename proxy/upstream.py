@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import errno
+import socket
 import ssl
 import time
 from collections.abc import Mapping
@@ -177,7 +180,13 @@ class _Conn(asyncio.Protocol):
         self.closed = True
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(UpstreamDisconnected(f"connection to {self.key[1]}:{self.key[2]} closed"))
+            if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
+                # TCP_USER_TIMEOUT: the request was never acknowledged, so the worker never saw it (a host gone
+                # silent, issue 18): as safe to send elsewhere as a connect that timed out
+                waiter.set_exception(UpstreamConnectTimeout(
+                    f"{self.key[1]}:{self.key[2]} acknowledged nothing within the connect timeout"))
+            else:
+                waiter.set_exception(UpstreamDisconnected(f"connection to {self.key[1]}:{self.key[2]} closed"))
         resp = self._resp
         if resp is not None:
             if self._mode == "close" and exc is None:
@@ -374,6 +383,21 @@ class _Conn(asyncio.Protocol):
         self.pool._forget(self)
 
 
+def _ack_timeout(conn: _Conn, seconds: float) -> None:
+    """Abort the connection when data we sent stays unacknowledged for `seconds` (TCP_USER_TIMEOUT, Linux).
+
+    A kept-alive connection to a host that went silent (no RST, no FIN) would otherwise hold a request until
+    the first-byte timeout; with this the kernel gives up after the connect timeout and the request is tried
+    elsewhere (issue 18). A worker that is merely slow acknowledges the request at once, so it is unaffected;
+    while a response streams the proxy sends nothing, so the idle timeout alone governs that.
+    """
+    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+    if sock is None or not seconds or not hasattr(socket, "TCP_USER_TIMEOUT"):
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))
+
+
 class UpstreamPool:
     """Keep-alive connections per worker. Not thread-safe; one per event loop."""
 
@@ -438,6 +462,7 @@ class UpstreamPool:
             raise UpstreamConnectTimeout(f"connect to {host}:{port} timed out") from e
         except OSError as e:
             raise UpstreamConnectError(f"cannot connect to {host}:{port}: {e.strerror or e}") from e
+        _ack_timeout(conn, self.connect_timeout)
         self._all.add(conn)
         return conn
 

@@ -158,6 +158,8 @@ class UrlBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     url: Url
+    #: set when an agent removes itself (issue 18: its late heartbeat 404 must not bring it back)
+    agent_id: Annotated[StrictStr, Field(max_length=128)] | None = None
 
 
 class StateBody(BaseModel):
@@ -185,6 +187,9 @@ class AddBody(BaseModel):
     heartbeat_ttl: Annotated[float, Field(gt=0.0, le=86_400.0, allow_inf_nan=False, strict=True)] | None = None
     source: Annotated[StrictStr, Field(max_length=32)] | None = None
     state: StrictStr | None = None
+    #: the registering agent's id, and whether this registration answers a heartbeat 404 (issue 18: tombstones)
+    agent_id: Annotated[StrictStr, Field(max_length=128)] | None = None
+    rejoin: StrictBool = False
 
 
 def node_body(model: type[M], data: dict[str, Any]) -> M:

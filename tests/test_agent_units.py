@@ -257,3 +257,16 @@ def test_backoff_doubles_and_caps() -> None:
     assert [backoff_delay(a, 1.0, 10.0) for a in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
     assert backoff_delay(1000, 0.5, 60.0) == 60.0
     assert backoff_delay(0, 5.0, 2.0) == 2.0
+
+
+# ------------------------------------------------------------------ states on the wire
+
+
+def test_agent_states_are_the_proxys() -> None:
+    """The agent keeps its own copy of the state names (it speaks HTTP only); they must be the proxy's."""
+    from turbofleet.balancer.policy import WorkerState as ProxyState
+    from turbofleet.proxy.registry.base import STATES
+    from turbofleet.worker.agent import WorkerState as AgentState
+
+    assert {s.name: s.value for s in AgentState} == {s.name: s.value for s in ProxyState}
+    assert set(STATES) == {s.value for s in ProxyState}

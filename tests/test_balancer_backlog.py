@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from turbofleet.balancer import WorkerView
-from turbofleet.balancer.backlog import MIN_OUTCOMES, Backlog
+from turbofleet.balancer.backlog import MIN_OUTCOMES, Backlog, Queue, Routed
 
 
 def views(*ids: str) -> list[WorkerView]:
@@ -18,8 +18,10 @@ def test_cold_start_counts_every_routed_token_as_still_to_do() -> None:
     first = b.add("a", 1000.0)
     b.tick += 50  # decisions pass, but nothing has taught the policy how fast a worker prefills
     second = b.add("a", 500.0)
-    assert first == (0, 0.0, 1000.0, 1000.0)
-    assert second == (50, 1000.0, 1500.0, 500.0)  # the second waits behind the first
+    assert first == Routed(tick=0, ahead=0.0, routed=1000.0, tokens=1000.0)
+    assert second == Routed(tick=50, ahead=1000.0, routed=1500.0, tokens=500.0)  # behind the first
+    assert second.routed_before == 1000.0
+    assert b.state["a"] == Queue(backlog=1500.0, at=50, routed=1500.0)
     assert b.values(views("a", "b")) == [1500.0, 0.0]
     assert b.done_tokens("a") == 0.0
 
@@ -71,3 +73,9 @@ def test_a_response_without_a_usage_report_still_cuts_and_teaches() -> None:
         b.done("a", r, uncached=None, ttft_s=0.2, latency_s=1.0)  # what was routed counts as prefilled
     assert b.of("a") == 0.0
     assert b.drain() == pytest.approx(1000.0 / 0.2 * 1.0 / 4)
+
+
+@pytest.mark.parametrize(("drain", "ticks", "left"), [(0.0, 10, 500.0), (10.0, 20, 300.0), (10.0, 60, 0.0)])
+def test_one_drain_formula(drain: float, ticks: int, left: float) -> None:
+    """`Queue.left` drains at `drain` tokens per decision since it was written, never below zero."""
+    assert Queue(backlog=500.0, at=5, routed=900.0).left(drain, 5 + ticks) == left

@@ -213,4 +213,19 @@ def test_with_in_flight_copies_every_other_field() -> None:
 def test_only_kv_aware_uses_pins() -> None:
     from turbofleet.balancer import POLICIES, make_policy
 
-    assert {n for n in POLICIES if getattr(make_policy(n), "uses_pins", True)} == {"kv_aware"}
+    assert {n for n in POLICIES if make_policy(n).uses_pins} == {"kv_aware"}
+
+
+def test_every_policy_has_every_ability_of_the_protocol() -> None:
+    """The optional abilities are Protocol members with defaults (PolicyBase), not attributes looked up."""
+    from turbofleet.balancer import POLICIES, Policy, RouteRequest, WorkerView, make_policy
+
+    workers = [WorkerView("w", frozenset({"m"}))]
+    for name in POLICIES:
+        p = make_policy(name)
+        assert isinstance(p, Policy) and p.name == name
+        assert isinstance(p.uses_pins, bool) and isinstance(p.block_chars, int)
+        # fleets this small are always filtered first
+        assert p.choose_unfiltered(RouteRequest("m"), workers) is None
+    assert make_policy("kv_aware").block_chars > 0
+    assert {n for n in POLICIES if make_policy(n).block_chars} == {"kv_aware"}

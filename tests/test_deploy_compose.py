@@ -23,7 +23,8 @@ def compose() -> dict[str, Any]:
     """The compose file as Compose sees it: `${VAR:-default}` interpolated with defaults, merge keys resolved."""
     text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: m.group(2), COMPOSE.read_text())
     assert "${" not in text, "every variable needs a default so `docker compose up` works as is"
-    return yaml.safe_load(text)
+    doc: dict[str, Any] = yaml.safe_load(text)
+    return doc
 
 
 def seconds(duration: str) -> float:
@@ -31,7 +32,8 @@ def seconds(duration: str) -> float:
 
 
 def services() -> dict[str, dict[str, Any]]:
-    return compose()["services"]
+    svc: dict[str, dict[str, Any]] = compose()["services"]
+    return svc
 
 
 def agent_services() -> dict[str, dict[str, Any]]:

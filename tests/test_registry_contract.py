@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from tests.redis_server import eventually, redis_binary
-from turbofleet.proxy.registry.base import EJECTED, READY, LoadReport, Registry, WorkerRecord
+from turbofleet.balancer.policy import EJECTED, READY
+from turbofleet.proxy.registry.base import LoadReport, Registry, WorkerRecord
 from turbofleet.proxy.registry.memory import MemoryRegistry
 
 Factory = Callable[..., Awaitable[Registry]]
@@ -27,6 +28,34 @@ BACKENDS = [
 ]
 
 
+class FakeTime:
+    """Monotonic and wall clocks that move only when told: the memory backend's, so its TTLs pass at once."""
+
+    def __init__(self) -> None:
+        self.mono = 1000.0
+        self.epoch = 1.7e9
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def wall(self) -> float:
+        return self.epoch
+
+
+#: id(registry) -> its fake time, for the memory registries a test made
+_FAKE_TIME: dict[int, FakeTime] = {}
+
+
+async def elapse(reg: Registry, seconds: float) -> None:
+    """Let `seconds` pass for `reg`: its fake clocks move (memory), or the real time is waited out (Redis)."""
+    fake = _FAKE_TIME.get(id(reg))
+    if fake is None:
+        await asyncio.sleep(seconds)
+    else:
+        fake.mono += seconds
+        fake.epoch += seconds
+
+
 @pytest.fixture(params=BACKENDS)
 async def make(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
     made: list[Registry] = []
@@ -34,7 +63,9 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
     async def factory(**kw: Any) -> Registry:
         reg: Registry
         if request.param == "memory":
-            reg = MemoryRegistry(pin_ttl=kw.get("pin_ttl", 1800.0))
+            fake = FakeTime()
+            reg = MemoryRegistry(pin_ttl=kw.get("pin_ttl", 1800.0), clock=fake.monotonic, wall=fake.wall)
+            _FAKE_TIME[id(reg)] = fake
         else:
             from turbofleet.proxy.registry.redis import RedisRegistry
 
@@ -46,6 +77,7 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
 
     yield factory
     for reg in made:
+        _FAKE_TIME.pop(id(reg), None)
         await reg.close()
 
 
@@ -88,6 +120,7 @@ async def test_liveness_expires_without_heartbeats(make: Factory) -> None:
     reg = await make()
     await reg.upsert(worker(heartbeat_ttl=0.3))
     assert reg.snapshot()[0].state == READY
+    await elapse(reg, 1.1)  # past the TTL and the snapshot's once-a-second rebuild
     await eventually(lambda: reg.snapshot()[0].state == EJECTED, 3.0, "the worker to expire")
     assert await reg.heartbeat("http://w1", LoadReport())
     assert reg.snapshot()[0].state == READY
@@ -110,10 +143,11 @@ async def test_pins_and_sliding_ttl(make: Factory) -> None:
     assert await reg.get_pin("s1") is None
     await reg.acquire("http://w1", "s1", pin=True)
     assert await reg.get_pin("s1") == "http://w1"
-    await asyncio.sleep(0.6)
+    await elapse(reg, 0.6)
     await reg.release("http://w1", "s1")  # slides the TTL: now alive until ~1.6 s
-    await asyncio.sleep(0.6)
+    await elapse(reg, 0.6)
     assert await reg.get_pin("s1") == "http://w1"
+    await elapse(reg, 0.5)
     deadline = asyncio.get_running_loop().time() + 3.0
     while await reg.get_pin("s1") is not None:
         assert asyncio.get_running_loop().time() < deadline, "pin never expired"
@@ -132,3 +166,26 @@ async def test_health(make: Factory) -> None:
     h = reg.health()
     assert h["backend"] in ("memory", "redis") and h["reachable"] is True
     assert isinstance(h["stale_s"], float) and h["stale_s"] < 5
+
+
+async def test_subscribers_hear_every_worker_added_changed_and_removed(make: Factory) -> None:
+    from turbofleet.proxy.registry.base import WorkerChange, WorkerEvent
+
+    reg = await make()
+    seen: list[tuple[WorkerChange, str]] = []
+
+    def listener(e: WorkerEvent) -> None:
+        seen.append((e.change, e.url))
+
+    unsubscribe = reg.subscribe(listener)
+    await reg.upsert(worker())
+    await reg.set_state("http://w1", "draining")
+    await reg.heartbeat("http://w1", LoadReport(running=2))
+    assert await reg.remove("http://w1")
+    # the Redis backend may also hear its own writes back through the feed: those are not applied twice
+    await eventually(lambda: (WorkerChange.REMOVED, "http://w1") in seen, 5.0, "the removal event")
+    assert seen[0] == (WorkerChange.ADDED, "http://w1") and seen[-1] == (WorkerChange.REMOVED, "http://w1")
+    assert set(seen[1:-1]) == {(WorkerChange.CHANGED, "http://w1")}
+    unsubscribe()
+    await reg.upsert(worker())
+    assert seen[-1] == (WorkerChange.REMOVED, "http://w1")

@@ -104,3 +104,28 @@ def test_pin_cache_expiry_and_lru() -> None:
     c.put("c", "w2", 10.0)
     c.put("d", "w3", 10.0)
     assert len(c) == 2 and c.peek("b") is None and c.peek("d") == "w3"
+
+
+def test_the_mirror_tells_listeners_what_changed_however_it_heard() -> None:
+    """Feed writes, deletes and full re-reads all raise the same worker events (the policy forgets on them)."""
+    from turbofleet.proxy.registry.base import WorkerChange, WorkerEvent
+
+    m = Mirror()
+    seen: list[tuple[WorkerChange, str]] = []
+
+    def listener(e: WorkerEvent) -> None:
+        seen.append((e.change, e.url))
+
+    m.listeners.subscribe(listener)
+    m.load("e1", 1, [(rec("a"), 1), (rec("b"), 1)])
+    assert seen == [(WorkerChange.ADDED, "a"), (WorkerChange.ADDED, "b")]
+    seen.clear()
+    m.put(rec("a", state="draining"), 2)
+    m.put(rec("a"), 2)  # stale: not applied, no event
+    m.delete("b", 3)
+    m.delete("b", 4)  # already gone: no event
+    assert seen == [(WorkerChange.CHANGED, "a"), (WorkerChange.REMOVED, "b")]
+    seen.clear()
+    # a full read that missed a removal and an addition (the feed dropped them) tells both
+    m.load("e1", 10, [(rec("c"), 9)])
+    assert sorted(seen) == [(WorkerChange.ADDED, "c"), (WorkerChange.REMOVED, "a")]

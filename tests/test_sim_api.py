@@ -10,6 +10,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.procs import Proc, http_json, start_sim, wait_until
 from turbofleet.worker.sim.tokens import output_text, output_words, render_chat, tokenize
@@ -39,7 +40,10 @@ def raw_post(url: str, body: dict[str, object]) -> tuple[int, str, bytes]:
         return resp.status, resp.headers.get("Content-Type", ""), resp.read()
 
 
-MSGS = [{"role": "system", "content": "you are a simulator"}, {"role": "user", "content": "say something"}]
+MSGS: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "you are a simulator"},
+    {"role": "user", "content": "say something"},
+]
 
 
 def test_models_and_health(sim: Proc, client: openai.OpenAI) -> None:
@@ -54,7 +58,7 @@ def test_models_and_health(sim: Proc, client: openai.OpenAI) -> None:
 
 
 def test_chat_non_streaming(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=7)  # type: ignore[arg-type]
+    r = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=7)
     prompt = render_chat(MSGS)
     assert r.object == "chat.completion" and r.model == MODEL and r.id.startswith("chatcmpl-")
     assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
@@ -71,7 +75,7 @@ def test_chat_non_streaming(client: openai.OpenAI) -> None:
 def test_default_max_tokens_and_lmdeploy_extras(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model=MODEL,
-        messages=MSGS,  # type: ignore[arg-type]
+        messages=MSGS,
         extra_body={"session_id": 42, "ignore_eos": True, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1},
     )
     assert r.usage is not None and r.usage.completion_tokens == 12  # --default-max-tokens
@@ -82,7 +86,7 @@ def test_chat_streaming_sdk(client: openai.OpenAI) -> None:
         model=MODEL,
         messages=MSGS,
         max_tokens=5,
-        stream=True,  # type: ignore[arg-type]
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -129,9 +133,9 @@ def test_completions_both_ways(client: openai.OpenAI) -> None:
 
 async def test_async_client(sim: Proc) -> None:
     async with openai.AsyncOpenAI(base_url=f"{sim.url}/v1", api_key="none", max_retries=0) as c:
-        r = await c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=3)  # type: ignore[arg-type]
+        r = await c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=3)
         assert r.usage is not None and r.usage.completion_tokens == 3
-        stream = await c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=3, stream=True)  # type: ignore[arg-type]
+        stream = await c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=3, stream=True)
         text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
         assert text == r.choices[0].message.content
 
@@ -150,7 +154,7 @@ def test_repeated_prompt_is_cached(client: openai.OpenAI, sim: Proc) -> None:
 
 def test_errors(sim: Proc, client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as e404:
-        client.chat.completions.create(model="nope", messages=MSGS)  # type: ignore[arg-type]
+        client.chat.completions.create(model="nope", messages=MSGS)
     assert "nope" in str(e404.value)
     status, body = http_json("POST", f"{sim.url}/v1/chat/completions", {"model": "nope", "messages": MSGS})
     assert status == 404 and body["error"]["code"] == 404 and body["object"] == "error"
@@ -200,7 +204,7 @@ def test_generate_responses_embeddings(sim: Proc, client: openai.OpenAI) -> None
 
 
 def test_metrics_after_traffic(sim: Proc, client: openai.OpenAI) -> None:
-    client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2)  # type: ignore[arg-type]
+    client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2)
     with urllib.request.urlopen(f"{sim.url}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     lab = f'engine="0",model_name="{MODEL}"'
@@ -234,7 +238,7 @@ def test_lmdeploy_request_checks(sim: Proc, client: openai.OpenAI) -> None:
         model=MODEL,
         messages=MSGS,
         max_tokens=100_000,
-        stream=True,  # type: ignore[arg-type]
+        stream=True,
         extra_body={"session_id": 99},
     )
     with stream:

@@ -19,8 +19,11 @@ FAST = EngineConfig(
 )
 
 
+MakeEngine = Callable[..., Engine]
+
+
 @pytest.fixture
-async def make_engine() -> AsyncIterator[object]:
+async def make_engine() -> AsyncIterator[MakeEngine]:
     engines: list[Engine] = []
 
     def make(cfg: EngineConfig = FAST) -> Engine:
@@ -48,7 +51,7 @@ async def until(pred: Callable[[], bool], within: float = 5.0) -> None:
             await asyncio.sleep(0.002)
 
 
-async def test_batch_limit_queues_the_rest(make_engine) -> None:
+async def test_batch_limit_queues_the_rest(make_engine: MakeEngine) -> None:
     e = make_engine(dataclasses.replace(FAST, max_batch=2))
     seqs = [seq_for(e, prompt(5, f"s{i}"), 30) for i in range(5)]
     for s in seqs:
@@ -61,7 +64,7 @@ async def test_batch_limit_queues_the_rest(make_engine) -> None:
     assert e.stats.completed == 5 and e.stats.generation_tokens == 150 and not e.running and not e.waiting
 
 
-async def test_tokens_arrive_one_per_step(make_engine) -> None:
+async def test_tokens_arrive_one_per_step(make_engine: MakeEngine) -> None:
     cfg = dataclasses.replace(FAST, decode_ms_base=20.0)
     e = make_engine(cfg)
     s = seq_for(e, prompt(3), 10)
@@ -73,7 +76,7 @@ async def test_tokens_arrive_one_per_step(make_engine) -> None:
     assert 0.19 <= elapsed < 0.6  # 10 steps of 20 ms
 
 
-async def test_prefix_cache_skips_prefill(make_engine) -> None:
+async def test_prefix_cache_skips_prefill(make_engine: MakeEngine) -> None:
     cfg = dataclasses.replace(FAST, prefill_ms_per_token=1.0, block_size=16)
     e = make_engine(cfg)
     loop = asyncio.get_running_loop()
@@ -92,7 +95,7 @@ async def test_prefix_cache_skips_prefill(make_engine) -> None:
     assert cold >= 0.2 and warm < cold - 0.1
 
 
-async def test_answer_is_cached_for_the_next_round(make_engine) -> None:
+async def test_answer_is_cached_for_the_next_round(make_engine: MakeEngine) -> None:
     e = make_engine(dataclasses.replace(FAST, block_size=8))
     toks = prompt(20)
     s1 = seq_for(e, toks, 30)
@@ -105,7 +108,7 @@ async def test_answer_is_cached_for_the_next_round(make_engine) -> None:
     assert s2.cached_tokens == 48  # (20 + 30) // 8 = 6 full blocks, prompt and answer
 
 
-async def test_max_prefill_tokens_limits_admission(make_engine) -> None:
+async def test_max_prefill_tokens_limits_admission(make_engine: MakeEngine) -> None:
     cfg = dataclasses.replace(FAST, prefill_ms_per_token=0.5, max_prefill_tokens=150, max_batch=8)
     e = make_engine(cfg)
     seqs = [seq_for(e, prompt(100, f"x{i}"), 5) for i in range(3)]
@@ -117,7 +120,7 @@ async def test_max_prefill_tokens_limits_admission(make_engine) -> None:
         await s.wait_until(5)
 
 
-async def test_cancel_leaves_the_batch_at_once(make_engine) -> None:
+async def test_cancel_leaves_the_batch_at_once(make_engine: MakeEngine) -> None:
     e = make_engine(dataclasses.replace(FAST, decode_ms_base=5.0))
     s = seq_for(e, prompt(4), 10_000)
     other = seq_for(e, prompt(4, "o"), 10_000)
@@ -136,7 +139,7 @@ async def test_cancel_leaves_the_batch_at_once(make_engine) -> None:
     assert e.stats.cancelled == 2
 
 
-async def test_an_abandoned_long_prefill_does_not_delay_the_next_request(make_engine) -> None:
+async def test_an_abandoned_long_prefill_does_not_delay_the_next_request(make_engine: MakeEngine) -> None:
     """A 3 s prefill whose only sequence is cancelled ends the step; the next prompt starts at once."""
     e = make_engine(dataclasses.replace(FAST, prefill_ms_per_token=10.0))
     long = seq_for(e, prompt(300, "long"), 5)
@@ -152,7 +155,7 @@ async def test_an_abandoned_long_prefill_does_not_delay_the_next_request(make_en
     assert long.emitted == 0 and e.stats.cancelled == 1
 
 
-async def test_closed_transport_is_noticed_by_the_engine(make_engine) -> None:
+async def test_closed_transport_is_noticed_by_the_engine(make_engine: MakeEngine) -> None:
     class Transport:
         closing = False
 
@@ -169,7 +172,7 @@ async def test_closed_transport_is_noticed_by_the_engine(make_engine) -> None:
     assert s.finish_reason == "cancelled" and e.stats.recent_cancelled[-1]["detected_by"] == "transport_closed"
 
 
-async def test_abort_by_session(make_engine) -> None:
+async def test_abort_by_session(make_engine: MakeEngine) -> None:
     e = make_engine()
     a = seq_for(e, prompt(4), 10_000, session_id=7)
     b = seq_for(e, prompt(4, "b"), 20, session_id=8)
@@ -181,7 +184,7 @@ async def test_abort_by_session(make_engine) -> None:
     assert b.finish_reason == "length" and e.stats.aborted == 1
 
 
-async def test_slow_marks_slow_down_steps_while_present(make_engine) -> None:
+async def test_slow_marks_slow_down_steps_while_present(make_engine: MakeEngine) -> None:
     e = make_engine(dataclasses.replace(FAST, decode_ms_base=10.0))
     loop = asyncio.get_running_loop()
     s = seq_for(e, prompt(4), 10, slow=4.0)

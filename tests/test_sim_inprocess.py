@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from turbofleet.worker.sim.config import EngineConfig, SimConfig
@@ -16,7 +17,7 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}
 
 
 @asynccontextmanager
-async def serve(**kw: object) -> AsyncIterator[TestClient[object, object]]:
+async def serve(**kw: object) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     kw.setdefault("engine", EngineConfig(decode_ms_base=1.0, decode_ms_per_seq=0.0))
     cfg = SimConfig(model=MODEL, **kw)  # type: ignore[arg-type]
     async with TestClient(TestServer(build_app(cfg))) as client:
@@ -76,7 +77,7 @@ async def test_api_keys() -> None:
 async def test_clear_cache_and_no_prefix_cache() -> None:
     long_msg = {"model": MODEL, "messages": [{"role": "user", "content": " ".join(["w"] * 200)}], "max_tokens": 1}
 
-    async def cached(c: TestClient[object, object]) -> int:
+    async def cached(c: TestClient[web.Request, web.Application]) -> int:
         r = await c.post("/v1/chat/completions", json=long_msg)
         return int((await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"])
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.procs import free_port, http_json, running, spawn, start_sim, wait_http
+from tests.procs import free_port, http_json, running, spawn, start_sim, wait_http, wait_until
 from turbofleet.worker.sim.register import advertise_url
 
 MODEL = "sim-register"
@@ -27,12 +27,15 @@ class FakeProxy:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._runner: web.AppRunner | None = None
+        #: set whenever a registration arrives
+        self._arrived = asyncio.Event()
 
     async def _add(self, request: web.Request) -> web.Response:
         if self.fail_first > 0:
             self.fail_first -= 1
             return web.json_response({"error": "not ready"}, status=503)
         self.bodies.append(await request.json())
+        self._arrived.set()
         return web.json_response({"ok": True})
 
     async def start(self) -> None:
@@ -47,9 +50,11 @@ class FakeProxy:
             await self._runner.cleanup()
 
     async def wait_for(self, n: int, within: float = 15.0) -> None:
+        """Until `n` registrations arrived (each wakes the wait), or fail after `within` seconds."""
         async with asyncio.timeout(within):
-            while len(self.bodies) < n:  # noqa: ASYNC110 - the fake server appends from its handler
-                await asyncio.sleep(0.02)
+            while len(self.bodies) < n:
+                self._arrived.clear()
+                await self._arrived.wait()
 
 
 @pytest.fixture
@@ -64,7 +69,8 @@ async def test_registers_once_with_lmdeploys_body(tmp_path: Path, proxy: FakePro
     sim = await asyncio.to_thread(start_sim, tmp_path, MODEL, None, ["--proxy", proxy.url])
     with running(sim):
         await proxy.wait_for(1)
-        await asyncio.sleep(0.5)
+        # the sim logs its success after the proxy's answer and then stops registering for good
+        await asyncio.to_thread(wait_until, lambda: "registered " in sim.output(), 15, what="the sim's success")
         assert proxy.bodies == [{"url": f"http://127.0.0.1:{sim.port}", "status": {"models": [MODEL], "role": 1}}]
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from tests.procs import free_port
+from tests.redis_server import eventually
 from turbofleet.proxy.upstream import UpstreamConnectError, UpstreamDisconnected, UpstreamPool
 
 
@@ -108,10 +110,7 @@ async def test_release_before_end_hangs_up(server: Server) -> None:
         r = await pool.post(server.url + "/stream?n=1000&gap=0.01", b"{}")
         assert (await r.content.readany()).startswith(b"data: 0")
         r.release()
-        for _ in range(200):
-            if server.disconnects:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.disconnects > 0, 10.0, "the server to see the client go")
         assert server.disconnects == 1
     finally:
         await pool.close()
@@ -153,7 +152,13 @@ async def test_stale_keep_alive_connection_is_retried_once() -> None:
             r = await pool.post(f"http://127.0.0.1:{port}/", b"")
             assert await r.read() == b"ok"
             r.release()
-            await asyncio.sleep(0.02)  # let the close arrive so the next try finds a dead pooled connection
+            # the close arrives, so the next try finds a dead pooled connection
+            idle = [c for q in pool._idle.values() for c in q]
+
+            def closed(idle: list[Any] = idle) -> bool:
+                return all(c.closed for c in idle)
+
+            await eventually(closed, 10.0, "the close to reach the pooled connection")
         assert served == 3
     finally:
         await pool.close()

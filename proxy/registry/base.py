@@ -9,15 +9,17 @@ no other request on this event loop can pick a worker between a decision and the
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any, Protocol
 
-from turbofleet.balancer.policy import EJECTED, READY, WorkerView
+from turbofleet.balancer.policy import EJECTED, READY, WorkerState, WorkerView
 
-DRAINING = "draining"
-STATES = (READY, DRAINING, EJECTED)
+#: every state a worker can be set to (the values of `WorkerState`)
+STATES: tuple[str, ...] = tuple(WorkerState)
 
 
 class RegistryUnavailable(Exception):
@@ -104,7 +106,7 @@ class LoadReport:
     prefix_hit_rate: float = 0.0
 
 
-def to_view(rec: WorkerRecord, in_flight: int, now: float) -> WorkerView:
+def to_view(rec: WorkerRecord, in_flight: int, now: float, sessions: int = 0) -> WorkerView:
     """The balancer's view of a record; a worker whose heartbeats stopped is not ready."""
     state = rec.state if rec.alive(now) else EJECTED
     return WorkerView(
@@ -116,11 +118,76 @@ def to_view(rec: WorkerRecord, in_flight: int, now: float) -> WorkerView:
         waiting=rec.waiting,
         kv_usage=rec.kv_usage,
         role=rec.role,
+        sessions=sessions,
     )
+
+
+log = logging.getLogger("turbofleet.registry")
+
+
+class WorkerChange(StrEnum):
+    """What happened to a worker in the registry."""
+
+    #: a URL the registry did not hold (also one re-added after a removal)
+    ADDED = "added"
+    #: its record was rewritten (state, load, registration details)
+    CHANGED = "changed"
+    #: it left the fleet
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerEvent:
+    """One worker added, changed or removed, whoever made the change (this replica, another one through
+    the shared store, or a full re-read of it)."""
+
+    change: WorkerChange
+    url: str
+    #: the record now; None when removed
+    record: WorkerRecord | None = None
+
+
+Listener = Callable[[WorkerEvent], None]
+
+
+class Listeners:
+    """The subscribers to a registry's worker events, called synchronously, in order, as changes apply.
+
+    A subscriber must be quick and must not raise: an exception is logged and the next subscriber still runs.
+    """
+
+    __slots__ = ("_fns",)
+
+    def __init__(self) -> None:
+        self._fns: list[Listener] = []
+
+    def subscribe(self, fn: Listener) -> Callable[[], None]:
+        self._fns.append(fn)
+
+        def unsubscribe() -> None:
+            if fn in self._fns:
+                self._fns.remove(fn)
+
+        return unsubscribe
+
+    def emit(self, change: WorkerChange, url: str, record: WorkerRecord | None = None) -> None:
+        if not self._fns:
+            return
+        event = WorkerEvent(change, url, record)
+        for fn in tuple(self._fns):
+            try:
+                fn(event)
+            except Exception:
+                log.exception("worker event subscriber failed on %s %s", change, url)
 
 
 class Registry(Protocol):
     """What the proxy needs from the fleet's state store."""
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener(WorkerEvent)` for every worker added, changed or removed, by this replica or (a
+        shared backend) by another; returns a function that unsubscribes it."""
+        ...
 
     async def start(self) -> None: ...
 

@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from turbofleet.balancer.policy import WorkerView
 
-from .base import STATES, LoadReport, WorkerRecord, now, to_view
+from .base import STATES, Listener, Listeners, LoadReport, WorkerChange, WorkerRecord, now, to_view
 
 #: pins kept at most (LRU beyond that); a pin unused for `pin_ttl` seconds is forgotten
 MAX_PINS = 1_000_000
 
 
 class MemoryRegistry:
-    """Workers, in-flight counts and session pins of a single proxy process."""
+    """Workers, in-flight counts and session pins of a single proxy process.
 
-    def __init__(self, pin_ttl: float = 1800.0) -> None:
+    `clock` (monotonic seconds) times the session pins and `wall` (epoch seconds) the heartbeats; tests hand
+    in their own to move time without waiting for it."""
+
+    def __init__(
+        self,
+        pin_ttl: float = 1800.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = now,
+    ) -> None:
+        self._clock = clock
+        self._wall = wall
         self._workers: dict[str, WorkerRecord] = {}
         self._in_flight: dict[str, int] = {}
         self._pins: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -29,6 +40,10 @@ class MemoryRegistry:
         self._views: dict[str, WorkerView] = {}
         self._tuple: tuple[WorkerView, ...] | None = None
         self._built_at = -1.0
+        self._listeners = Listeners()
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        return self._listeners.subscribe(listener)
 
     async def start(self) -> None:
         return None
@@ -46,7 +61,7 @@ class MemoryRegistry:
             self._tuple = None
 
     def snapshot(self) -> Sequence[WorkerView]:
-        t = now()
+        t = self._wall()
         if t - self._built_at > 1.0:
             self._views = {u: to_view(r, self._in_flight.get(u, 0), t) for u, r in self._workers.items()}
             self._built_at = t
@@ -66,18 +81,21 @@ class MemoryRegistry:
 
     async def upsert(self, record: WorkerRecord) -> WorkerRecord:
         old = self._workers.get(record.url)
-        t = now()
+        t = self._wall()
         rec = record.with_(
             registered_at=old.registered_at if old else t,
             last_heartbeat=t,
         )
         self._workers[rec.url] = rec
         self._dirty()
+        self._listeners.emit(WorkerChange.ADDED if old is None else WorkerChange.CHANGED, rec.url, rec)
         return rec
 
     async def remove(self, url: str) -> bool:
         found = self._workers.pop(url, None) is not None
         self._dirty()
+        if found:
+            self._listeners.emit(WorkerChange.REMOVED, url)
         return found
 
     async def set_state(self, url: str, state: str) -> bool:
@@ -87,22 +105,24 @@ class MemoryRegistry:
         if rec is None:
             return False
         if rec.state != state:
-            self._workers[url] = rec.with_(state=state)
+            self._workers[url] = rec = rec.with_(state=state)
             self._dirty()
+            self._listeners.emit(WorkerChange.CHANGED, url, rec)
         return True
 
     async def heartbeat(self, url: str, load: LoadReport) -> bool:
         rec = self._workers.get(url)
         if rec is None:
             return False
-        self._workers[url] = rec.with_(
-            last_heartbeat=now(),
+        self._workers[url] = rec = rec.with_(
+            last_heartbeat=self._wall(),
             running=load.running,
             waiting=load.waiting,
             kv_usage=load.kv_usage,
             prefix_hit_rate=load.prefix_hit_rate,
         )
         self._dirty()
+        self._listeners.emit(WorkerChange.CHANGED, url, rec)
         return True
 
     async def acquire(self, url: str, session_key: str | None = None, pin: bool = False) -> None:
@@ -124,7 +144,7 @@ class MemoryRegistry:
         self._count_changed(url, max(left, 0))
 
     def _set_pin(self, key: str, url: str) -> None:
-        self._pins[key] = (url, time.monotonic() + self._pin_ttl)
+        self._pins[key] = (url, self._clock() + self._pin_ttl)
         self._pins.move_to_end(key)
         while len(self._pins) > MAX_PINS:
             self._pins.popitem(last=False)
@@ -134,10 +154,15 @@ class MemoryRegistry:
         if entry is None:
             return None
         url, expires = entry
-        if time.monotonic() > expires:
+        if self._clock() > expires:
             del self._pins[session_key]
             return None
         return url
 
     def health(self) -> dict[str, Any]:
         return {"backend": "memory", "reachable": True, "stale_s": 0.0}
+
+    def pinned_sessions(self) -> int:
+        """Sessions pinned to a worker now (issue 12's dashboard)."""
+        t = time.monotonic()
+        return sum(1 for _, expires in self._pins.values() if expires >= t)

@@ -15,7 +15,8 @@ from typing import Any
 
 from turbofleet.balancer.policy import WorkerView
 
-from .base import WorkerRecord, to_view
+from .base import Listeners, WorkerChange, WorkerRecord, to_view
+from .keys import SESSIONS_FIELD
 
 #: fields Redis stamps itself (scripts.UPSERT) rather than taking from the caller
 STAMPED = ("registered_at", "last_heartbeat")
@@ -92,8 +93,12 @@ class Mirror:
         #: this replica's exact in-flight counts, and the last known sum over the other live replicas
         self.local: dict[str, int] = {}
         self.others: dict[str, int] = {}
+        #: active sessions per worker placed by the other live replicas (issue 18)
+        self.others_sessions: dict[str, int] = {}
         self._views: tuple[WorkerView, ...] | None = None
         self._views_at = 0.0
+        #: told of every worker added, changed or removed as writes apply (whoever made them)
+        self.listeners = Listeners()
 
     # --- fleet ---
     def _newer(self, url: str, version: int) -> bool:
@@ -104,23 +109,28 @@ class Mirror:
         self.seen = max(self.seen, version)
         if not self._newer(record.url, version):
             return False
+        old = self.records.get(record.url)
         self.records[record.url] = record
         self.versions[record.url] = version
         self._views = None
+        self.listeners.emit(WorkerChange.ADDED if old is None else WorkerChange.CHANGED, record.url, record)
         return True
 
     def delete(self, url: str, version: int) -> bool:
         self.seen = max(self.seen, version)
         if not self._newer(url, version):
             return False
-        self.records.pop(url, None)
+        found = self.records.pop(url, None) is not None
         self.versions[url] = version
         self._views = None
+        if found:
+            self.listeners.emit(WorkerChange.REMOVED, url)
         return True
 
     def load(self, epoch: str, version: int, records: Iterable[tuple[WorkerRecord, int]]) -> None:
         """Take a full read made at `version`; keep what the feed already applied past it."""
         fresh = {rec.url: (rec, v) for rec, v in records}
+        before = self.records
         if epoch != self.epoch:
             # Redis lost its data (or this is the first read): versions restarted, nothing old compares
             self.records, self.versions, self.seen = {}, {}, 0
@@ -139,6 +149,15 @@ class Mirror:
         self.base = version
         self.seen = max(self.seen, version)
         self._views = None
+        # what the read changed, told as the feed would have: it may have missed removals and additions
+        for url in before.keys() - records_now.keys():
+            self.listeners.emit(WorkerChange.REMOVED, url)
+        for url, rec in records_now.items():
+            old = before.get(url)
+            if old is None:
+                self.listeners.emit(WorkerChange.ADDED, url, rec)
+            elif old != rec:
+                self.listeners.emit(WorkerChange.CHANGED, url, rec)
 
     # --- in-flight ---
     def acquire(self, url: str) -> int:
@@ -157,9 +176,13 @@ class Mirror:
         self._views = None
         return n
 
-    def set_others(self, counts: dict[str, int]) -> None:
+    def set_others(self, counts: dict[str, int], sessions: dict[str, int] | None = None) -> None:
+        """Other replicas' in-flight counts and (issue 18) their active sessions per worker."""
         if counts != self.others:
             self.others = counts
+            self._views = None
+        if sessions is not None and sessions != self.others_sessions:
+            self.others_sessions = sessions
             self._views = None
 
     def in_flight(self, url: str) -> int:
@@ -169,16 +192,27 @@ class Mirror:
     def snapshot(self, t: float) -> tuple[WorkerView, ...]:
         """Views at time `t` (Redis' clock); rebuilt on change and once a second, since liveness ages."""
         if self._views is None or t - self._views_at > 1.0:
-            self._views = tuple(to_view(r, self.in_flight(u), t) for u, r in self.records.items())
+            self._views = tuple(to_view(r, self.in_flight(u), t, self.others_sessions.get(u, 0))
+                                for u, r in self.records.items())
             self._views_at = t
         return self._views
 
 
-def sum_counts(hashes: Iterable[Mapping[str, str]]) -> dict[str, int]:
-    """Fleet-wide in-flight per worker from replicas' hashes (negative or garbled values count as 0)."""
+def sum_counts(hashes: Iterable[Mapping[str, str]], prefix: str = "") -> dict[str, int]:
+    """Fleet-wide in-flight per worker from replicas' hashes (negative or garbled values count as 0).
+    With `prefix`, only the fields named `prefix + url` are summed (session counts, keys.SESSIONS_FIELD);
+    without, those fields are skipped."""
     total: dict[str, int] = {}
     for h in hashes:
-        for url, raw in h.items():
+        for field, raw in h.items():
+            if prefix:
+                if not field.startswith(prefix):
+                    continue
+                url = field[len(prefix):]
+            elif field.startswith(SESSIONS_FIELD):
+                continue
+            else:
+                url = field
             try:
                 n = int(raw)
             except ValueError:

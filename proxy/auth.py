@@ -3,13 +3,14 @@
 - **User API keys** (`--api-keys`, `TURBOFLEET_API_KEYS`, `--api-keys-file`): the inference routes. Each key
   belongs to a tenant (see tenants.py); the file is re-read on SIGHUP.
 - **Admin token** (`--admin-token`, `TURBOFLEET_ADMIN_TOKEN`): every `/nodes/*` call, fleet details
-  (`/nodes/status`, `/status`, `/`), `terminate*`.
+  (`/nodes/status`, `/admin/fleet`: the dashboard's data), `terminate*`.
 - **Worker token** (`--worker-token`, `TURBOFLEET_WORKER_TOKEN`): what an agent does for its own worker:
   `/nodes/add`, `/heartbeat`, `/state`, `/drain`, `/remove`, and a reduced `/nodes/status` (url -> state and
   in-flight count, which the agent's drain waits on). Never terminate, never the fleet's details.
 
 Always open: `/health` and `/metrics` (probes and scrapers carry no credentials; neither shows a key, and
-`/metrics` labels tenants by name only), `/openapi.json`.
+`/metrics` labels tenants by name only), `/openapi.json`, and the dashboard's static page (`/`, `/status`,
+`/status/*`: no data in it; it asks for the admin token to read `/admin/fleet`).
 
 Safe by default: with no admin token the node API takes writes only from callers inside `--allow-nodes` and
 refuses `terminate*`; `--insecure-open-admin` restores LMDeploy's open node API.
@@ -143,7 +144,11 @@ def header_text_ok(value: str) -> bool:
     return all((0x20 <= ord(c) <= 0xFF and ord(c) != 0x7F) or c == "\t" for c in value)
 
 
-def check_headers(request: web.Request, names: tuple[str, ...] = ("Content-Type", "Authorization")) -> None:
+#: headers the proxy reads or forwards: each must be readable as latin-1 text
+CHECKED_HEADERS = ("Content-Type", "Authorization", "Via", "X-Session-ID")
+
+
+def check_headers(request: web.Request, names: tuple[str, ...] = CHECKED_HEADERS) -> None:
     for name in names:
         value = request.headers.get(name)
         if value is not None and not header_text_ok(value):

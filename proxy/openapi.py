@@ -39,8 +39,10 @@ ROUTES: dict[tuple[str, str], tuple[str, str | None, str | None]] = {
     ("GET", "/nodes/terminate_all"): ("LMDeploy's GET form: 405 unless --allow-terminate-get", None, "admin"),
     ("GET", "/health"): ("Liveness and a fleet summary (open)", None, None),
     ("GET", "/metrics"): ("Prometheus metrics (open)", None, None),
-    ("GET", "/status"): ("The fleet as an HTML page", None, "admin"),
-    ("GET", "/"): ("The fleet as an HTML page", None, "admin"),
+    ("GET", "/admin/fleet"): ("Everything the dashboard shows, as JSON (admin token when set)", None, "admin"),
+    ("GET", "/status"): ("The dashboard's static page (it asks for the admin token)", None, None),
+    ("GET", "/status/{name}"): ("The dashboard's static files", None, None),
+    ("GET", "/"): ("The dashboard's static page", None, None),
     ("GET", "/openapi.json"): ("This description", None, None),
 }
 

@@ -105,7 +105,7 @@ class InferenceBody(BaseModel):
 
     model: Name | None = None
     stream: StrictBool = False
-    messages: list[_Message] | None = None
+    messages: StrictStr | list[_Message] | None = None  # LMDeploy also takes a bare string
     prompt: Prompt | None = None
     input: Prompt | list[dict[str, Any]] | None = None
     max_tokens: TokenCount | None = None

@@ -32,7 +32,7 @@ def test_api_keys_and_admin_token(tmp_path: Path) -> None:
         assert http_json("GET", proxy.url + "/metrics")[0] == 200
         assert http_json("GET", proxy.url + "/nodes/status")[0] == 401
         assert http_json("GET", proxy.url + "/nodes/status", headers={"Authorization": "Bearer k1"})[0] == 403
-        assert http_json("GET", proxy.url + "/status")[0] == 401
+        assert http_json("GET", proxy.url + "/admin/fleet")[0] == 401
         assert http_json("GET", proxy.url + "/nodes/status", headers={"Authorization": "Bearer adm"})[0] == 200
     finally:
         proxy.stop()

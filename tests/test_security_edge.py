@@ -97,7 +97,7 @@ async def test_parser_warnings_are_rate_limited(caplog: pytest.LogCaptureFixture
     assert 1 <= len(warnings) <= 2, [r.getMessage() for r in warnings]
 
 
-@pytest.mark.parametrize("header", ["Authorization", "Content-Type"])
+@pytest.mark.parametrize("header", ["Authorization", "Content-Type", "Via", "X-Session-ID"])
 @pytest.mark.parametrize("value", [b"Bearer \xff\xfe", "Bearer \u20ac".encode()])
 async def test_header_bytes_beyond_latin1_are_400_or_401(header: str, value: bytes) -> None:
     async with edge(api_keys=("k1",)) as port:

@@ -227,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-prefill-tokens", type=int, default=8192, help="real tokens prefilled a step (8192)")
     ap.add_argument("--block-size", type=int, default=64, help="sim cache block in sim tokens (64)")
     ap.add_argument("--source", default="", help="free text: where and how it was measured")
+    ap.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.0,
+        help="multiply every fitted cost by this (e.g. the measured slowdown of several servers time-sharing one "
+        "GPU, the fit's 'contention' entries; default 1)",
+    )
     ap.add_argument("--out", help="where to write (default worker/sim/profiles/NAME.json)")
     args = ap.parse_args(argv)
     calib = json.loads(Path(args.calib).read_text())
@@ -250,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         "fitted_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"),
         **prof,
     }
+    if args.slowdown != 1.0:
+        for k in ("prefill_ms_per_token", "prefill_ms_per_token_ctx", "prefill_ms_step", "prefill_ms_per_cached_token",
+                  "decode_ms_base", "decode_ms_per_seq"):
+            prof["engine"][k] = round(prof["engine"][k] * args.slowdown, 8)
+        prof["fit"]["slowdown_applied"] = args.slowdown
     out = Path(args.out) if args.out else profiles.DIR / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(prof, indent=1) + "\n")

@@ -8,8 +8,9 @@ Decision order:
        cost(w) = busy(w) [+ session_weight x sessions(w)] + work_weight x uncached(w)
    - busy: the prefill the request would wait for there: the worker's measured prefill backlog (see
      balancer/measured.py: the uncached tokens of requests routed there whose first token the relay has not
-     reported yet; issue 14), or, until the relay reports first tokens, the modelled one (balancer/backlog.py:
-     what was routed there, drained at a learned prefill rate, cut by every response), or, if more, queue_tokens x prefill_share x load (the mean uncached prompt per request, and the part
+     reported yet; issue 14), or, until the relay reports first tokens, the modelled one
+     (balancer/backlog.py: what was routed there, drained at a learned prefill rate, cut by every response),
+     or, if more, queue_tokens x prefill_share x load (the mean uncached prompt per request, and the part
      of a request's time in flight spent before its first token): the load counts requests other proxy
      replicas routed, which this one's backlog does not see;
    - uncached: tokens_per_block x the blocks of the prompt the worker's cache lacks, by the prefix index.

@@ -6,8 +6,10 @@ Decision order:
    by an estimate, in prompt tokens of prefill, of what sending the request there costs, and the cheapest
    wins:
        cost(w) = busy(w) [+ session_weight x sessions(w)] + work_weight x uncached(w)
-   - busy: the prefill the request would wait for there: the worker's modelled prefill backlog (see
-     balancer/backlog.py: what was routed there, drained at a learned prefill rate, cut by every response),
+   - busy: the prefill the request would wait for there: the worker's measured prefill backlog (see
+     balancer/measured.py: the uncached tokens of requests routed there whose first token the relay has not
+     reported yet; issue 14), or, until the relay reports first tokens, the modelled one
+     (balancer/backlog.py: what was routed there, drained at a learned prefill rate, cut by every response),
      or, if more, queue_tokens x prefill_share x load (the mean uncached prompt per request, and the part
      of a request's time in flight spent before its first token): the load counts requests other proxy
      replicas routed, which this one's backlog does not see;
@@ -22,6 +24,11 @@ Decision order:
      it saves (it also keeps a conversation's history in one place);
    - session_weight = prefill_share x queue_tokens x mean session length, when placing a session: each
      session on a worker keeps sending requests there.
+   - with room_weight > 0 (issue 14; off by default): the uncached blocks also cost the cache room they take,
+     room_weight x hit x work_weight x tokens_per_block x blocks x fill(worker), fill being the worker's
+     reported kv_usage or the index's own fill (blocks listed / learned capacity), whichever is higher, and
+     hit the fleet's cached share of prompt tokens (see `_room`): an unmatched prompt goes where the cache
+     has room;
    tokens_per_block, queue_tokens, prefill_share, the session length and the backlog's rates are learned
    from `observe()`. The baseline, which a deeper match must beat (ties go to it), is the least busy
    worker, taken in turn on ties, for a session-less request, and for a session being placed the worker
@@ -109,7 +116,7 @@ SESSION_DECAY = 0.999
 #: requests routed and still without a first token, reported by the relay's first-token hook), or "auto"
 #: (measured once the relay has reported a first token, modelled until then)
 BACKLOG_SOURCES = ("modelled", "measured", "auto")
-DEFAULT_BACKLOG = "modelled"
+DEFAULT_BACKLOG = "auto"
 #: issue 14: with this set to 1 in the proxy's environment, every decision's reason ends with the chosen
 #: worker's backlog estimates at dispatch, ` [backlog modelled=M measured=S]` (bench/backlog_check.py reads it)
 AUDIT_ENV = "TURBOFLEET_BACKLOG_AUDIT"

@@ -27,8 +27,8 @@ def req(text: str, session: str | None = None) -> RouteRequest:
     return RouteRequest(M, session, block_hashes(text), prompt_tokens=len(text) // 4)
 
 
-def fleet(n: int = 2, **kw: float) -> list[WorkerView]:
-    return [WorkerView(f"w{i}", frozenset({M}), **kw) for i in range(n)]  # type: ignore[arg-type]
+def fleet(n: int = 2) -> list[WorkerView]:
+    return [WorkerView(f"w{i}", frozenset({M})) for i in range(n)]
 
 
 def test_measured_backlog_counts_until_the_first_token() -> None:

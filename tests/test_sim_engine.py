@@ -194,3 +194,26 @@ async def test_slow_marks_slow_down_steps_while_present(make_engine: MakeEngine)
     await s.wait_until(10)
     assert loop.time() - t0 >= 0.35  # 10 steps of 40 ms
     assert e.slow_factor() == 1.0
+
+
+async def test_fitted_profile_terms_cost_time(make_engine) -> None:
+    """Issue 14's profile terms: a cache hit costs per cached token, a prefill step its own constant, and a
+    long context makes each prefilled token dearer. Lower bounds only: a slow host can only add time."""
+    cfg = dataclasses.replace(FAST, prefill_ms_per_cached_token=2.0, prefill_ms_step=50.0,
+                              prefill_ms_per_token_ctx=1.0)
+    e = make_engine(cfg)
+    loop = asyncio.get_running_loop()
+    toks = prompt(160, "hit")
+    cold = seq_for(e, toks, 2)
+    e.submit(cold)
+    await cold.wait_until(2)
+    assert cold.cached_tokens == 0 and cold.t_first is not None
+    # cold: 50 ms step + 1.0 x 160 x 160 / 1000 = 25.6 ms of context term, at least
+    assert cold.t_first - cold.t_arrival >= 0.070
+    warm = seq_for(e, toks, 2)
+    t0 = loop.time()
+    e.submit(warm)
+    await warm.wait_until(1)
+    assert warm.cached_tokens >= 144  # every full 16-token block but the one holding the last token
+    # the hit: 2 ms per cached token, on top of the step's constant
+    assert loop.time() - t0 >= (50.0 + 2.0 * warm.cached_tokens) / 1000.0 * 0.95

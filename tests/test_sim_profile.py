@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,9 @@ from turbofleet.worker.sim import fit, profiles
 from turbofleet.worker.sim.main import add_arguments, config_from_args
 
 
-def calib(a: float = 0.05, b: float = 0.002, step: float = 3.0, base: float = 8.0, per: float = 0.05) -> dict:
+def calib(
+    a: float = 0.05, b: float = 0.002, step: float = 3.0, base: float = 8.0, per: float = 0.05
+) -> dict[str, Any]:
     """Measurements an engine following the sim's model exactly would give."""
     def ttft(p: float) -> float:
         return (step + a * p + b * p * p / 1000.0 + base + per) / 1000.0

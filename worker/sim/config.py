@@ -28,6 +28,8 @@ class EngineConfig:
     prefill_ms_per_token_ctx: float = 0.0
     # a step that prefills anything costs this much more (launches, the prefill's own kernels)
     prefill_ms_step: float = 0.0
+    # a cache hit is not free on TurboMind: each cached prompt token of an admitted prompt costs this many ms
+    prefill_ms_per_cached_token: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -282,9 +282,11 @@ class Engine:
                 continue
             cfg = self.cfg
             ms = prefill * cfg.prefill_ms_per_token + cfg.decode_ms_base + cfg.decode_ms_per_seq * len(self.running)
-            if prefill and (cfg.prefill_ms_per_token_ctx or cfg.prefill_ms_step):  # a fitted profile (issue 14)
+            if admitted and (cfg.prefill_ms_per_token_ctx or cfg.prefill_ms_step or cfg.prefill_ms_per_cached_token):
+                # a fitted profile (issue 14): attention over the context, a prefill step's own cost, cache hits
                 ctx = sum((s.prompt_len - s.cached_tokens) * s.prompt_len for s in admitted) / 1000.0
-                ms += cfg.prefill_ms_step + cfg.prefill_ms_per_token_ctx * ctx
+                hit = sum(s.cached_tokens for s in admitted)
+                ms += cfg.prefill_ms_step + cfg.prefill_ms_per_token_ctx * ctx + cfg.prefill_ms_per_cached_token * hit
             deadline = start + ms / 1000.0 * cfg.speed * self.slow_factor()
             delay = deadline - loop.time()
             self._emptied.clear()

@@ -7,6 +7,7 @@ One command, from what bench/gpu_calibrate.py measured on a GPU to `sim-worker -
 
 The model (worker/sim/engine.py): a step costs
     prefill_ms_step [if it prefills] + prefill_ms_per_token * U + prefill_ms_per_token_ctx * U * P / 1000
+    + prefill_ms_per_cached_token * (P - U)
     + decode_ms_base + decode_ms_per_seq * running
 for U uncached prompt tokens of prompts P tokens long, admitted FIFO up to max_batch sequences and
 max_prefill_tokens uncached tokens a step; a request's first token comes at the end of its admission step.
@@ -14,6 +15,8 @@ Fitted by least squares:
 - decode_ms_base, decode_ms_per_seq: the mean inter-token interval of B concurrent streams against B;
 - prefill_ms_step, prefill_ms_per_token, prefill_ms_per_token_ctx: an idle server's TTFT against the prompt
   length P (U = P), minus one decode step of one sequence;
+- prefill_ms_per_cached_token: a full cache hit's TTFT beyond the model's for its one uncached token, per
+  cached token (TurboMind's hits are not free: a 16k-token full hit took 37 % of a cold prefill on the H200);
 - max_batch: from the max-batch probe (the largest jump in the sorted TTFTs of more streams than the engine
   runs), or --max-batch (the engine's setting, e.g. TurboMind's max_batch_size from its log).
 
@@ -108,8 +111,20 @@ def fit(
     probe_batch = max_batch_from_probe(calib.get("max_batch_probe") or {})
     mb = max_batch or probe_batch or 256
 
+    # a cache hit's cost: what the full hits took beyond the model's TTFT of their one uncached token, per
+    # cached token (a least-squares slope through 0)
+    full = [
+        (x["full"]["cached_tokens"], 1000.0 * x["full"]["ttft"])
+        for x in calib.get("hits") or []
+        if x["full"].get("ttft") and x["full"].get("cached_tokens")
+    ]
+    hit_ms = 0.0
+    if full:
+        extra = [(n, y - (step_ms + a + b * n / 1000.0 + base + per)) for n, y in full]
+        hit_ms = max(0.0, sum(n * y for n, y in extra) / sum(n * n for n, _ in extra))
+
     def ttft_model(u: float, p: float, running: int = 0) -> float:  # real tokens, ms
-        return step_ms + a * u + b * u * p / 1000.0 + base + per * (running + 1)
+        return step_ms + a * u + b * u * p / 1000.0 + hit_ms * (p - u) + base + per * (running + 1)
 
     checks: dict[str, Any] = {"prefill": [], "decode": [], "hits": [], "mix": []}
     for r in calib["prefill"]:
@@ -172,6 +187,7 @@ def fit(
         "prefill_ms_per_token": round(a * r, 6),
         "prefill_ms_per_token_ctx": round(b * r * r, 8),
         "prefill_ms_step": round(step_ms, 4),
+        "prefill_ms_per_cached_token": round(hit_ms * r, 8),
         "decode_ms_base": round(base, 4),
         "decode_ms_per_seq": round(per, 6),
         "max_prefill_tokens": max(1, round(max_prefill_tokens / r)),
@@ -185,6 +201,7 @@ def fit(
                 "prefill_ms_per_token": a,
                 "prefill_ms_per_token_ctx": b,
                 "prefill_ms_step": step_ms,
+                "prefill_ms_per_cached_token": hit_ms,
                 "decode_ms_base": base,
                 "decode_ms_per_seq": per,
                 "cache_tokens": cache_tokens,
@@ -210,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-prefill-tokens", type=int, default=8192, help="real tokens prefilled a step (8192)")
     ap.add_argument("--block-size", type=int, default=64, help="sim cache block in sim tokens (64)")
     ap.add_argument("--source", default="", help="free text: where and how it was measured")
+    ap.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.0,
+        help="multiply every fitted cost by this (e.g. the measured slowdown of several servers time-sharing one "
+        "GPU, the fit's 'contention' entries; default 1)",
+    )
     ap.add_argument("--out", help="where to write (default worker/sim/profiles/NAME.json)")
     args = ap.parse_args(argv)
     calib = json.loads(Path(args.calib).read_text())
@@ -233,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         "fitted_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"),
         **prof,
     }
+    if args.slowdown != 1.0:
+        for k in ("prefill_ms_per_token", "prefill_ms_per_token_ctx", "prefill_ms_step", "prefill_ms_per_cached_token",
+                  "decode_ms_base", "decode_ms_per_seq"):
+            prof["engine"][k] = round(prof["engine"][k] * args.slowdown, 8)
+        prof["fit"]["slowdown_applied"] = args.slowdown
     out = Path(args.out) if args.out else profiles.DIR / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(prof, indent=1) + "\n")

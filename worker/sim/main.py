@@ -76,6 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prefill-ms-step", type=float, default=0.0, help="extra ms of a step that prefills (default 0)"
     )
     g.add_argument(
+        "--prefill-ms-per-cached-token",
+        type=float,
+        default=0.0,
+        help="ms per cached prompt token of an admitted prompt (a hit is not free on TurboMind; default 0)",
+    )
+    g.add_argument(
         "--speed",
         type=float,
         default=1.0,
@@ -146,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         prefix_cache=not args.no_prefix_cache,
         prefill_ms_per_token_ctx=args.prefill_ms_per_token_ctx,
         prefill_ms_step=args.prefill_ms_step,
+        prefill_ms_per_cached_token=args.prefill_ms_per_cached_token,
     )
     return SimConfig(
         model=args.model,

@@ -25,6 +25,7 @@ FIELDS = {
     "cache_blocks": "cache_blocks",
     "prefill_ms_per_token_ctx": "prefill_ms_per_token_ctx",
     "prefill_ms_step": "prefill_ms_step",
+    "prefill_ms_per_cached_token": "prefill_ms_per_cached_token",
 }
 
 

@@ -47,12 +47,15 @@ bench/microbench_decision.py.
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import NamedTuple
 
 from turbofleet.balancer.backlog import Backlog, Routed
+from turbofleet.balancer.measured import MeasuredBacklog
 from turbofleet.balancer.policy import (
     PIN_UNAVAILABLE,
     READY,
@@ -102,6 +105,18 @@ PRIOR_SESSION_LENGTH = 4.0
 PRIOR_PLACEMENTS = 8.0
 #: per session request, how much older counts fade (the mean session length follows ~1000 requests)
 SESSION_DECAY = 0.999
+#: issue 14. Which backlog `busy` reads: "modelled" (balancer/backlog.py), "measured" (balancer/measured.py:
+#: requests routed and still without a first token, reported by the relay's first-token hook), or "auto"
+#: (measured once the relay has reported a first token, modelled until then)
+BACKLOG_SOURCES = ("modelled", "measured", "auto")
+DEFAULT_BACKLOG = "modelled"
+#: issue 14: with this set to 1 in the proxy's environment, every decision's reason ends with the chosen
+#: worker's backlog estimates at dispatch, ` [backlog modelled=M measured=S]` (bench/backlog_check.py reads it)
+AUDIT_ENV = "TURBOFLEET_BACKLOG_AUDIT"
+#: issue 14: the weight of cache room in the cost of the uncached blocks a request adds to a worker (0: off)
+DEFAULT_ROOM_WEIGHT = 0.0
+#: the fleet's cached share of prompt tokens, until outcomes tell (the value of a cached token, see _fill)
+PRIOR_HIT = 0.25
 
 
 class Mark(NamedTuple):
@@ -145,11 +160,18 @@ class KvAware(PolicyBase):
         seed: int | None = None,
         shared_credit: float = SHARED_CREDIT,
         work_weight: float = WORK_WEIGHT,
+        backlog: str = DEFAULT_BACKLOG,
+        room_weight: float = DEFAULT_ROOM_WEIGHT,
+        audit: bool | None = None,
     ) -> None:
         if epsilon < 0 or slack < 0:
             raise ValueError("epsilon and slack must not be negative")
         if block_chars <= 0 or chars_per_token <= 0 or sample < 1:
             raise ValueError("block_chars, chars_per_token and sample must be positive")
+        if backlog not in BACKLOG_SOURCES:
+            raise ValueError(f"backlog must be one of {', '.join(BACKLOG_SOURCES)}")
+        if room_weight < 0:
+            raise ValueError("room_weight must not be negative")
         self.epsilon = epsilon
         self.slack = slack
         self.shared_credit = shared_credit
@@ -178,6 +200,14 @@ class KvAware(PolicyBase):
         # worker -> optimistically listed block -> the request that listed it: the block exists only once that
         # request's prefill has started
         self._listed: dict[str, dict[int, Mark]] = {}
+        # issue 14: the measured backlog (the relay's first-token hook feeds it), which one `busy` reads, the
+        # cache-room weight, the fleet's cached share of prompt tokens, the audit suffix of the last dispatch
+        self.measured = MeasuredBacklog()
+        self.backlog_source = backlog
+        self.room_weight = float(room_weight)
+        self.hit = PRIOR_HIT
+        self.audit = os.environ.get(AUDIT_ENV) == "1" if audit is None else audit
+        self._audit_note = ""
 
     def cap(self, total: int, workers: int) -> int:
         """The most a worker may carry after taking one more; `total` (load or sessions) counts that one."""
@@ -186,7 +216,42 @@ class KvAware(PolicyBase):
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
         decision = self._choose(request, workers, None)
         assert decision is not None  # only an unfiltered choice gives up
-        return decision
+        return self._noted(decision)
+
+    def _noted(self, decision: Decision) -> Decision:
+        if not self.audit:
+            return decision
+        note, self._audit_note = self._audit_note, ""
+        return replace(decision, reason=f"{decision.reason}{note}")
+
+    def _measuring(self) -> bool:
+        """Whether `busy` reads the measured backlog (see BACKLOG_SOURCES)."""
+        src = self.backlog_source
+        return src == "measured" or (src == "auto" and self.measured.active)
+
+    def _fill(self, w: WorkerView) -> float:
+        """How full the worker's cache is, 0..1: its reported kv_usage or the index's own estimate (blocks
+        listed there over its learned capacity), whichever is higher."""
+        index = self.index
+        est = index.blocks(w.id) / index.capacity(w.id)
+        return w.kv_usage if w.kv_usage > est else est
+
+    def _room(self, window: Sequence[WorkerView], hashes: tuple[int, ...]) -> list[float] | None:
+        """Per worker, what the prompt's blocks cost in cache room if none is cached there: each new block
+        lands in a cache `fill` full, evicting about `fill` of a block others may reuse, worth a cached
+        token's share (`hit`) of a token of prefill at `work_weight` (None when the weight is 0)."""
+        if not self.room_weight or not hashes:
+            return None
+        per_fill = self.room_weight * self.hit * self.work_weight * self.tokens_per_block * (len(hashes) + 0.5)
+        return [per_fill * self._fill(w) for w in window]
+
+    wants_first_token = True
+
+    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> None:
+        """The relay's hook (issue 14): the request routed to `worker_id` with these hashes got its first
+        token, so its prefill is done and it leaves the measured backlog."""
+        if prefix_hashes:
+            self.measured.started((worker_id, prefix_hashes[-1]))
 
     def choose_unfiltered(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision | None:
         """`choose` on a whole fleet snapshot, skipping workers that are not ready or do not serve the model.
@@ -197,7 +262,8 @@ class KvAware(PolicyBase):
         """
         if len(workers) <= self.exact_limit:
             return None
-        return self._choose(request, workers, request.model)
+        decision = self._choose(request, workers, request.model)
+        return None if decision is None else self._noted(decision)
 
     def _choose(self, request: RouteRequest, workers: Sequence[WorkerView], model: str | None) -> Decision | None:
         """The decision; `model` is set when `workers` is not filtered (see `choose_unfiltered`)."""
@@ -239,18 +305,24 @@ class KvAware(PolicyBase):
         # what a worker's queue costs a new request, in prompt tokens: its modelled prefill backlog, or the
         # mean prefill ahead per request in flight times the load (which counts other replicas' requests)
         qt = self.queue_tokens * self.prefill_share
-        busy = [b if b > (t := qt * load) else t for b, load in zip(self.backlog.values(window), loads, strict=True)]
+        ahead = self.measured.values(window) if self._measuring() else self.backlog.values(window)
+        busy = [b if b > (t := qt * load) else t for b, load in zip(ahead, loads, strict=True)]
         floor = min(busy)
+        room = self._room(window, hashes)  # issue 14: an unmatched prompt goes where the cache has room
+        ranked = busy if room is None else [b + r for b, r in zip(busy, room, strict=True)]
         counts: dict[str, int] | None = None
         session_cap = 0
         exact = window is workers
         if key is None:
-            a = self._in_turn(busy, floor, exact)
+            a = self._in_turn(ranked, min(ranked), exact)
         else:
             self._placements = self._placements * SESSION_DECAY + 1.0
             counts = self.sessions.counts
-            session_cap = self.cap(len(self.sessions) + 1, n)
-            ranks = [counts.get(w.id, 0) * _SESSION_WEIGHT + b for w, b in zip(window, busy, strict=True)]
+            others = sum(w.sessions for w in workers)
+            if others:  # other replicas' sessions (handed in through WorkerView): place on the fleet's count
+                counts = {w.id: counts.get(w.id, 0) + w.sessions for w in workers}
+            session_cap = self.cap(len(self.sessions) + others + 1, n)
+            ranks = [counts.get(w.id, 0) * _SESSION_WEIGHT + b for w, b in zip(window, ranked, strict=True)]
             a = self._in_turn(ranks, min(ranks), exact)
         if loads[a] >= cap:  # least busy by this policy's count, yet loaded by others: the least loaded
             a = self._in_turn(loads, min(loads), exact)
@@ -345,13 +417,18 @@ class KvAware(PolicyBase):
         tick = backlog.tick
         state = backlog.state
         usable = self._usable
+        measuring = self._measuring()
         # placing a session: each session already on a worker keeps sending requests there, so it weighs
         # like a request ahead for every request a session sends on average
         qs = 0.0 if counts is None else qt * self.session_length()
         least_sessions = 0 if counts is None else counts.get(a_id, 0)
         best_i, best_m, best_busy = a, m_a, a_busy
-        # cost = queue + sessions + the prefill this request adds (see WORK_WEIGHT)
+        # issue 14: the cache room the uncached blocks take (see _room), per block and unit of fill
+        rw = self.room_weight * self.hit * ww
+        # cost = queue + sessions + the prefill this request adds (see WORK_WEIGHT) [+ the room it takes]
         best_cost = a_busy + qs * least_sessions + ww * (blocks - m_a + min(discount, m_a))
+        if rw:
+            best_cost += rw * (blocks - m_a) * self._fill(workers[a])
         capped_depth = 0
         seen = index.bit(a_id)
         positions = self._positions
@@ -384,12 +461,18 @@ class KvAware(PolicyBase):
                 if cost <= best_cost:
                     m = depth
                     st = state.get(wid)
+                    if measuring:  # issue 14: the measured backlog instead of the modelled one
+                        ahead = self.measured.value(wid)
+                        if ahead > busy:
+                            busy = ahead
                     if st is not None:
                         left = st.left(drain, tick)
-                        if left > busy:
+                        if left > busy and not measuring:
                             busy = left
                         m = usable(wid, hashes, depth, st.routed - left)
                     cost = busy + qs * sessions + (work if m == depth else ww * (blocks - m + min(discount, m)))
+                    if rw:
+                        cost += rw * (blocks - m) * self._fill(w)
                     if cost < best_cost or (cost == best_cost and busy < best_busy):
                         best_i, best_m, best_busy, best_cost = j, m, busy, cost
                     if busy <= floor and sessions <= least_sessions:
@@ -409,6 +492,12 @@ class KvAware(PolicyBase):
         age = index.age(worker_id, hashes[matched - 1], confirmed=True) if matched else None
         index.insert(worker_id, hashes[: matched + OPTIMISTIC_BLOCKS], matched, confirmed=False)
         uncached = (len(hashes) + 0.5 - matched) * self.tokens_per_block
+        if self.audit:
+            self._audit_note = (
+                f" [backlog modelled={self.backlog.of(worker_id):.0f} measured={self.measured.value(worker_id):.0f}"
+                f" uncached={uncached:.0f}]"
+            )
+        self.measured.add((worker_id, hashes[-1]), uncached)
         routed = self.backlog.add(worker_id, uncached)
         if routed.ahead > 0.0:  # the worker is busy: this request's blocks appear only once it starts (`_usable`)
             marks = self._listed.get(worker_id)
@@ -459,6 +548,8 @@ class KvAware(PolicyBase):
         hashes = outcome.prefix_hashes
         wid = outcome.worker_id
         pending = self._pending.pop((wid, hashes[-1]), None) if hashes else None
+        if hashes:
+            self.measured.ended((wid, hashes[-1]))
         if pending is not None:
             self._unlist(wid, hashes, pending.matched)
         if not outcome.ok:
@@ -472,6 +563,8 @@ class KvAware(PolicyBase):
             share = min(1.0, max(0.0, outcome.ttft_s / outcome.latency_s))
             self.prefill_share += LEARN_RATE * (share - self.prefill_share)
         if prompt:
+            if cached is not None:
+                self.hit += LEARN_RATE * (min(cached, prompt) / prompt - self.hit)
             if hashes:
                 self.tokens_per_block += LEARN_RATE * (prompt / (len(hashes) + 0.5) - self.tokens_per_block)
             if cached is not None and self._learn_queue:
@@ -500,6 +593,21 @@ class KvAware(PolicyBase):
         self.index.forget(worker_id)
         self.sessions.forget(worker_id)
         self.backlog.forget(worker_id)
+        self.measured.forget(worker_id)
         self._listed.pop(worker_id, None)
         for key in [k for k in self._pending if k[0] == worker_id]:
             del self._pending[key]
+
+    # ---------------------------------------------------------------- issue 10: placement of queued requests
+    def queue_cost(self, request: RouteRequest, worker: WorkerView) -> float:
+        """What serving `request` on `worker` costs, in prompt tokens of prefill, by the cost model `choose`
+        uses: the worker's queue (its modelled prefill backlog, or queue_tokens x prefill_share x load) plus
+        WORK_WEIGHT x the prompt's blocks it lacks. The proxy's queue calls it when a worker frees up, to send
+        it the queued request whose prefix it holds (proxy/admission.py); it changes no state."""
+        load = worker.in_flight + worker.waiting
+        busy = max(self.backlog.of(worker.id), self.queue_tokens * self.prefill_share * load)
+        hashes = request.prefix_hashes
+        if not hashes:
+            return busy
+        m = self._usable(worker.id, hashes, self.index.match(worker.id, hashes))
+        return busy + self.work_weight * self.tokens_per_block * (len(hashes) + 0.5 - m)

@@ -61,6 +61,9 @@ class WorkerView:
     #: the most recent observed end-to-end latencies in seconds, oldest first (LMDeploy keeps 15)
     latencies: tuple[float, ...] = ()
     role: int = 1
+    #: active sessions OTHER proxy replicas have placed on this worker (shared through Redis; issue 18):
+    #: a session-placing policy adds them to its own count, so replicas place new sessions as one would
+    sessions: int = 0
 
     def with_in_flight(self, in_flight: int) -> WorkerView:
         """A copy with another in-flight count: the registry's per-request update, faster than
@@ -76,6 +79,7 @@ class WorkerView:
             self.speed,
             self.latencies,
             self.role,
+            self.sessions,
         )
 
     @property
@@ -155,6 +159,12 @@ class Policy(Protocol):
     def forget(self, worker_id: str) -> None:
         """Drop whatever is kept about a worker that left the fleet; may do nothing."""
 
+    #: whether the proxy should call `first_token` when a streamed request's first token arrives
+    wants_first_token: bool
+
+    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> None:
+        """A streamed request routed to `worker_id` got its first token: its prefill is done (issue 14)."""
+
 
 class PolicyBase:
     """Defaults for the Policy protocol's optional abilities: no pins, no prefix hashes, no unfiltered
@@ -171,6 +181,11 @@ class PolicyBase:
         pass
 
     def forget(self, worker_id: str) -> None:
+        pass
+
+    wants_first_token: bool = False
+
+    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> None:
         pass
 
 

@@ -17,6 +17,7 @@ import aiohttp
 from turbofleet.bench.workloads import RequestSpec, salt_messages
 
 ROUTE_HEADERS = ("X-Turbofleet-Worker", "X-Turbofleet-Route")
+ROUTE_REASON_HEADER = "X-Turbofleet-Route"
 
 
 @dataclass
@@ -37,7 +38,11 @@ class RequestResult:
     error: str | None = None  # kind: http_<status>, error_body, sse_error, broken_stream, timeout, connect, ...
     error_detail: str = ""
     worker: str | None = None
+    #: the router's X-Turbofleet-Route reason, when it sent one
+    route: str | None = None
     text: str = ""
+    #: the Retry-After header of an error answer (429/503)
+    retry_after: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -164,7 +169,9 @@ async def send_chat(
                 if name in resp.headers:
                     res.worker = resp.headers[name]
                     break
+            res.route = resp.headers.get(ROUTE_REASON_HEADER)
             if resp.status != 200:
+                res.retry_after = resp.headers.get("Retry-After")
                 res.error = f"http_{resp.status}"
                 res.error_detail = (await resp.read())[:300].decode(errors="replace")
             elif "text/event-stream" not in resp.headers.get("Content-Type", ""):
@@ -186,6 +193,9 @@ async def send_chat(
     except aiohttp.ClientError as e:
         res.error, res.error_detail = "client_error", f"{type(e).__name__}: {e}"
     res.end = time.perf_counter() - t0
+    if res.ok and not res.chunk_times:
+        # an answer that carries no token is an error (how LMDeploy's proxy fails under overload: an empty 200)
+        res.error, res.error_detail = "no_token", "the answer carried no token"
     if res.ok and not res.usage_seen:
         # No usage chunk: count whitespace words, which is what the simulator calls tokens.
         res.completion_tokens = len(res.text.split())

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import shlex
 import sys
 import time
@@ -210,7 +211,7 @@ async def run_one(
 ) -> tuple[dict[str, Any], list[RequestResult]]:
     """Router in front of the workers (a fresh simulated fleet, or the --fleet-url servers), workload through it
     (every prompt opened by the run marker `salt`, when given); always tears down what it started."""
-    tag = spec.label.replace(":", "-")
+    tag = re.sub(r"[^A-Za-z0-9_.=-]", "-", spec.label)  # a file name: no ':' and no '/' of policy options
     fleet: WorkerFleet
     if args.fleet_url:
         fleet = ExternalFleet(args.fleet_url)
@@ -253,6 +254,7 @@ async def run_one(
                 f"{REQUESTS_METRIC} is unreadable or does not add up to the run's requests)",
                 file=sys.stderr,
             )
+        after = await _counts_after(session, launch.urls) if spec.kind.startswith("turbofleet") else None
         dead = [c.name for c in [*children, *fleet.children] if not c.alive()]
         summary = summarize(results, counts if counts is not None else {})
         summary["workers_source"] = source
@@ -261,11 +263,31 @@ async def run_one(
         summary["cpu"] = cpu
         if dead:
             summary["died"] = dead
+        if after is not None:
+            summary["after"] = after
         return summary, results
     finally:
         for c in children:
             c.stop()
         fleet.stop()
+
+
+async def _counts_after(session: aiohttp.ClientSession, urls: Sequence[str], wait_s: float = 5.0) -> dict[str, float]:
+    """turbofleet's in-flight and queued counts once a run is over (summed over replicas), after they settle:
+    both must be back to 0."""
+    from turbofleet.bench.output import parse_prometheus
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        total = {"in_flight": 0.0, "queued": 0.0}
+        for url in urls:
+            async with session.get(url + "/metrics") as resp:
+                m = parse_prometheus(await resp.text())
+            total["in_flight"] += m.get("turbofleet_in_flight_requests", 0.0)
+            total["queued"] += m.get("turbofleet_queue_depth", 0.0)
+        if not any(total.values()) or time.monotonic() > deadline:
+            return total
+        await asyncio.sleep(0.2)
 
 
 async def _compare(
@@ -297,6 +319,19 @@ async def _compare(
             except (RuntimeError, OSError) as e:
                 print(f"bench: no redis for {', '.join(sorted(REDIS_KINDS))}: {e}", file=sys.stderr)
         async with make_session(timeout=30) as session:
+            if args.ramp:
+                from turbofleet.bench import ramp
+
+                data = await ramp.run_ramp(args, plan, specs, model, log_dir, redis_url, session, salts, run_one)
+                print(ramp.report(data))
+                if args.json:
+                    write_json(args.json, {"workload": plan.describe(), "machine": machine(), "command": sys.argv,
+                                           "sim_args": None if fleet_urls else args.sim_args,
+                                           "workers": len(fleet_urls) if fleet_urls else args.workers,
+                                           "fleet_urls": fleet_urls, "proxy_args": args.proxy_args, "ramp": data})
+                if args.plot:
+                    print(f"wrote {ramp.plot(data, args.plot)}", file=sys.stderr)
+                return 0
             for spec in specs:
                 salt = None
                 while salted and (salt is None or salt in salts):  # a marker no earlier run of this compare used

@@ -5,6 +5,7 @@ servers already running), or measure router overhead against instant backends.
   turbofleet bench compare WORKLOAD [workload options] --workers N --routers SPEC,SPEC,...
   turbofleet bench compare WORKLOAD [workload options] --fleet-url URL [--fleet-url URL ...] --routers SPEC,...
   turbofleet bench overhead --workers 2 --routers turbofleet,lmdeploy,sglang,vllm [--stream]
+  turbofleet bench streams --n 1000,5000,10000 --rate 20 --tokens 500 --routers turbofleet,vllm,sglang
 
 WORKLOAD is multiround | shared-prefix | random | trace FILE. Defaults are sized for a 2-core box running four
 simulated workers, a router and this client at once.
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "what",
         nargs="+",
         metavar="WORKLOAD",
-        help="multiround | shared-prefix | random | trace FILE | compare WORKLOAD.. | overhead",
+        help="multiround | shared-prefix | random | trace FILE | compare WORKLOAD.. | overhead | streams",
     )
     g = parser.add_argument_group("target and output")
     g.add_argument("--url", help="OpenAI-compatible base URL (a router or one worker)")
@@ -100,13 +101,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "0.125 with big sim caches to measure reuse, see docs/BENCHMARKS.md)",
     )
 
+    g = parser.add_argument_group("ramp (compare --ramp: offered load in steps of measured capacity; issue 10)")
+    g.add_argument("--ramp", help="compare: multiples of capacity to step through, e.g. 0.5,1,1.5,2")
+    g.add_argument("--capacity", type=float, help="ramp: capacity in req/s (default: measured closed-loop through "
+                   "the first router, --concurrency slots)")
+    g.add_argument("--slo-ms", type=float, default=2000.0, help="ramp: TTFT SLO for goodput (default 2000)")
+    g.add_argument("--interactive-share", type=float, default=0.0,
+                   help="ramp: share of requests sent with X-Priority: interactive (default 0)")
+    g.add_argument("--tenants", help="ramp: NAME:WEIGHT,... each request sends X-Tenant drawn by weight")
+    g.add_argument("--queue-budget", type=float, help="ramp: seconds sent as X-Queue-Timeout on every request; "
+                   "a 429 after it is counted")
+
     g = parser.add_argument_group("compare / overhead")
     g.add_argument("--workers", type=int, help="simulated workers (compare default 4; overhead default 2)")
     g.add_argument(
         "--routers",
         help=f"comma list of router specs (compare default: {DEFAULT_COMPARE_ROUTERS}; "
-        f"overhead default: {DEFAULT_OVERHEAD_ROUTERS}); a spec is NAME[:POLICY], "
-        "NAME in turbofleet, turbofleet-x2, lmdeploy, sglang, vllm, ideal",
+        f"overhead default: {DEFAULT_OVERHEAD_ROUTERS}); a spec is NAME[@DIR][:POLICY[/KEY=VALUE...]] (@DIR: a "
+        "turbofleet run from another checkout, to compare before/after in one run; /KEY=VALUE: a turbofleet policy "
+        "option, to compare policy variants in one run), "
+        "NAME in turbofleet, turbofleet-x2, turbofleet-p2 (--processes 2), lmdeploy, sglang, vllm, ideal, "
+        "bare-memory, bare-relay",
     )
     g.add_argument("--sim-args", default="", help='extra sim-worker flags, quoted: "--max-batch 8 ..."')
     g.add_argument(
@@ -153,6 +168,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="overhead: instant backend (auto: nginx when installed)",
     )
 
+    # issue 16: thousands of concurrent streams through one router
+    g = parser.add_argument_group("streams (--rate is tokens/s per stream there, default 20)")
+    g.add_argument("--n", default="1000,5000,10000", help="streams: concurrent streams, comma list (default "
+                   "1000,5000,10000)")
+    g.add_argument("--tokens", type=int, default=500, help="streams: tokens per stream (default 500)")
+    g.add_argument("--open-over", type=float, help="streams: seconds to open all N (default N/1000, at least 2)")
+    g.add_argument("--sample-every", type=int, default=10,
+                   help="streams: record per-token latency on every K-th stream (default 10)")
+
 
 def run(args: argparse.Namespace) -> int:
     from turbofleet.bench import aio
@@ -166,6 +190,12 @@ def run(args: argparse.Namespace) -> int:
         from turbofleet.bench.overhead import run_overhead
 
         return run_overhead(args)
+    if what[0] == "streams":
+        from turbofleet.bench.streams import run_streams_bench
+
+        if args.rate is None:
+            args.rate = 20.0
+        return run_streams_bench(args)
     return aio.run(_single(args, what))
 
 

@@ -67,6 +67,7 @@ def write_requests(path: str | Path, runs: Mapping[str, Sequence[RequestResult]]
                     "completion_tokens": r.completion_tokens,
                     "status": r.status,
                     "error": r.error,
+                    "route": r.route,
                 }
                 f.write(json.dumps(row) + "\n")
 

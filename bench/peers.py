@@ -13,17 +13,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("turbofleet", "turbofleet-redis", "turbofleet-x2", "lmdeploy", "sglang", "vllm", "ideal")
+KINDS = ("turbofleet", "turbofleet-redis", "turbofleet-x2", "turbofleet-p2", "lmdeploy", "sglang", "vllm", "ideal",
+         "bare-memory", "bare-relay")
+#: issue 16: floors, not routers (bench/bare.py): aiohttp answering from memory; aiohttp + our upstream client
+BARE_KINDS = {"bare-memory": "memory", "bare-relay": "relay"}
+#: issue 16: one `turbofleet proxy --processes 2` (two event-loop processes on one port, private redis-server)
+PROCESS_KINDS = {"turbofleet-p2": 2}
 #: turbofleet kinds that need a Redis: one proxy on the Redis registry, or two replicas sharing one
 REDIS_KINDS = frozenset({"turbofleet-redis", "turbofleet-x2"})
 DEFAULT_POLICY = {
     "turbofleet": "kv_aware",
     "turbofleet-redis": "kv_aware",
     "turbofleet-x2": "kv_aware",
+    "turbofleet-p2": "kv_aware",
     "lmdeploy": "min_expected_latency",
     "sglang": "cache_aware",
     "vllm": "cache_aware",
     "ideal": "hash",
+    "bare-memory": "none",
+    "bare-relay": "none",
 }
 EXECUTABLE = {"lmdeploy": "lmdeploy", "sglang": "sglang-router", "vllm": "vllm-router"}
 #: the routers `bench compare` and `bench overhead` run when --routers is not given
@@ -38,23 +46,30 @@ class RouterSpec:
 
     kind: str
     policy: str
+    #: turbofleet kinds: run the proxy from this checkout (NAME@DIR), to compare revisions in one run
+    source: str | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.kind}:{self.policy}"
+        at = f"@{Path(self.source).name}" if self.source else ""
+        return f"{self.kind}{at}:{self.policy}"
 
 
 def parse_routers(text: str) -> list[RouterSpec]:
-    """'turbofleet:kv_aware,lmdeploy,sglang' -> specs with each kind's default policy filled in."""
+    """'turbofleet:kv_aware,lmdeploy,sglang' -> specs with each kind's default policy filled in. A turbofleet
+    policy may carry options: 'turbofleet:kv_aware/room_weight=1/backlog=auto' (each a --policy-option)."""
     out = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
         kind, _, policy = item.partition(":")
+        kind, _, source = kind.partition("@")
         kind = kind.strip().lower()
         if kind not in KINDS:
             raise ValueError(f"unknown router {kind!r} (one of {', '.join(KINDS)})")
-        out.append(RouterSpec(kind, policy.strip() or DEFAULT_POLICY[kind]))
+        if source and not kind.startswith("turbofleet"):
+            raise ValueError(f"{item!r}: only turbofleet kinds run from another checkout (NAME@DIR)")
+        out.append(RouterSpec(kind, policy.strip() or DEFAULT_POLICY[kind], source.strip() or None))
     return out
 
 
@@ -118,14 +133,29 @@ def build_launch(
     """The command lines for `spec`. Raises LookupError when a peer is not installed."""
     if spec.kind == "ideal":
         return Launch(argvs=[], ports=[], ready_path="", pin_workers=True)
-    if spec.kind in ("turbofleet", *REDIS_KINDS):
+    if spec.kind in BARE_KINDS:
+        port = free_port()
+        argv = [python, "-m", "turbofleet.bench.bare", "--mode", BARE_KINDS[spec.kind], "--port", str(port),
+                "--worker", workers[0]]
+        return Launch(argvs=[argv], ports=[port], ready_path="/health")
+    if spec.kind in ("turbofleet", *REDIS_KINDS, *PROCESS_KINDS):
         replicas = 2 if spec.kind == "turbofleet-x2" else 1
         if spec.kind in REDIS_KINDS and not redis_url:
             raise LookupError(f"{spec.kind} needs --redis URL or a redis-server on PATH")
         ports = [free_port() for _ in range(replicas)]
         argvs = []
         for i, port in enumerate(ports):
-            argv = proxy_argv(port, workers, policy=spec.policy, log_level="warning", extra=proxy_args, python=python)
+            # issue 14: turbofleet:kv_aware/KEY=VALUE/... compares policy variants in one run
+            policy, *options = spec.policy.split("/")
+            opts = [x for o in options for x in ("--policy-option", o)]
+            argv = proxy_argv(port, workers, policy=policy, log_level="warning", extra=[*opts, *proxy_args],
+                              python=python)
+            if spec.source:
+                # NAME@DIR: that checkout's code first on the path (its turbofleet/ links to its rooms)
+                # (-P: not the current directory, which may hold another checkout)
+                argv = ["env", f"PYTHONPATH={Path(spec.source).resolve()}", python, "-P", *argv[1:]]
+            if spec.kind in PROCESS_KINDS:
+                argv += ["--processes", str(PROCESS_KINDS[spec.kind])]
             if redis_url and spec.kind in REDIS_KINDS:
                 # A fresh key prefix per run: no pins or prefix index survive from an earlier router's run.
                 argv += ["--registry", redis_url, "--registry-prefix", f"tf-{run_id}", "--replica-id", f"r{i}"]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import hmac
-import html
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,29 +14,42 @@ from aiohttp import web
 from turbofleet.balancer import make_policy
 from turbofleet.balancer.policy import READY
 
-from . import node_routes, openai_routes
+from . import fleetview, node_routes, openai_routes, tracing
+from .auth import Secrets
 from .config import Settings
-from .errors import Handler, Unauthorized, error_middleware
+from .edge import edge_middleware, on_prepare
+from .errors import error_middleware
+from .guard import Allowlist
 from .health import HealthChecker, Outliers
-from .keys import BLOCK_CHARS, CLIENT, HEALTH, METRICS, OUTLIERS, POLICY, POOL, REGISTRY, RELAY, SETTINGS, STARTED
+from .keys import (
+    ALLOWLIST,
+    BLOCK_CHARS,
+    CLIENT,
+    HEALTH,
+    KEYTABLE,
+    METRICS,
+    OUTLIERS,
+    POLICY,
+    POOL,
+    QUEUE,
+    REGISTRY,
+    RELAY,
+    SECRETS,
+    SETTINGS,
+    STARTED,
+    VIA_ID,
+)
+from .limits import LIMITS, Limits, limits_ctx
 from .metrics import Metrics
+from .openapi import openapi_json
 from .registry import open_registry
 from .registry.base import RegistryUnavailable, WorkerChange, WorkerEvent, WorkerRecord
 from .relay import Relay
+from .shared_sessions import share_sessions
+from .tenants import KeyTable
 from .upstream import UpstreamPool
 
 log = logging.getLogger("turbofleet.proxy")
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Client API keys guard the inference routes (/v1/*, /generate, ...) when configured."""
-    keys = request.app[SETTINGS].api_keys
-    if not request.path.startswith(("/nodes", "/health", "/metrics", "/status")) and request.path != "/":
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not given or not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
-            raise Unauthorized("Incorrect or missing API key. Send `Authorization: Bearer <key>`.")
-    return await handler(request)
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
@@ -87,8 +99,10 @@ async def _health(app: web.Application) -> AsyncIterator[None]:
     app[HEALTH] = checker
     app[RELAY] = Relay(pool=app[POOL], registry=app[REGISTRY], policy=app[POLICY], settings=app[SETTINGS],
                        metrics=app[METRICS], outliers=app[OUTLIERS])
+    app[QUEUE] = app[RELAY].flow
     checker.start()
     yield
+    await app[QUEUE].close()
     await checker.stop()
 
 
@@ -123,32 +137,13 @@ async def metrics(request: web.Request) -> web.Response:
                        {"worker": url}, 1.0 if st["state"] == READY else 0.0))
         gauges.append(("turbofleet_worker_waiting", "Requests waiting in the worker's engine (reported).",
                        {"worker": url}, float(st["waiting"])))
+    gauges.extend(app[QUEUE].gauges())
     reg = registry.health()
     gauges.append(("turbofleet_registry_reachable", "1 when the registry answers.", {"backend": str(reg["backend"])},
                    1.0 if reg.get("reachable") else 0.0))
     gauges.append(("turbofleet_registry_stale_seconds", "Seconds since the registry was last in sync.",
                    {"backend": str(reg["backend"])}, float(reg.get("stale_s") or 0.0)))
     return web.Response(text=app[METRICS].render(gauges), content_type="text/plain", charset="utf-8")
-
-
-async def status_page(request: web.Request) -> web.Response:
-    """A small human view of the fleet: one row per worker."""
-    status = node_routes.node_status(request.app)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-            url, ", ".join(st["models"]), st["state"], st["unfinished"], st["running"], st["waiting"],
-            f"{st['kv_usage']:.0%}", st["source"], st["reason"])) + "</tr>"
-        for url, st in sorted(status.items()))
-    reg = request.app[REGISTRY].health()
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>turbofleet</title>
-<meta http-equiv="refresh" content="2"><style>body{{font-family:sans-serif;margin:2em}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head><body>
-<h1>turbofleet</h1><p>policy <b>{html.escape(request.app[POLICY].name)}</b> &middot; registry
-<b>{html.escape(str(reg.get("backend")))}</b> ({"reachable" if reg.get("reachable") else "UNREACHABLE"})
-&middot; in flight here: {request.app[RELAY].active}</p>
-<table><tr><th>worker</th><th>models</th><th>state</th><th>in flight</th><th>running</th><th>waiting</th>
-<th>KV cache</th><th>source</th><th>why out</th></tr>{rows}</table></body></html>"""
-    return web.Response(text=page, content_type="text/html")
 
 
 def _follow_the_fleet(app: web.Application) -> None:
@@ -166,24 +161,36 @@ def _follow_the_fleet(app: web.Application) -> None:
 
 def build_app(settings: Settings) -> web.Application:
     """A ready-to-run proxy application for `settings`."""
-    # the auth middleware costs a hop on every request: install it only when there are keys to check
-    middlewares = [error_middleware, auth_middleware] if settings.api_keys else [error_middleware]
-    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware, edge_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    # the security perimeter (issue 11): credentials, the node allowlist, this instance's name in `Via`
+    app[SECRETS] = Secrets.of(settings.admin_token, settings.worker_token)
+    app[KEYTABLE] = KeyTable.load(settings.api_keys, settings.api_keys_file)
+    app[ALLOWLIST] = Allowlist.parse(settings.allow_nodes)
+    app[VIA_ID] = "turbofleet-" + secrets.token_hex(6)
+    app[LIMITS] = Limits(redis_url=settings.registry if (settings.registry or "memory") != "memory" else None,
+                         prefix=settings.registry_prefix)
+    app.on_response_prepare.append(on_prepare)
+    if settings.insecure_open_admin:
+        log.warning("!!! --insecure-open-admin: the node API is OPEN. Anyone who can reach this port can register "
+                    "any URL as a worker (and receive prompts), and terminate every worker. Use it only on a "
+                    "trusted network, for LMDeploy compatibility. !!!")
     app[METRICS] = Metrics()
     app[STARTED] = time.monotonic()
     app[REGISTRY] = open_registry(settings.registry, prefix=settings.registry_prefix, pin_ttl=settings.pin_ttl,
                                   replica_id=settings.replica_id)
     app[POLICY] = make_policy(settings.policy, **settings.policy_options)
+    share_sessions(app[REGISTRY], app[POLICY])  # issue 18: replicas place sessions on fleet-wide counts
     # prompts are hashed in the policy's own block size, and not at all for policies blind to prefixes
     app[BLOCK_CHARS] = app[POLICY].block_chars
     app[OUTLIERS] = Outliers(settings, app[METRICS], app[REGISTRY].snapshot)
     _follow_the_fleet(app)
-    app.cleanup_ctx.extend([_client_session, _registry, _health, _static_workers])
+    app.cleanup_ctx.extend([_client_session, _registry, _health, _static_workers, limits_ctx])
     openai_routes.add_routes(app)
     node_routes.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/status", status_page)
-    app.router.add_get("/", status_page)
+    fleetview.add_routes(app)  # issue 12: /status (the dashboard), /admin/fleet (its data)
+    app.router.add_get("/openapi.json", openapi_json)
+    tracing.install(app, settings.tracing)  # issue 12: OpenTelemetry, when the otel extra is installed and asked for
     return app

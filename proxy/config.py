@@ -28,11 +28,37 @@ class Settings(BaseModel):
     #: static workers registered at start (their models are read from /v1/models)
     workers: tuple[str, ...] = ()
 
-    # security: client keys for /v1/*, an admin token for /nodes/* writes and /admin/*
+    # security: client keys for the inference routes, an admin token for the node API and fleet details
     api_keys: tuple[str, ...] = ()
     admin_token: str | None = None
-    #: sent upstream as `Authorization: Bearer ...` when set; otherwise the client's header is forwarded
+    #: sent upstream as `Authorization: Bearer ...` when set; otherwise nothing is (see forward_client_auth)
     worker_api_key: str | None = None
+
+    # security perimeter (issue 11; docs/SECURITY.md)
+    #: a YAML/JSON file of keys -> tenants and limits, re-read on SIGHUP
+    api_keys_file: str | None = None
+    #: the token agents send: register, heartbeat, drain, deregister (never terminate or fleet details)
+    worker_token: str | None = None
+    #: who may call the node API's writes and what URLs may be registered: CIDRs or host names
+    allow_nodes: tuple[str, ...] = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                    "fc00::/7")
+    #: most workers registered at once (0: unlimited)
+    max_nodes: int = 256
+    #: LMDeploy's open node API: anyone may register anything and terminate everything (loud warning)
+    insecure_open_admin: bool = False
+    #: answer LMDeploy's `GET /nodes/terminate_all` (a GET can be fired by a link or an image tag)
+    allow_terminate_get: bool = False
+    #: send the client's own Authorization header to workers (when no worker_api_key is set)
+    forward_client_auth: bool = False
+    #: idle keep-alive connections from clients close after this long
+    keepalive_timeout: float = 15.0
+    #: a client must send a request's headers within this long, and its body within body_timeout
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    #: a streaming client that reads nothing for this long is dropped (its worker freed), idle gap or not
+    slow_client_timeout: float = 10.0
+    #: requests one key (or, without keys, one client address) may have in flight on this replica (0: no cap)
+    max_concurrency_per_client: int = 0
 
     # limits
     max_body_bytes: int = 32 * 1024 * 1024
@@ -79,8 +105,32 @@ class Settings(BaseModel):
     pool_size: int = 1000
     pool_per_host: int = 0
 
+    # issue 10: admission control, the queue and fair shares (proxy/flow.py, proxy/admission.py)
+    #: "on" queues requests for a saturated model; "off" forwards everything at once (as before)
+    admission: str = "on"
+    #: queue budget per class: seconds for all, or "interactive=2,default=5,batch=30"
+    queue_timeout: str = "interactive=2,default=5,batch=30"
+    #: queued requests per model, 429 beyond
+    queue_max: int = 1000
+    #: per-worker concurrency limit: 0 learns it from delivered TTFT (balancer/saturation.py)
+    worker_concurrency: int = 0
+    worker_concurrency_initial: int = 16
+    worker_concurrency_max: int = 256
+    #: a slower first token than this lowers a worker's learned limit
+    target_ttft: float = 1.0
+    #: placement looks this many queued requests ahead (in fair order) for the one a freed worker fits best
+    placement_window: int = 8
+    # issue 16: `--processes N|auto` event-loop processes on one port (proxy/supervisor.py); each child binds
+    # with SO_REUSEPORT
+    processes: str = "1"
+    reuse_port: bool = False
+
     log_level: str = "info"
     access_log: bool = False
+    # issue 12: the log's format (auto: text on a terminal, JSON lines otherwise); one line per request
+    log_format: str = "auto"
+    #: issue 12: OpenTelemetry traces (the otel extra): auto (on when OTEL_EXPORTER_OTLP_* names an endpoint), on, off
+    tracing: str = "auto"
     policy_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -91,7 +141,16 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "registry": (str, "memory (default) or redis://HOST:PORT/DB to share the fleet between replicas"),
     "registry_prefix": (str, "prefix of every Redis key"),
     "replica_id": (str, "this replica's id in the shared registry (default: host-pid)"),
-    "admin_token": (str, "token required for /nodes/* writes and /admin/*"),
+    "admin_token": (str, "token for the node API (/nodes/*) and the fleet's details (/nodes/status, /status); "
+                         "without it only allowlisted addresses may register and terminate* is refused"),
+    "api_keys_file": (str, "YAML/JSON file of API keys with tenants and limits (re-read on SIGHUP)"),
+    "worker_token": (str, "token agents send to register and heartbeat (turbofleet worker --token)"),
+    "max_nodes": (int, "most workers registered at once, 429 beyond (0: unlimited)"),
+    "keepalive_timeout": (float, "seconds an idle client connection stays open"),
+    "header_timeout": (float, "seconds a client has to send a request's headers"),
+    "body_timeout": (float, "seconds a client has to send a request's body (408 beyond)"),
+    "slow_client_timeout": (float, "seconds a streaming client may read nothing before it is dropped"),
+    "max_concurrency_per_client": (int, "requests in flight per key (or client address) on this replica"),
     "worker_api_key": (str, "API key sent to workers"),
     "max_body_bytes": (int, "largest request body accepted (413 beyond)"),
     "max_concurrency": (int, "requests accepted at once, 429 beyond (0: unlimited)"),
@@ -115,6 +174,24 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "heartbeat_ttl": (float, "agent-registered worker is gone after this long without a heartbeat"),
     "shutdown_grace": (float, "seconds to finish in-flight requests on SIGTERM"),
     "log_level": (str, "debug, info, warning, error"),
+    # issue 10: admission control and the queue
+    "admission": (str, "on (default): queue requests for a saturated model; off: forward everything at once"),
+    "queue_timeout": (str, "queue budget, s: one number, or per class: interactive=2,default=5,batch=30 (a shorter "
+                           "X-Queue-Timeout header wins)"),
+    "queue_max": (int, "queued requests per model; 429 beyond"),
+    "worker_concurrency": (int, "requests a worker may hold at once (0: learned from TTFT, the default)"),
+    "worker_concurrency_initial": (int, "the learned limit's starting value"),
+    "worker_concurrency_max": (int, "the learned limit's ceiling"),
+    "target_ttft": (float, "a first token slower than this (s) lowers a worker's learned limit"),
+    "placement_window": (int, "queued requests a freed worker chooses among (its best prefix match first)"),
+    # issue 12
+    "log_format": (str, "auto (text on a terminal, JSON lines otherwise), json or text; logs go to stdout, "
+                        "one line per request on the turbofleet.requests logger at info level"),
+    "tracing": (str, "OpenTelemetry traces, needs turbofleet[otel]: auto (on when OTEL_EXPORTER_OTLP_ENDPOINT, "
+                     "..._TRACES_ENDPOINT or OTEL_TRACES_EXPORTER is set), on, off; the SDK reads OTEL_* itself"),
+    # issue 16
+    "processes": (str, "event-loop processes on the port (SO_REUSEPORT), or auto (one per core); without "
+                       "--registry they share a private redis-server on a Unix socket (docs/BENCHMARKS.md)"),
 }
 
 
@@ -126,6 +203,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="register a worker at start (repeatable)")
     parser.add_argument("--api-keys", nargs="*", default=None, metavar="KEY", help="keys accepted on /v1/*")
     parser.add_argument("--access-log", action="store_true", default=None, help="log every request")
+    # security perimeter (issue 11)
+    parser.add_argument("--allow-nodes", nargs="+", default=None, metavar="CIDR|HOST",
+                        help="addresses that may use the node API and be registered as workers "
+                             "(default: loopback and private ranges; link-local is not)")
+    parser.add_argument("--insecure-open-admin", action="store_true", default=None,
+                        help="LMDeploy's open node API: anyone may register any URL and terminate workers")
+    parser.add_argument("--allow-terminate-get", action="store_true", default=None,
+                        help="answer GET /nodes/terminate_all as LMDeploy does (default: POST only)")
+    parser.add_argument("--forward-client-auth", action="store_true", default=None,
+                        help="send the client's Authorization header to workers (default: never)")
     parser.add_argument("--policy-option", dest="policy_options", action="append", default=None,
                         metavar="KEY=VALUE", type=_policy_option,
                         help="an option of the routing policy, e.g. epsilon=0.25 (repeatable; env "
@@ -172,7 +259,7 @@ def build_settings(args: argparse.Namespace | None, environ: Mapping[str, str]) 
             values[name] = parsed
             continue
         ann = field.annotation
-        if name in ("workers", "api_keys"):
+        if name in ("workers", "api_keys", "allow_nodes"):
             values[name] = tuple(x for x in env.replace(",", " ").split() if x)
         elif ann is bool:
             values[name] = env.lower() in ("1", "true", "yes", "on")

@@ -23,13 +23,18 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
+    409: "conflict_error",
     413: "invalid_request_error",
+    414: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     499: "client_closed_request",
     500: "internal_error",
     502: "upstream_error",
     503: "service_unavailable",
     504: "timeout_error",
+    508: "loop_detected",
 }
 
 
@@ -65,6 +70,20 @@ class Forbidden(ProxyError):
 
 class NotFound(ProxyError):
     status, code = 404, "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status, code = 405, "method_not_allowed"
+
+
+class RequestTimeout(ProxyError):
+    status, code = 408, "request_timeout"
+
+
+class LoopDetected(ProxyError):
+    """The request came back through this proxy (a worker URL that leads to the proxy itself)."""
+
+    status, code = 508, "loop_detected"
 
 
 class PayloadTooLarge(ProxyError):

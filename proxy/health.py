@@ -92,7 +92,7 @@ class Outliers:
         st.ejected_until = now + span
         st.consecutive_failures = 0
         self._refresh()
-        self.metrics.inc("turbofleet_ejections_total", cause="passive")
+        self.metrics.inc("turbofleet_ejections_total", cause="passive", reason=reason, worker=worker)
         log.warning(
             "ejected %s for %gs (ejection %d) after repeated failures (%s)", worker, span, st.times_ejected, reason
         )
@@ -117,7 +117,7 @@ class Outliers:
         if not st.down and st.check_failures >= self.settings.unhealthy_threshold and self._may_eject(worker):
             st.down = True
             self._refresh()
-            self.metrics.inc("turbofleet_ejections_total", cause="active")
+            self.metrics.inc("turbofleet_ejections_total", cause="active", reason=reason, worker=worker)
             log.warning(
                 "worker %s failed %d health checks (%s): out until it passes %d",
                 worker,

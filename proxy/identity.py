@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aiohttp import web
+
 #: priority classes, most urgent first
 PRIORITIES = ("interactive", "default", "batch")
 DEFAULT_PRIORITY = "default"
 
-#: request-scoped keys (aiohttp's request mapping)
-IDENTITY = "turbofleet.identity"
-REQUEST_ID = "turbofleet.request_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,3 +41,13 @@ def priority_rank(name: str) -> int:
         return PRIORITIES.index(name)
     except ValueError:
         return PRIORITIES.index(DEFAULT_PRIORITY)
+
+
+#: request-scoped keys (aiohttp's request mapping; typed `web.RequestKey`s, as aiohttp 3.14 wants them;
+#: `request.get(IDENTITY)` reads them as before)
+IDENTITY = web.RequestKey("turbofleet.identity", Identity)
+REQUEST_ID = web.RequestKey("turbofleet.request_id", str)
+#: the `Via` value the relay sends upstream (the edge's hop detection, issue 11)
+UPSTREAM_VIA = web.RequestKey("turbofleet.via", str)
+#: the answer's `usage` object, set by the relay once known (tenant token limits and metrics, issue 11)
+USAGE = web.RequestKey("turbofleet.usage", dict)

@@ -1,88 +1,163 @@
-"""The proxy's own Prometheus metrics: a few counters and histograms, rendered as text exposition format."""
+"""The proxy's own Prometheus metrics, through prometheus-client (the field's standard exposition and client).
+
+The request path calls a small facade, `Metrics.inc(name, value=1, **labels)` and `Metrics.observe(name, value,
+**labels)`, so call sites never hold prometheus-client objects. Each metric is declared once in `SPECS` (kind,
+help, label names, buckets); a name not declared there is created on first use with the labels it was first
+called with. A label a call leaves out is exported as "" (so an older call site keeps working when a label is
+added); a label the metric does not have is a programming error (ValueError).
+
+Children (one labelled series) are cached by the call's label tuple, so the hot path costs one dict lookup and
+prometheus-client's own locked add. Every `Metrics` owns its `CollectorRegistry`: no process-global state, one
+app per registry, and tests may build as many as they like.
+
+Names follow Prometheus conventions (`_total` counters, `_seconds` histograms, base units) and share their label
+keys with smg and vllm-router where the concepts meet (`worker`, `model`, `reason`); see docs/OBSERVABILITY.md.
+"""
 
 from __future__ import annotations
 
-import bisect
-from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
-_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
-
-def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
-    if not pairs:
-        return ""
-    inner = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                     for k, v in pairs)
-    return "{" + inner + "}"
+#: seconds; finer at the low end than prometheus-client's default (a proxy's TTFT on a warm cache is milliseconds)
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
-class Histogram:
-    def __init__(self) -> None:
-        self.counts = [0] * (len(_BUCKETS) + 1)
-        self.total = 0.0
-        self.n = 0
+@dataclass(frozen=True, slots=True)
+class Spec:
+    kind: str  # "counter" | "histogram" | "gauge"
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = BUCKETS
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(_BUCKETS, value)] += 1
-        self.total += value
-        self.n += 1
+
+SPECS: dict[str, Spec] = {
+    "turbofleet_requests_total": Spec("counter", "Requests answered, by route, model and status code.",
+                                      ("route", "model", "status")),
+    "turbofleet_upstream_tries_total": Spec("counter", "Tries sent to workers, by worker and outcome.",
+                                            ("worker", "outcome")),
+    "turbofleet_retries_total": Spec("counter", "Requests retried on another worker, by reason.", ("reason",)),
+    "turbofleet_retry_budget_exhausted_total": Spec("counter", "Retries skipped because the retry budget was spent."),
+    "turbofleet_client_disconnects_total": Spec("counter", "Requests whose client went away before the end."),
+    "turbofleet_route_decisions_total": Spec("counter", "Routing decisions, by kind of reason.", ("reason",)),
+    "turbofleet_ejections_total": Spec("counter", "Workers ejected, by cause (passive, active) and reason.",
+                                       ("cause", "reason", "worker")),
+    "turbofleet_prompt_tokens_total": Spec("counter", "Prompt tokens of answered tries, per worker and model.",
+                                           ("worker", "model")),
+    "turbofleet_cached_tokens_total": Spec("counter", "Prompt tokens the worker served from its prefix cache.",
+                                           ("worker", "model")),
+    "turbofleet_completion_tokens_total": Spec("counter", "Completion tokens of answered tries.", ("worker", "model")),
+    "turbofleet_ttft_seconds": Spec("histogram", "Time to the first upstream byte, per worker try.", ("worker",)),
+    "turbofleet_request_seconds": Spec("histogram", "Whole request duration as seen by the proxy.", ("model",)),
+    # tenants (issue 11): labelled by tenant name, never by key
+    "turbofleet_tenant_requests_total": Spec("counter", "Inference requests per tenant, by status.",
+                                             ("tenant", "status")),
+    "turbofleet_tenant_tokens_total": Spec("counter", "Prompt + completion tokens per tenant, from the answers' usage.",
+                                           ("tenant",)),
+    "turbofleet_tenant_rejected_total": Spec("counter", "Requests refused with 429 per tenant, by limit.",
+                                             ("tenant", "reason")),
+    # the queue (issue 10)
+    "turbofleet_queue_admitted_total": Spec("counter", "Requests admitted to routing, queued first or not.",
+                                            ("queued", "priority")),
+    "turbofleet_queue_shed_total": Spec("counter", "Requests refused by the queue (429/503), by reason.",
+                                        ("reason", "priority")),
+    "turbofleet_queue_wait_seconds": Spec("histogram", "Time a request waited in the proxy's queue.", ("priority",)),
+}
 
 
 class Metrics:
-    """Counters and histograms keyed by (name, labels). Cheap enough for the hot path."""
+    """Counters and histograms keyed by (name, labels), on one prometheus-client registry."""
 
     def __init__(self) -> None:
-        self.counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(lambda: defaultdict(float))
-        self.histograms: dict[str, dict[tuple[tuple[str, str], ...], Histogram]] = defaultdict(dict)
-        self.help: dict[str, str] = {
-            "turbofleet_requests_total": "Requests answered, by route and status code.",
-            "turbofleet_upstream_tries_total": "Tries sent to workers, by outcome.",
-            "turbofleet_retries_total": "Requests retried on another worker, by reason.",
-            "turbofleet_retry_budget_exhausted_total": "Retries skipped because the retry budget was spent.",
-            "turbofleet_client_disconnects_total": "Requests whose client went away before the end.",
-            "turbofleet_route_decisions_total": "Routing decisions, by kind of reason.",
-            "turbofleet_ejections_total": "Workers ejected, by cause.",
-            "turbofleet_ttft_seconds": "Time to the first upstream byte, per worker try.",
-            "turbofleet_request_seconds": "Whole request duration as seen by the proxy.",
-        }
+        # `*_created` series double the exposition and no dashboard of ours reads them (prometheus-client's
+        # own process-wide switch; idempotent)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._metrics: dict[str, tuple[Any, tuple[str, ...], str]] = {}
+        self._children: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+        # declared metrics exist from the start: a scrape (and a dashboard) sees every family, samples or not
+        for name, spec in SPECS.items():
+            self._metrics[name] = (self._make(name, spec), spec.labels, spec.kind)
 
+    # ------------------------------------------------------------------ the facade
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        self.counters[name][tuple(sorted(labels.items()))] += value
+        child = self._children.get((name, tuple(labels.items())))
+        if child is None:
+            child = self._child(name, "counter", labels)
+        child.inc(value)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        h = self.histograms[name].get(key)
-        if h is None:
-            h = self.histograms[name][key] = Histogram()
-        h.observe(value)
+        child = self._children.get((name, tuple(labels.items())))
+        if child is None:
+            child = self._child(name, "histogram", labels)
+        child.observe(value)
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        """A gauge's value (for gauges kept up to date by their owner rather than computed at scrape time)."""
+        child = self._children.get((name, tuple(labels.items())))
+        if child is None:
+            child = self._child(name, "gauge", labels)
+        child.set(value)
 
     def counter_value(self, name: str, **labels: str) -> float:
-        return self.counters.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+        """A counter's current value for exactly these labels (0 when never incremented)."""
+        found = self._metrics.get(name)
+        if found is None:
+            return 0.0
+        _, names, _ = found
+        value = self.registry.get_sample_value(name, {n: str(labels.get(n, "")) for n in names})
+        return float(value or 0.0)
+
+    def collect(self) -> Iterator[Metric]:
+        """Every metric family with its samples (prometheus-client's own objects), for in-process readers."""
+        yield from self.registry.collect()
 
     def render(self, gauges: Iterable[tuple[str, str, dict[str, str], float]] = ()) -> str:
         """Text exposition; `gauges` are (name, help, labels, value) computed by the caller at scrape time."""
-        out: list[str] = []
-        for name, series in sorted(self.counters.items()):
-            out.append(f"# HELP {name} {self.help.get(name, name)}")
-            out.append(f"# TYPE {name} counter")
-            out.extend(f"{name}{_labels(k)} {v:g}" for k, v in sorted(series.items()))
-        for name, hseries in sorted(self.histograms.items()):
-            out.append(f"# HELP {name} {self.help.get(name, name)}")
-            out.append(f"# TYPE {name} histogram")
-            for k, h in sorted(hseries.items()):
-                acc = 0
-                for i, le in enumerate(_BUCKETS):
-                    acc += h.counts[i]
-                    out.append(f"{name}_bucket{_labels((*k, ('le', f'{le:g}')))} {acc}")
-                out.append(f"{name}_bucket{_labels((*k, ('le', '+Inf')))} {h.n}")
-                out.append(f"{name}_sum{_labels(k)} {h.total:g}")
-                out.append(f"{name}_count{_labels(k)} {h.n}")
-        seen: set[str] = set()
-        for name, help_text, labels, value in gauges:
-            if name not in seen:
-                out.append(f"# HELP {name} {help_text}")
-                out.append(f"# TYPE {name} gauge")
-                seen.add(name)
-            out.append(f"{name}{_labels(tuple(sorted(labels.items())))} {value:g}")
-        return "\n".join(out) + "\n"
+        return (generate_latest(self.registry) + generate_latest(_Gauges(gauges))).decode()
+
+    # ------------------------------------------------------------------ creation (once per series)
+    def _child(self, name: str, kind: str, labels: dict[str, str]) -> Any:
+        found = self._metrics.get(name)
+        if found is None:
+            spec = SPECS.get(name) or Spec(kind, name.replace("_", " "), tuple(sorted(labels)))
+            found = self._metrics[name] = (self._make(name, spec), spec.labels, spec.kind)
+        metric, names, has_kind = found
+        if has_kind != kind:
+            raise ValueError(f"metric {name} is a {has_kind}, not a {kind}")
+        extra = set(labels) - set(names)
+        if extra:
+            raise ValueError(f"metric {name} has no label {', '.join(sorted(extra))} (it has {', '.join(names)})")
+        child = metric.labels(*(str(labels.get(n, "")) for n in names)) if names else metric
+        # the cache is bounded by the label combinations the code produces (workers × reasons × ...)
+        self._children[(name, tuple(labels.items()))] = child
+        return child
+
+    def _make(self, name: str, spec: Spec) -> Any:
+        if spec.kind == "counter":
+            return Counter(name, spec.help, spec.labels, registry=self.registry)
+        if spec.kind == "histogram":
+            return Histogram(name, spec.help, spec.labels, registry=self.registry, buckets=spec.buckets)
+        if spec.kind == "gauge":
+            return Gauge(name, spec.help, spec.labels, registry=self.registry)
+        raise ValueError(f"unknown metric kind {spec.kind!r}")
+
+
+class _Gauges:
+    """Scrape-time gauges as a collector prometheus-client can render."""
+
+    def __init__(self, gauges: Iterable[tuple[str, str, dict[str, str], float]]) -> None:
+        self.gauges = list(gauges)
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, GaugeMetricFamily] = {}
+        for name, help_text, labels, value in self.gauges:
+            fam = families.get(name)
+            if fam is None:
+                fam = families[name] = GaugeMetricFamily(name, help_text, labels=sorted(labels))
+            fam.add_metric([labels[k] for k in sorted(labels)], value)
+        yield from families.values()

@@ -6,7 +6,8 @@ feed prefix-aware routing). The bytes sent upstream are the client's own bytes.
 
 from __future__ import annotations
 
-import json
+import asyncio
+import hashlib
 from typing import Any
 
 from aiohttp import web
@@ -14,9 +15,15 @@ from aiohttp import web
 from turbofleet.balancer.policy import READY
 from turbofleet.balancer.prefix import block_hashes
 
-from .errors import BadRequest, PayloadTooLarge
+from .edge import check_model
+from .errors import BadRequest, PayloadTooLarge, RequestTimeout
 from .keys import BLOCK_CHARS, OUTLIERS, REGISTRY, RELAY, SETTINGS
 from .relay import Facts
+from .validate import check_inference, parse_json_object
+
+#: a session key longer than this is replaced by its digest: pins are then bounded in bytes, whatever the
+#: client sends as `user` (issue 11)
+MAX_SESSION_KEY = 128
 
 #: rough characters per token, for the first-byte allowance and cost estimates before usage is known
 CHARS_PER_TOKEN = 4
@@ -24,26 +31,28 @@ SESSION_HEADER = "X-Session-ID"
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The raw body, bounded by max_body_bytes (413 beyond, checked before reading when announced)."""
-    limit = request.app[SETTINGS].max_body_bytes
+    """The raw body, bounded by max_body_bytes (413 beyond, checked before reading when announced) and by
+    body_timeout (408: a client that trickles its body holds a connection and a handler)."""
+    settings = request.app[SETTINGS]
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds the limit of {limit}.")
     try:
-        return await request.read()
+        async with asyncio.timeout(settings.body_timeout if settings.body_timeout > 0 else None):
+            n = request.content_length
+            if n:
+                # issue 16: a body of announced length in one call (read() loops readany and copies twice)
+                try:
+                    return await request.content.readexactly(n)
+                except asyncio.IncompleteReadError as e:
+                    if e.partial:
+                        raise BadRequest(f"The request body ended after {len(e.partial)} of {n} bytes.") from None
+                    # nothing left to read: someone read the body before us (read() keeps it) or none came
+            return await request.read()
     except web.HTTPRequestEntityTooLarge as e:
         raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.") from e
-
-
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    if not body:
-        raise BadRequest("The request body is empty; a JSON object is required.")
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"The request body is not valid JSON: {e}.") from e
-    if not isinstance(data, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    return data
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {settings.body_timeout:g}s.") from None
 
 
 def prompt_text(data: dict[str, Any]) -> str:
@@ -72,19 +81,27 @@ def session_key(request: web.Request, data: dict[str, Any]) -> str | None:
     """The session: the X-Session-ID header, else the body's session_id, else its user."""
     header = request.headers.get(SESSION_HEADER)
     if header:
-        return header
+        return _bounded(header)
     for key in ("session_id", "user"):
         value = data.get(key)
         if value is not None and value != "" and value != -1:
-            return f"{key}:{value}"
+            return _bounded(f"{key}:{value}")
     return None
+
+
+def _bounded(key: str) -> str:
+    if len(key) <= MAX_SESSION_KEY:
+        return key
+    return "h:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def facts_of(request: web.Request, data: dict[str, Any], *, require: tuple[str, ...] = (),
              default_model: str | None = None) -> Facts:
+    check_inference(data)
     model = data.get("model", default_model)
     if not isinstance(model, str) or not model:
         raise BadRequest("The `model` field is required and must be a string.", param="model")
+    check_model(request, model)
     for field in require:
         if field not in data:
             raise BadRequest(f"The `{field}` field is required.", param=field)
@@ -102,6 +119,7 @@ def facts_of(request: web.Request, data: dict[str, Any], *, require: tuple[str, 
         prefix_hashes=block_hashes(text, block_chars) if (block_chars := request.app[BLOCK_CHARS]) else (),
         prompt_tokens=len(text) // CHARS_PER_TOKEN,
         include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
+        user=user if isinstance(user := data.get("user"), str) else None,
     )
 
 

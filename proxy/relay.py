@@ -25,7 +25,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -34,10 +34,18 @@ from aiohttp import web
 
 from turbofleet.balancer.policy import Decision, Outcome, Policy, RouteRequest, RoutingError, WorkerView, route
 
+from . import observe
 from .config import Settings
 from .deadline import SHUTDOWN, Deadline
-from .errors import NoWorkerAvailable, ProxyError, TooManyRequests, sse_error_event
+from .errors import (
+    NoWorkerAvailable,
+    ProxyError,
+    TooManyRequests,
+    sse_error_event,
+)
+from .flow import Flow
 from .health import Outliers
+from .identity import REQUEST_ID, UPSTREAM_VIA, USAGE
 from .metrics import Metrics
 from .registry.base import Registry
 from .upstream import UpstreamConnectError, UpstreamConnectTimeout, UpstreamPool, UpstreamResponse
@@ -72,6 +80,8 @@ class Facts:
     prefix_hashes: tuple[int, ...]
     prompt_tokens: int
     include_usage: bool = False
+    #: the body's `user` (a tenant for the queue's fair shares when the edge names none)
+    user: str | None = None
 
 
 class _Retry(Exception):
@@ -111,10 +121,17 @@ class Relay:
         self._live: set[Deadline] = set()
         # a policy that never pins saves the pin lookup (a Redis round trip for a new session)
         self._uses_pins = policy.uses_pins
+        # issue 14: a policy may want each streamed request's first token (the measured prefill backlog)
+        self._first_token: Callable[[str, tuple[int, ...]], None] | None = (
+            policy.first_token if policy.wants_first_token else None
+        )
         self._kinds: dict[str, str] = {}
         self._first_byte = _limit(settings.first_byte_timeout)
         self._idle = _limit(settings.idle_timeout)
         self._whole_answer = _limit(settings.request_timeout)
+        # issue 10: the queue in front of routing (proxy/flow.py)
+        self.flow = Flow(registry=registry, policy=policy, settings=settings, metrics=metrics, outliers=outliers)
+        self._slow_client = _limit(settings.slow_client_timeout)
 
     # ------------------------------------------------------------------ routing
     def _decide(self, route_req: RouteRequest, exclude: set[str]) -> Decision:
@@ -127,7 +144,8 @@ class Relay:
                     f"Every worker serving `{route_req.model}` failed this request.", code="no_worker"
                 )
             snapshot = rest
-        return route(self.policy, route_req, snapshot)
+        snapshot = self.flow.candidates(snapshot, route_req.model)
+        return self.flow.annotate(route(self.policy, route_req, snapshot))
 
     def _account(self, decision: Decision, facts: Facts) -> None:
         """Count the decision by kind of reason and log it: re-pins always, every decision at debug level."""
@@ -164,8 +182,12 @@ class Relay:
             raise shutting_down()
         self.active += 1
         started = time.monotonic()
+        observe.request_started(request)
         status = 500
+        ticket = None
         try:
+            ticket = await self.flow.admit(request, facts)
+            observe.admitted(request, ticket)
             resp, status = await self._forward_with_retries(request, path, body, facts)
             return resp
         except asyncio.CancelledError:
@@ -180,8 +202,8 @@ class Relay:
             raise
         finally:
             self.active -= 1
-            self.metrics.inc("turbofleet_requests_total", route=path, status=str(status))
-            self.metrics.observe("turbofleet_request_seconds", time.monotonic() - started)
+            self.flow.done(ticket)
+            observe.request_done(self.metrics, request, path, facts.model, status, started)
 
     async def _forward_with_retries(
         self, request: web.Request, path: str, body: bytes, facts: Facts
@@ -231,8 +253,14 @@ class Relay:
         headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
         if self.settings.worker_api_key:
             headers["Authorization"] = f"Bearer {self.settings.worker_api_key}"
-        elif not self.settings.api_keys and "Authorization" in request.headers:
+        elif self.settings.forward_client_auth and "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
+        # hop detection and the request id (edge.py, issue 11)
+        via, rid = request.get(UPSTREAM_VIA), request.get(REQUEST_ID)
+        if via:
+            headers["Via"] = via
+        if rid:
+            headers["X-Request-ID"] = rid
         return headers
 
     def _first_byte_budget(self, facts: Facts) -> float:
@@ -254,7 +282,7 @@ class Relay:
         """One try on one worker. Returns the response and the status to account it under (a stream that
         broke mid-way went out as 200 but is counted as the error it ended with)."""
         worker = decision.worker_id
-        trace = _Trace(t0=time.monotonic(), retry=retry)
+        trace = _Trace(t0=time.monotonic(), retry=retry, hashes=route_req.prefix_hashes)
         if retry:
             self.retrying += 1
         try:
@@ -270,8 +298,12 @@ class Relay:
             finally:
                 # exactly once per acquire: success, retry, error, or the client going away (CancelledError)
                 await self.registry.release(worker, facts.session_key)
-                self.metrics.inc("turbofleet_upstream_tries_total", outcome=trace.outcome())
+                self.metrics.inc("turbofleet_upstream_tries_total", worker=worker, outcome=trace.outcome())
                 usage = trace.usage
+                if usage:
+                    request[USAGE] = usage  # the tenant's token count (edge.py)
+                observe.try_done(self.metrics, request, facts.model, worker, decision.reason, trace.ttft, usage,
+                                 trace.status, trace.ok, facts.stream)
                 self.policy.observe(
                     Outcome(
                         worker_id=worker,
@@ -283,6 +315,7 @@ class Relay:
                         cached_tokens=_cached_tokens(usage),
                     )
                 )
+                self.flow.observe(worker, trace.ttft if trace.ok and facts.stream else None, _uncached(usage))
         finally:
             if trace.retry:
                 self.retrying -= 1
@@ -300,7 +333,8 @@ class Relay:
             # ---- before the first byte reaches the client: every failure here may be retried (verdict.py)
             stream = facts.stream
             try:
-                upstream = await self.pool.post(worker + path, body, self._headers(request))
+                headers = observe.try_started(request, worker, reason, self._headers(request))
+                upstream = await self.pool.post(worker + path, body, headers)
                 status = upstream.status
                 if status in RETRYABLE_STATUS:
                     text = await upstream.content.read(64 * 1024)
@@ -327,7 +361,9 @@ class Relay:
                     ev = Event(Stage.ANSWER, Kind.BROKEN, stream, error=type(e).__name__)
                 self._failed(worker, ev, e)
             trace.ttft = time.monotonic() - trace.t0
-            self.metrics.observe("turbofleet_ttft_seconds", trace.ttft)
+            self.metrics.observe("turbofleet_ttft_seconds", trace.ttft, worker=worker)
+            if self._first_token is not None and facts.stream and status == 200:
+                self._first_token(worker, trace.hashes)  # issue 14: its prefill is done
             if trace.retry:  # the retry got its answer: it no longer counts against the budget
                 trace.retry = False
                 self.retrying -= 1
@@ -404,7 +440,8 @@ class Relay:
         trace.status = 502
         try:
             await resp.prepare(request)
-            await resp.write(first)
+            if not await self._send(request, resp, first, trace):
+                return resp
             while True:
                 try:
                     chunk = await content.readany()
@@ -415,7 +452,8 @@ class Relay:
                     break
                 dl.last = loop.time()
                 prev, last = last, chunk
-                await resp.write(chunk)
+                if not await self._send(request, resp, chunk, trace):
+                    return resp
             if failed is not None:
                 v = judge(Event(Stage.STREAM, Kind.BROKEN, True, error=type(failed).__name__))
             else:
@@ -468,6 +506,29 @@ class Relay:
             await _end_with_error(resp, v.error.status, v.error.message, v.error.code)
         return resp
 
+    async def _send(self, request: web.Request, resp: web.StreamResponse, chunk: bytes, trace: _Trace) -> bool:
+        """Write a chunk to the client. A write that may block (a backlog, or a chunk past the transport's
+        high-water mark) gets slow_client_timeout, not a whole idle gap: a client that stopped reading is
+        dropped and its worker freed (issue 11: a hundred clients that never read held the whole fleet).
+        False when it was dropped."""
+        transport = request.transport
+        if transport is None or transport.get_write_buffer_size() + len(chunk) < _MAY_BLOCK:
+            await resp.write(chunk)  # the common case: small events, nothing queued; no timer
+            return True
+        try:
+            async with asyncio.timeout(self._slow_client):
+                await resp.write(chunk)
+            return True
+        except TimeoutError:
+            trace.status = 499
+            self.metrics.inc("turbofleet_client_disconnects_total")
+            transport.abort()
+            return False
+
+
+#: a write can only wait for the client when this much is queued (asyncio's default high-water mark)
+_MAY_BLOCK = 64 * 1024
+
 
 @dataclass(slots=True)
 class _Trace:
@@ -477,6 +538,8 @@ class _Trace:
     #: a retry that has not got its first byte yet (counted in Relay.retrying)
     retry: bool = False
     ttft: float | None = None
+    #: the request's prefix hashes, for the policy's first-token hook
+    hashes: tuple[int, ...] = ()
     usage: dict[str, Any] | None = None
     status: int = 0
     ok: bool = False
@@ -536,6 +599,11 @@ def _int(usage: dict[str, Any] | None, key: str) -> int | None:
         return None
     v = usage.get(key)
     return int(v) if isinstance(v, int | float) else None
+
+
+def _uncached(usage: dict[str, Any] | None) -> int | None:
+    prompt = _int(usage, "prompt_tokens")
+    return None if prompt is None else max(0, prompt - (_cached_tokens(usage) or 0))
 
 
 def _cached_tokens(usage: dict[str, Any] | None) -> int | None:

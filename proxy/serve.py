@@ -13,9 +13,11 @@ import signal
 
 from aiohttp import web
 
+from . import reqlog
 from .app import build_app
 from .config import Settings
-from .keys import RELAY
+from .edge import AccessLogger, EdgeRunner
+from .keys import KEYTABLE, RELAY
 
 log = logging.getLogger("turbofleet.proxy")
 
@@ -34,6 +36,7 @@ async def drain(runner: web.AppRunner, grace: float) -> int:
     if server is not None:
         server.pre_shutdown()  # idle keep-alive connections close now, busy ones after their response
     relay = runner.app[RELAY]
+    relay.flow.shutdown()  # queued requests get 503 shutting_down now; those in flight drain
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     # polled: an event would cost every request a check; this loop runs once, at shutdown
@@ -53,14 +56,20 @@ async def drain(runner: web.AppRunner, grace: float) -> int:
 async def _serve(settings: Settings) -> None:
     app = build_app(settings)
     # handler_cancellation: a client that goes away cancels its handler, which closes the upstream request
-    runner = web.AppRunner(
+    runner = EdgeRunner(
         app,
         handler_cancellation=True,
         shutdown_timeout=min(settings.shutdown_grace, _FINAL_S),
         access_log=log if settings.access_log else None,
+        access_log_class=AccessLogger,
+        # issue 11: an idle client connection is closed after keepalive_timeout (aiohttp's default is an hour),
+        # a request's headers must arrive within header_timeout
+        keepalive_timeout=settings.keepalive_timeout,
+        header_timeout=settings.header_timeout,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=2048, reuse_address=True)
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=2048, reuse_address=True,
+                       reuse_port=settings.reuse_port or None)  # issue 16: one of --processes N
     await site.start()
     log.info(
         "turbofleet proxy on http://%s:%d (policy %s, registry %s)",
@@ -73,6 +82,7 @@ async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app[KEYTABLE].reload)
     await stop.wait()
     log.info(
         "shutting down: listener closed; finishing %d requests in flight (up to %gs)",
@@ -84,8 +94,24 @@ async def _serve(settings: Settings) -> None:
     log.info("stopped")
 
 
+def raise_nofile() -> tuple[int, int]:
+    """Issue 16: every stream costs the proxy two descriptors (client and worker side), so the soft open-file
+    limit (often 1,024) would cap it near 500 streams: raise it to the hard limit. Returns (soft, hard)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft, hard
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def serve(settings: Settings) -> int:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reqlog.configure(settings.log_level, settings.log_format)
+    soft, _ = raise_nofile()
+    log.debug("open-file limit %d", soft)
     try:
         import uvloop
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import errno
+import socket
 import ssl
 import time
 from collections.abc import Mapping
@@ -177,7 +180,13 @@ class _Conn(asyncio.Protocol):
         self.closed = True
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(UpstreamDisconnected(f"connection to {self.key[1]}:{self.key[2]} closed"))
+            if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
+                # TCP_USER_TIMEOUT: the request was never acknowledged, so the worker never saw it (a host gone
+                # silent, issue 18): as safe to send elsewhere as a connect that timed out
+                waiter.set_exception(UpstreamConnectTimeout(
+                    f"{self.key[1]}:{self.key[2]} acknowledged nothing within the connect timeout"))
+            else:
+                waiter.set_exception(UpstreamDisconnected(f"connection to {self.key[1]}:{self.key[2]} closed"))
         resp = self._resp
         if resp is not None:
             if self._mode == "close" and exc is None:
@@ -374,6 +383,21 @@ class _Conn(asyncio.Protocol):
         self.pool._forget(self)
 
 
+def _ack_timeout(conn: _Conn, seconds: float) -> None:
+    """Abort the connection when data we sent stays unacknowledged for `seconds` (TCP_USER_TIMEOUT, Linux).
+
+    A kept-alive connection to a host that went silent (no RST, no FIN) would otherwise hold a request until
+    the first-byte timeout; with this the kernel gives up after the connect timeout and the request is tried
+    elsewhere (issue 18). A worker that is merely slow acknowledges the request at once, so it is unaffected;
+    while a response streams the proxy sends nothing, so the idle timeout alone governs that.
+    """
+    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+    if sock is None or not seconds or not hasattr(socket, "TCP_USER_TIMEOUT"):
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))
+
+
 class UpstreamPool:
     """Keep-alive connections per worker. Not thread-safe; one per event loop."""
 
@@ -386,6 +410,24 @@ class UpstreamPool:
         self._all: set[_Conn] = set()
         self._targets: dict[str, tuple[tuple[str, str, int], str, bytes]] = {}
         self._ssl: ssl.SSLContext | None = None
+        #: closes idle connections once they are older than keepalive_timeout (issue 11: without it a pool
+        #: kept every connection it ever opened, thousands after a burst or a loop); armed while any is idle
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        cutoff = time.monotonic() - self.keepalive_timeout
+        left = False
+        for idle in self._idle.values():
+            while idle and (idle[0].closed or idle[0].idle_since <= cutoff):  # oldest first (put back on the right)
+                idle.popleft().close()
+            left = left or bool(idle)
+        if left:
+            self._arm_sweeper()
+
+    def _arm_sweeper(self) -> None:
+        if self._sweeper is None and self.keepalive_timeout > 0:
+            self._sweeper = asyncio.get_running_loop().call_later(self.keepalive_timeout / 2, self._sweep)
 
     def _target(self, url: str) -> tuple[tuple[str, str, int], str, bytes]:
         """(pool key, path, Host header) of a URL; cached, since the proxy talks to few distinct URLs."""
@@ -420,6 +462,7 @@ class UpstreamPool:
             raise UpstreamConnectTimeout(f"connect to {host}:{port} timed out") from e
         except OSError as e:
             raise UpstreamConnectError(f"cannot connect to {host}:{port}: {e.strerror or e}") from e
+        _ack_timeout(conn, self.connect_timeout)
         self._all.add(conn)
         return conn
 
@@ -440,6 +483,8 @@ class UpstreamPool:
             return
         conn.idle_since = time.monotonic()
         idle.append(conn)
+        if self._sweeper is None:
+            self._arm_sweeper()
 
     def _forget(self, conn: _Conn) -> None:
         self._all.discard(conn)
@@ -482,6 +527,9 @@ class UpstreamPool:
         return await self.request("POST", url, data, headers)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._all):
             conn.close()
         for idle in self._idle.values():

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what the tests need (a virtualenv with turbofleet[test], Debian's redis-server) and run the whole suite.
+# Install what the tests need (a virtualenv with turbofleet[test], Debian's redis-server, the deploy tools in
+# .tools/) and run the whole suite.
 # Usage: bash scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,10 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
 bash scripts/install-redis.sh
+bash scripts/install-chromium.sh   # the dashboard's browser test (issue 12)
+bash scripts/install-netbed.sh  # issue 18: ip netns, iptables for the network test bed
+# helm, kubectl, kubernetes-validate, hadolint, checkov for tests/test_deploy_*.py (into .tools/; a no-op once there)
+bash scripts/install-deploy-tools.sh >/dev/null
 .venv/bin/ruff check proxy balancer worker bench turbofleet tests
 .venv/bin/mypy   # strict, on every package and on tests/ (pyproject.toml)
 set +e

@@ -202,10 +202,10 @@ def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Proc]]:
             p.stop()
 
 
-def compare(out: Path, *argv: str) -> dict[str, Any]:
+def compare(out: Path, *argv: str, timeout: float = 90) -> dict[str, Any]:
     """`python -m turbofleet bench compare ...` as a user runs it; the JSON it wrote."""
     cmd = [sys.executable, "-m", "turbofleet", "bench", "compare", *argv, "--quiet", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data: dict[str, Any] = json.loads(out.read_text())
     return data
@@ -263,3 +263,27 @@ def test_salt_keeps_an_earlier_run_out_of_the_cache(sims: list[Proc], tmp_path: 
     assert again["cached_tokens"] > OWN_HISTORY_HITS
     # salted: after two runs of the very same prompts, only its own history again
     assert salted["salted"] is True and run["cached_tokens"] == OWN_HISTORY_HITS
+
+
+def test_ramp_in_front_of_a_running_fleet(sims: list[Proc], tmp_path: Path) -> None:
+    """`compare --fleet-url ... --ramp`: capacity measured through the first router, then every router at every
+    step, salted runs, per-class goodput, turbofleet's counts back to 0 (the lead's GPU run, in small)."""
+    urls = [s.url for s in sims]
+    data = compare(
+        tmp_path / "ramp.json",
+        "random", "--num-requests", "24", "--input-tokens", "40", "--output-tokens", "4",
+        "--fleet-url", ",".join(urls), "--routers", "turbofleet:kv_aware,ideal", "--ramp", "0.5,1",
+        "--concurrency", "8", "--slo-ms", "5000", "--interactive-share", "0.5", "--log-dir", str(tmp_path / "logs"),
+        timeout=300,  # five router runs (the capacity probe, two routers x two steps)
+    )
+    ramp = data["ramp"]
+    assert data["fleet_urls"] == urls
+    assert ramp["capacity_rps"] > 0 and ramp["capacity_source"].startswith("measured")
+    assert list(ramp["runs"]) == ["turbofleet:kv_aware", "ideal:hash"]
+    for steps in ramp["runs"].values():
+        assert list(steps) == ["0.5", "1"]
+        for s in steps.values():
+            assert s["requests"] == 24 and s["served"] + s["rejected_early"] + s["rejected_late"] == 24
+            assert set(s["goodput_by_class"]) == {"default", "interactive"}
+    for s in ramp["runs"]["turbofleet:kv_aware"].values():
+        assert s["after"] == {"in_flight": 0.0, "queued": 0.0}

@@ -44,6 +44,15 @@ def test_turbofleet_launch() -> None:
     assert "--registry" not in argv and launch.urls == ["http://127.0.0.1:9000"] and launch.ready_path == "/health"
 
 
+def test_turbofleet_policy_options_in_the_spec() -> None:
+    """Issue 14: turbofleet:kv_aware/room_weight=1/backlog=auto runs kv_aware with two --policy-option flags."""
+    (spec,) = parse_routers("turbofleet:kv_aware/room_weight=1/backlog=auto")
+    assert spec.label == "turbofleet:kv_aware/room_weight=1/backlog=auto"
+    (argv,) = build_launch(spec, WORKERS, ports(), python="py").argvs
+    assert argv[argv.index("--policy") + 1] == "kv_aware"
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--policy-option"] == ["room_weight=1", "backlog=auto"]
+
+
 def test_turbofleet_x2_shares_redis() -> None:
     spec = RouterSpec("turbofleet-x2", "kv_aware")
     with pytest.raises(LookupError):
@@ -178,3 +187,22 @@ def test_one_proxy_command_line_for_compare_and_soak() -> None:
     assert vars(soak)["proxy_argv"] is peers.proxy_argv  # soak builds its proxy with the same function
     launch = peers.build_launch(peers.RouterSpec("turbofleet", "round_robin"), ["http://w1"], lambda: 9, python="py")
     assert launch.argvs == [peers.proxy_argv(9, ["http://w1"], policy="round_robin", log_level="warning", python="py")]
+
+def test_turbofleet_p2_is_one_proxy_with_two_processes() -> None:
+    launch = build_launch(RouterSpec("turbofleet-p2", "kv_aware"), WORKERS, ports(), python="py")
+    (argv,) = launch.argvs  # one port: the processes share it (SO_REUSEPORT)
+    assert argv[argv.index("--processes") + 1] == "2" and "--registry" not in argv
+    assert len(launch.urls) == 1
+
+
+def test_turbofleet_from_another_checkout_and_floors(tmp_path: Path) -> None:
+    (spec,) = parse_routers(f"turbofleet@{tmp_path}:round_robin")
+    assert spec.source == str(tmp_path) and spec.label == f"turbofleet@{tmp_path.name}:round_robin"
+    (argv,) = build_launch(spec, WORKERS, ports(), python="py").argvs
+    assert argv[:6] == ["env", f"PYTHONPATH={tmp_path.resolve()}", "py", "-P", "-m", "turbofleet"]
+    with pytest.raises(ValueError):
+        parse_routers(f"vllm@{tmp_path}")
+    for kind, mode in (("bare-memory", "memory"), ("bare-relay", "relay")):
+        (argv,) = build_launch(parse_routers(kind)[0], WORKERS, ports(), python="py").argvs
+        assert argv[:5] == ["py", "-m", "turbofleet.bench.bare", "--mode", mode]
+        assert argv[argv.index("--worker") + 1] == WORKERS[0]

@@ -1,6 +1,7 @@
 """The Kubernetes manifests in deploy/k8s: well-formed objects that fit together, and commands that the real
 `turbofleet` CLI accepts with the settings it validates. `check_fleet` is shared with test_deploy_helm.py,
-which runs it on the rendered chart. No cluster needed (`kubectl kustomize` is used when kubectl is there).
+which runs it on the rendered chart. No cluster needed: the real `kubectl kustomize`
+and kubernetes-validate (scripts/install-deploy-tools.sh installs both) build and validate them.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import argparse
 import base64
 import re
-import shutil
 import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -37,6 +37,32 @@ LMDEPLOY_API_SERVER_FLAGS = frozenset(
         *("--dtype", "--download-dir", "--proxy-url", "--max-concurrent-requests"),
     }
 )
+
+
+TOOLS = ROOT / ".tools" / "bin"
+# the Kubernetes versions the manifests and the chart (Chart.yaml kubeVersion) support: both ends are validated
+KUBE_OLDEST, KUBE_NEWEST = "1.25.0", "1.37.0"
+
+
+def tool(name: str) -> str:
+    """A deploy tool installed by scripts/install-deploy-tools.sh (scripts/test.sh runs it): never skipped."""
+    path = TOOLS / name
+    if not path.exists():
+        pytest.fail(f"{name} is not installed: run `bash scripts/install-deploy-tools.sh` (scripts/test.sh does)")
+    return str(path)
+
+
+def run_tool(argv: list[str], *, timeout: float = 120, stdin: str | None = None) -> str:
+    """Run a tool; its failure fails the test with the tool's own output."""
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=stdin, check=False)
+    assert p.returncode == 0, f"`{' '.join(argv)}` exited {p.returncode}:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    return p.stdout
+
+
+def kube_validate(paths: list[Path]) -> None:
+    """kubernetes-validate --strict on every object of `paths`, against the oldest and the newest Kubernetes."""
+    for version in (KUBE_OLDEST, KUBE_NEWEST):
+        run_tool([tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, *map(str, paths)])
 
 
 def load_docs(paths: Iterable[Path]) -> list[dict[str, Any]]:
@@ -192,9 +218,18 @@ def check_proxy(docs: list[dict[str, Any]], *, redis_in_manifests: bool = True) 
     return settings
 
 
-def check_worker(docs: list[dict[str, Any]], *, gpus: int = 1) -> list[str]:
-    """The GPU worker: the agent launches lmdeploy, advertises the pod IP, drains within the grace period."""
-    w = _component(docs, "worker")
+def workloads(docs: list[dict[str, Any]], component: str) -> list[dict[str, Any]]:
+    return [
+        d
+        for d in docs
+        if d["kind"] in WORKLOAD_KINDS
+        and d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == component
+    ]
+
+
+def check_worker(docs: list[dict[str, Any]], *, gpus: int = 1, workload: dict[str, Any] | None = None) -> list[str]:
+    """A GPU worker group: the agent launches lmdeploy, advertises the pod IP, drains within the grace period."""
+    w = workload or _component(docs, "worker")
     pod = w["spec"]["template"]["spec"]
     c = pod["containers"][0]
     args = cli(turbofleet_argv(c))
@@ -230,11 +265,25 @@ def check_worker(docs: list[dict[str, Any]], *, gpus: int = 1) -> list[str]:
     return server
 
 
-def check_fleet(docs: list[dict[str, Any]], *, gpus: int = 1, workers: bool = True, redis: bool = True) -> None:
+def check_fleet(
+    docs: list[dict[str, Any]], *, gpus: int | dict[str, int] = 1, workers: bool = True, redis: bool = True
+) -> None:
+    """`gpus`: the GPUs per worker, or {worker Deployment name: GPUs} for several worker groups (models)."""
     check_objects(docs)
     check_proxy(docs, redis_in_manifests=redis)
-    if workers:
+    if not workers:
+        assert not workloads(docs, "worker")
+    elif isinstance(gpus, int):
         check_worker(docs, gpus=gpus)
+    else:
+        groups = {w["metadata"]["name"]: w for w in workloads(docs, "worker")}
+        assert set(groups) == set(gpus), f"worker groups {sorted(groups)}, expected {sorted(gpus)}"
+        for name, n in gpus.items():
+            check_worker(docs, gpus=n, workload=groups[name])
+        selectors = [w["spec"]["selector"]["matchLabels"] for w in groups.values()]
+        for i, a in enumerate(selectors):  # a group's selector must not take another group's pods
+            for b in selectors[i + 1 :]:
+                assert not (a.items() <= b.items() or b.items() <= a.items()), (a, b)
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -274,10 +323,11 @@ def test_redis_has_no_persistence_and_a_bounded_memory() -> None:
     assert not any("persistentVolumeClaim" in v for v in redis["spec"]["template"]["spec"].get("volumes", []))
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
-def test_kubectl_kustomize_builds_the_same_objects() -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True)
-    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+def test_kubectl_kustomize_builds_the_same_objects_and_they_validate(tmp_path: Path) -> None:
+    out = run_tool([tool("kubectl"), "kustomize", str(K8S)], timeout=60)
+    built = [d for d in yaml.safe_load_all(out) if d]
+    (tmp_path / "kustomized.yaml").write_text(out)
+    kube_validate([tmp_path / "kustomized.yaml", *sorted((K8S / "optional").glob("*.yaml"))])
     check_fleet(built)
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     expected = {(d["kind"], d["metadata"]["name"]) for d in load_docs(K8S / r for r in kust["resources"])}

@@ -6,9 +6,9 @@ import ast
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-#: test modules still imported by others: the deploy suite's helpers, which the deploy work (issue 13) is
-#: rewriting; they move into a deploy kit once that lands
-NOT_YET = frozenset({"test_deploy_manifests", "test_deploy_gotemplate"})
+#: test modules still imported by others: the deploy suite's helpers (rewritten by issue 13) and the in-process
+#: sim's client (merged from another branch at the end of issue 17); each moves into a kit and off this list
+NOT_YET = frozenset({"test_deploy_manifests", "test_deploy_gotemplate", "test_deploy_helm", "test_sim_inprocess"})
 
 
 def test_test_modules_import_helpers_only_from_kits() -> None:

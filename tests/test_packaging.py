@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+#: building a wheel, a venv and a pip install take minutes on a loaded 2-core box
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +52,18 @@ def test_the_wheel_works_in_a_fresh_venv_beside_pypis_proxy_package(wheel: Path,
                            text=True, timeout=60).stdout
     assert "Name: proxy" in shown and "Name: turbofleet" in shown
     code = ("import turbofleet.proxy.app, turbofleet.worker.sim.server, turbofleet.bench.main, "
-            "turbofleet.balancer.kv_aware, pathlib; "
+            "turbofleet.balancer.kv_aware, turbofleet.proxy.fleetview as fv, pathlib; "
+            "assert b'/admin/fleet' in fv._static('status.js'); "
             "print(pathlib.Path(turbofleet.proxy.app.__file__).parent.parent)")
     where = subprocess.run([py, "-c", code], check=True, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert where.stdout.strip().endswith("site-packages/turbofleet")
     helped = subprocess.run([str(venv / "bin" / "turbofleet"), "proxy", "--help"], capture_output=True, text=True,
                             timeout=60, cwd=tmp_path)
     assert helped.returncode == 0 and "--policy" in helped.stdout
+
+
+def test_the_wheel_ships_the_dashboard(wheel: Path) -> None:
+    """Issue 12: /status is static files in the package (package-data), byte for byte the checkout's."""
+    with zipfile.ZipFile(wheel) as z:
+        for name in ("status.html", "status.css", "status.js"):
+            assert z.read(f"turbofleet/proxy/static/{name}") == (ROOT / "proxy" / "static" / name).read_bytes()

@@ -27,9 +27,13 @@ def test_api_keys_and_admin_token(tmp_path: Path) -> None:
         good = openai_client(proxy.url + "/v1", api_key="k2")
         r = good.chat.completions.create(model="auth-model", messages=[{"role": "user", "content": "x"}], max_tokens=2)
         assert r.choices[0].message.content
-        # health and status stay open for probes
+        # health and metrics stay open for probes; the fleet's details need the admin token (issue 11)
         assert http_json("GET", proxy.url + "/health")[0] == 200
-        assert http_json("GET", proxy.url + "/nodes/status")[0] == 200
+        assert http_json("GET", proxy.url + "/metrics")[0] == 200
+        assert http_json("GET", proxy.url + "/nodes/status")[0] == 401
+        assert http_json("GET", proxy.url + "/nodes/status", headers={"Authorization": "Bearer k1"})[0] == 403
+        assert http_json("GET", proxy.url + "/status")[0] == 401
+        assert http_json("GET", proxy.url + "/nodes/status", headers={"Authorization": "Bearer adm"})[0] == 200
     finally:
         proxy.stop()
         sim.stop()

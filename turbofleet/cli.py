@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("turbofleet.worker.main", "run the agent beside an LMDeploy api_server"),
     "up": ("turbofleet.up", "start a proxy and N simulated workers on localhost"),
     "bench": ("turbofleet.bench.main", "replay workloads against routers and compare them"),
+    "status": ("turbofleet.status", "the fleet as the proxy sees it, in a terminal (--watch to refresh)"),
+    "testbed": ("turbofleet.bench.testbed", "a multi-host fleet in network namespaces (root): up, down, status"),
 }
 
 

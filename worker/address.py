@@ -126,13 +126,59 @@ def advertise_url(
     return url_of(ep, "127.0.0.1")
 
 
-def detect_routable_ip() -> str | None:
-    """The source address of the default route, found by connecting a UDP socket (which sends nothing) to an
-    address that is never routed; None when there is no route (the caller falls back to 127.0.0.1)."""
+def _source_ip_toward(host: str) -> str | None:
+    """The source address the kernel would use to reach `host` (a UDP connect sends nothing)."""
     try:
+        infos = socket.getaddrinfo(host, 1, socket.AF_INET, socket.SOCK_DGRAM)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.254.254.254", 1))
+            s.connect(infos[0][4])
             ip = str(s.getsockname()[0])
+    except (OSError, IndexError):
+        return None
+    return ip
+
+
+def routable(ip: str | None) -> bool:
+    """An address another host could reach us at: not unspecified, loopback or link-local."""
+    if not ip or is_unspecified(ip):
+        return False
+    try:
+        addr = ipaddress.ip_address(ip.strip("[]"))
+    except ValueError:
+        return False
+    return not (addr.is_loopback or addr.is_link_local or addr.is_unspecified)
+
+
+def interface_ips() -> list[str]:
+    """The IPv4 address of every interface that has one (Linux SIOCGIFADDR), loopback included."""
+    import fcntl
+    import struct
+
+    found: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue  # no IPv4 address on this interface
+            found.append(socket.inet_ntoa(packed[20:24]))
+    return found
+
+
+def detect_routable_ip(toward: Sequence[str] = ()) -> str | None:
+    """This host's address as others would reach it, or None (the caller falls back to 127.0.0.1).
+
+    In order: the source address toward each of `toward` (the proxies' hosts: the address they would see us
+    at), the source address of the default route, then the first routable interface address (a host on a
+    private network with no default route, such as a network namespace). Loopback only when nothing else
+    exists; never 0.0.0.0.
+    """
+    for host in (*toward, "10.254.254.254"):
+        ip = _source_ip_toward(host)
+        if routable(ip):
+            return ip
+    try:
+        candidates = interface_ips()
     except OSError:
         return None
-    return None if is_unspecified(ip) else ip
+    return next((ip for ip in candidates if routable(ip)), None)

@@ -3,7 +3,7 @@
 Life of a worker, as the agent drives it:
 
     start (launch mode) -> wait for /health 200 and /v1/models -> register (models, role, labels, GPU, TTL)
-      -> heartbeat with /metrics load every interval (404 -> register again)
+      -> heartbeat with /metrics load every interval (404 -> register again, unless deregistering)
       -> server crashes:    mark ejected at once, restart with capped exponential backoff, register again
                             (exit 0 or by SIGTERM/SIGINT from someone else: deregister and exit, unless
                             --restart always)
@@ -23,6 +23,7 @@ import functools
 import logging
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -80,6 +81,7 @@ class AgentConfig:
     probe_timeout: float = 3.0
     pid_file: str | None = None
     gpu_facts: bool = True
+    gpu_python: str | None = None  # the interpreter of the GPU-facts subprocess (None: the agent's own)
 
 
 class Agent:
@@ -97,6 +99,12 @@ class Agent:
         self.gpu: dict[str, Any] = {}
         self.last_load = Load()
         self.registered_once = False
+        # set before the first /nodes/remove and never cleared: from then on the agent never registers again
+        # (a heartbeat that raced with the removal and got a 404 must not bring the worker back; issue 18)
+        self.deregistering = False
+        #: one id per agent process, sent with every registration and removal, so a proxy can tell this
+        #: agent's own late re-registration (ignored for a short tombstone) from a new agent on the same URL
+        self.agent_id = uuid.uuid4().hex
         self._proxy_down: set[str] = set()  # proxies whose last call failed (log transitions only)
         self._session: aiohttp.ClientSession | None = None
         self.proxies: list[ProxyClient] = []
@@ -154,7 +162,7 @@ class Agent:
                 continue
             self.models = models
             if self.cfg.gpu_facts:
-                self.gpu = await gpu_facts()
+                self.gpu = await gpu_facts(python=self.cfg.gpu_python)
             self.state = READY
             self.last_load = Load()
             await self._register_all()
@@ -271,6 +279,26 @@ class Agent:
 
     # ------------------------------------------------------------- heartbeats
     async def _heartbeat_loop(self) -> None:
+        beats: dict[str, asyncio.Task[Any]] = {}
+        try:
+            await self._heartbeats(beats)
+        finally:
+            for task in beats.values():
+                task.cancel()
+
+    def _beat_each(self, beats: dict[str, asyncio.Task[Any]], call: Any) -> None:
+        """One heartbeat per proxy, each on its own: a proxy that went silent (a black-holed host holds each
+        call for the whole client timeout) must not delay the heartbeats to the others past their TTL (issue
+        18). A proxy whose last heartbeat is still in flight is skipped this round."""
+        for p in self.proxies:
+            task = beats.get(p.base)
+            if task is not None:
+                if not task.done():
+                    continue
+                task.result()  # raises Fatal
+            beats[p.base] = asyncio.create_task(self._each(call, [p]))
+
+    async def _heartbeats(self, beats: dict[str, asyncio.Task[Any]]) -> None:
         failures = 0
         while True:
             tick = time.monotonic()
@@ -282,7 +310,7 @@ class Agent:
                 failures = 0
                 # a failed /metrics read repeats the last load rather than reporting an idle server
                 self.last_load = load or self.last_load
-                await self._each(functools.partial(self._heartbeat, load=self.last_load))
+                self._beat_each(beats, functools.partial(self._heartbeat, load=self.last_load))
             else:
                 failures += 1
                 log.warning("health check %d/%d failed", failures, self.cfg.unhealthy_threshold)
@@ -295,8 +323,10 @@ class Agent:
         try:
             await proxy.heartbeat(self.url, load.to_json())
         except NotRegistered:
+            if self.deregistering:
+                return  # the 404 answers our own removal
             log.warning("%s does not know %s (restarted, or the TTL ran out): registering again", proxy.base, self.url)
-            await self._register(proxy)
+            await self._register(proxy, rejoin=True)
 
     # ------------------------------------------------------------ proxy calls
     def description(self) -> dict[str, Any]:
@@ -310,10 +340,16 @@ class Agent:
             "heartbeat_ttl": self.cfg.heartbeat_ttl,
             "source": "agent",
             "state": self.state,
+            "agent_id": self.agent_id,
         }
 
-    async def _register(self, proxy: ProxyClient) -> None:
-        await proxy.add(self.description())
+    async def _register(self, proxy: ProxyClient, rejoin: bool = False) -> None:
+        if self.deregistering:
+            return
+        body = self.description()
+        if rejoin:
+            body["rejoin"] = True  # an answer to a heartbeat 404: the proxy may ignore it (tombstone)
+        await proxy.add(body)
         self.registered_once = True
         log.info(
             "registered %s with %s (state %s, models %s)", self.url, proxy.base, self.state, ", ".join(self.models)
@@ -329,7 +365,7 @@ class Agent:
 
         await self._each(one)
 
-    async def _each(self, call: Any) -> list[Any]:
+    async def _each(self, call: Any, proxies: list[ProxyClient] | None = None) -> list[Any]:
         """`call(proxy)` on every proxy at once. Unavailable: logged (on change) and None; Rejected: Fatal."""
 
         async def one(p: ProxyClient) -> Any:
@@ -347,7 +383,7 @@ class Agent:
                 self._proxy_down.discard(p.base)
             return result
 
-        return list(await asyncio.gather(*(one(p) for p in self.proxies)))
+        return list(await asyncio.gather(*(one(p) for p in (self.proxies if proxies is None else proxies))))
 
     async def _unfinished(self) -> int:
         """In-flight requests the proxies have on this worker (a proxy that does not answer counts 0: its
@@ -368,7 +404,10 @@ class Agent:
                     self.state = DRAINING
                     await self._set_state_all(DRAINING)
                     await self._wait_drained()
-                await self._each(lambda p: _ignore_404(p.remove(self.url)))
+                self.deregistering = True
+                if heartbeats is not None:  # no heartbeat may be in flight while the removal is
+                    await _cancel(heartbeats)
+                await self._each(lambda p: _ignore_404(p.remove(self.url, self.agent_id)))
                 log.info("deregistered %s", self.url)
         finally:
             if heartbeats is not None:

@@ -75,8 +75,11 @@ class ProxyClient:
     async def drain(self, url: str) -> None:
         await self._call("POST", "/nodes/drain", {"url": url})
 
-    async def remove(self, url: str) -> None:
-        await self._call("POST", "/nodes/remove", {"url": url})
+    async def remove(self, url: str, agent_id: str | None = None) -> None:
+        body: dict[str, Any] = {"url": url}
+        if agent_id:
+            body["agent_id"] = agent_id  # the proxy keeps a short tombstone against this agent's late rejoin
+        await self._call("POST", "/nodes/remove", body)
 
     async def status(self) -> dict[str, Any]:
         data = await self._call("GET", "/nodes/status")

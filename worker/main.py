@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .agent import AgentConfig
 
 TOKEN_ENV = "TURBOFLEET_ADMIN_TOKEN"
+WORKER_TOKEN_ENV = "TURBOFLEET_WORKER_TOKEN"
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -34,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="proxy to register with (repeat for several proxies that do not share a registry)",
     )
     parser.add_argument(
-        "--token", default=None, help=f"admin token for the proxy's /nodes/* API (default: ${TOKEN_ENV})"
+        "--token",
+        default=None,
+        help=f"the proxy's worker token (--worker-token) or admin token (default: ${WORKER_TOKEN_ENV}, "
+        f"else ${TOKEN_ENV})",
     )
     parser.add_argument(
         "--attach", metavar="URL", help="an api_server that is already running (never started or stopped by the agent)"
@@ -110,10 +114,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--pid-file", help="write the launched server's pid here on every start")
     parser.add_argument(
-        "--no-gpu-facts", dest="gpu_facts", action="store_false", help="do not read GPU facts through torch"
+        "--no-gpu-facts", dest="gpu_facts", action="store_false", help="do not read GPU facts (NVML or torch)"
+    )
+    # issue 13: the worker image's agent has neither torch nor, without the driver, NVML; LMDeploy's Python has torch
+    parser.add_argument(
+        "--gpu-python",
+        metavar="PATH",
+        help="Python that reads the GPU facts through NVML or torch (default: the agent's own; e.g. "
+        "/opt/py3/bin/python, LMDeploy's, in the worker image)",
     )
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.add_argument("command", nargs=argparse.REMAINDER, help="server command, after `--`")
+
+
+def _proxy_hosts(proxies: list[str]) -> list[str]:
+    from urllib.parse import urlsplit
+
+    hosts = []
+    for p in proxies:
+        host = urlsplit(p if "://" in p else "http://" + p).hostname
+        if host:
+            hosts.append(host)
+    return hosts
 
 
 def _command(raw: list[str]) -> list[str]:
@@ -138,13 +160,14 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str], detect: b
     ep = endpoint_from_url(args.attach) if args.attach else endpoint_from_command(command)
     detected = None
     if detect and not args.advertise_url and is_unspecified(ep.host) and not environ.get("POD_IP"):
-        detected = detect_routable_ip()
+        # the address the proxies would see us at: a host on a network with no default route has one too
+        detected = detect_routable_ip(_proxy_hosts(args.proxy))
     return AgentConfig(
         proxies=tuple(p.rstrip("/") for p in args.proxy),
         probe_url=probe_url(ep),
         advertise_url=advertise_url(ep, args.advertise_url, environ, detected),
         command=tuple(command),
-        token=args.token or environ.get(TOKEN_ENV) or None,
+        token=args.token or environ.get(WORKER_TOKEN_ENV) or environ.get(TOKEN_ENV) or None,
         role=args.role,
         labels=dict(args.label),
         capacity=args.capacity,
@@ -159,6 +182,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str], detect: b
         stop_timeout=args.stop_timeout,
         pid_file=args.pid_file,
         gpu_facts=args.gpu_facts,
+        gpu_python=args.gpu_python,
     )
 
 

@@ -106,7 +106,7 @@ class LoadReport:
     prefix_hit_rate: float = 0.0
 
 
-def to_view(rec: WorkerRecord, in_flight: int, now: float) -> WorkerView:
+def to_view(rec: WorkerRecord, in_flight: int, now: float, sessions: int = 0) -> WorkerView:
     """The balancer's view of a record; a worker whose heartbeats stopped is not ready."""
     state = rec.state if rec.alive(now) else EJECTED
     return WorkerView(
@@ -118,6 +118,7 @@ def to_view(rec: WorkerRecord, in_flight: int, now: float) -> WorkerView:
         waiting=rec.waiting,
         kv_usage=rec.kv_usage,
         role=rec.role,
+        sessions=sessions,
     )
 
 

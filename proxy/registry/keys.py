@@ -8,9 +8,11 @@ Layout under one prefix P (default "turbofleet"):
     P:epoch                STRING  random id of this Redis data set; a new id means Redis lost its data
     P:replicas             SET     ids of proxy replicas that have announced themselves
     P:replica:{id}         STRING  the replica's lease, PX LEASE_TTL, renewed every LEASE_REFRESH seconds
-    P:inflight:{id}        HASH    worker url -> requests this replica has in flight there (absolute counts)
+    P:inflight:{id}        HASH    worker url -> requests this replica has in flight there (absolute counts),
+                                   and "sessions|" + url -> active sessions this replica placed there (issue 18)
     P:pin:{session}        STRING  worker url the session is pinned to, PX pin TTL (slides on every release)
     P:feed:{db}            pub/sub channel: one JSON message per fleet write and per new pin
+    P:bucket:{key id}      HASH    a tenant key's token buckets (r requests, k tokens, s stamp), PX BUCKET_TTL
 
 Pub/sub channels are shared by every database of a Redis server, hence the db number in the channel name.
 The Lua scripts build per-replica names from the prefixes passed in, so names are only spelt here. They touch
@@ -23,6 +25,9 @@ from dataclasses import dataclass
 
 DEFAULT_PREFIX = "turbofleet"
 
+#: field prefix, in a replica's in-flight hash, of its active-session count per worker: the same hash, so
+#: the same lease, the same MULTI rewrite and the same READ_LOAD script carry them (issue 18)
+SESSIONS_FIELD = "sessions|"
 #: a replica's in-flight counts stop counting this long after its last lease renewal (crash safety)
 LEASE_TTL = 10.0
 #: how often a replica renews its lease and rewrites its in-flight hash from its exact local counts
@@ -48,6 +53,8 @@ LOCAL_PINS = 100_000
 SEED_GRACE = 3.0
 #: per-call limit on every Redis command (on top of the socket timeouts)
 OP_TIMEOUT = 1.0
+#: a tenant bucket untouched this long is dropped (it would be full again by then: 1 minute refills it)
+BUCKET_TTL = 120.0
 #: reconnect backoff: first wait, cap
 RECONNECT_MIN = 0.05
 RECONNECT_MAX = 2.0
@@ -99,6 +106,10 @@ class Keys:
 
     def pin(self, session_key: str) -> str:
         return f"{self.prefix}:pin:{session_key}"
+
+    def bucket(self, key_ref: str) -> str:
+        """A tenant key's rate buckets (issue 11); `key_ref` is a digest of the key, never the key."""
+        return f"{self.prefix}:bucket:{key_ref}"
 
     @property
     def channel(self) -> str:

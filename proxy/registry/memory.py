@@ -161,3 +161,8 @@ class MemoryRegistry:
 
     def health(self) -> dict[str, Any]:
         return {"backend": "memory", "reachable": True, "stale_s": 0.0}
+
+    def pinned_sessions(self) -> int:
+        """Sessions pinned to a worker now (issue 12's dashboard)."""
+        t = time.monotonic()
+        return sum(1 for _, expires in self._pins.values() if expires >= t)

@@ -16,6 +16,7 @@ from typing import Any
 from turbofleet.balancer.policy import WorkerView
 
 from .base import Listeners, WorkerChange, WorkerRecord, to_view
+from .keys import SESSIONS_FIELD
 
 #: fields Redis stamps itself (scripts.UPSERT) rather than taking from the caller
 STAMPED = ("registered_at", "last_heartbeat")
@@ -92,6 +93,8 @@ class Mirror:
         #: this replica's exact in-flight counts, and the last known sum over the other live replicas
         self.local: dict[str, int] = {}
         self.others: dict[str, int] = {}
+        #: active sessions per worker placed by the other live replicas (issue 18)
+        self.others_sessions: dict[str, int] = {}
         self._views: tuple[WorkerView, ...] | None = None
         self._views_at = 0.0
         #: told of every worker added, changed or removed as writes apply (whoever made them)
@@ -173,9 +176,13 @@ class Mirror:
         self._views = None
         return n
 
-    def set_others(self, counts: dict[str, int]) -> None:
+    def set_others(self, counts: dict[str, int], sessions: dict[str, int] | None = None) -> None:
+        """Other replicas' in-flight counts and (issue 18) their active sessions per worker."""
         if counts != self.others:
             self.others = counts
+            self._views = None
+        if sessions is not None and sessions != self.others_sessions:
+            self.others_sessions = sessions
             self._views = None
 
     def in_flight(self, url: str) -> int:
@@ -185,16 +192,27 @@ class Mirror:
     def snapshot(self, t: float) -> tuple[WorkerView, ...]:
         """Views at time `t` (Redis' clock); rebuilt on change and once a second, since liveness ages."""
         if self._views is None or t - self._views_at > 1.0:
-            self._views = tuple(to_view(r, self.in_flight(u), t) for u, r in self.records.items())
+            self._views = tuple(to_view(r, self.in_flight(u), t, self.others_sessions.get(u, 0))
+                                for u, r in self.records.items())
             self._views_at = t
         return self._views
 
 
-def sum_counts(hashes: Iterable[Mapping[str, str]]) -> dict[str, int]:
-    """Fleet-wide in-flight per worker from replicas' hashes (negative or garbled values count as 0)."""
+def sum_counts(hashes: Iterable[Mapping[str, str]], prefix: str = "") -> dict[str, int]:
+    """Fleet-wide in-flight per worker from replicas' hashes (negative or garbled values count as 0).
+    With `prefix`, only the fields named `prefix + url` are summed (session counts, keys.SESSIONS_FIELD);
+    without, those fields are skipped."""
     total: dict[str, int] = {}
     for h in hashes:
-        for url, raw in h.items():
+        for field, raw in h.items():
+            if prefix:
+                if not field.startswith(prefix):
+                    continue
+                url = field[len(prefix):]
+            elif field.startswith(SESSIONS_FIELD):
+                continue
+            else:
+                url = field
             try:
                 n = int(raw)
             except ValueError:

@@ -25,7 +25,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -91,6 +91,9 @@ class RedisRegistry:
         self._resync_interval = resync_interval
         self._op_timeout = op_timeout
         self._mirror = Mirror()
+        #: this replica's active sessions per worker, published with its in-flight counts so the other
+        #: replicas place new sessions on the fleet-wide count (issue 18; set by proxy/shared_sessions.py)
+        self.session_counts: Callable[[], Mapping[str, int]] = dict
         self._pins = Pins(pin_ttl)
         # worker urls whose local count changed since the writer last sent them (pin writes wait in _pins)
         self._dirty: set[str] = set()
@@ -278,6 +281,10 @@ class RedisRegistry:
         return await fut  # the lookup task answers every future within its call limit, or on close
 
     # --- observability ---
+    def pinned_sessions(self) -> int:
+        """Session pins this replica knows (its local cache of Redis' pins; issue 12's dashboard)."""
+        return len(self._pins.cache)
+
     def health(self) -> dict[str, Any]:
         t = now()
         return {
@@ -361,7 +368,9 @@ class RedisRegistry:
         # MULTI on a full rewrite: other replicas' READ_LOAD must never see our hash between DEL and refill
         pipe = self._redis.pipeline(transaction=full)
         if full:
-            counts = dict(self._mirror.local)
+            counts: dict[str, int] = dict(self._mirror.local)
+            # this replica's active sessions per worker ride along (rewritten every lease refresh)
+            counts.update({K.SESSIONS_FIELD + u: n for u, n in self.session_counts().items() if n > 0})
             pipe.delete(k.inflight(me))
             if counts:
                 pipe.hset(k.inflight(me), mapping=counts)  # type: ignore[arg-type]
@@ -430,7 +439,8 @@ class RedisRegistry:
         t1 = now()
         clock, version, epoch, flat, live = reply
         self._measured(t0, clock, t1)
-        self._mirror.set_others(sum_counts(pairs(h) for h in flat[1::2]))
+        hashes = [pairs(h) for h in flat[1::2]]
+        self._mirror.set_others(sum_counts(hashes), sum_counts(hashes, K.SESSIONS_FIELD))
         self._live_replicas = int(live)
         version, m = int(version), self._mirror
         # re-read the fleet when Redis lost its data, or when a write seen one poll ago never reached us

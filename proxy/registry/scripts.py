@@ -112,3 +112,33 @@ for _, r in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return {redis.call('TIME'), redis.call('GET', KEYS[2]) or '0', redis.call('GET', KEYS[3]) or '', out, live}
 """
+
+#: Issue 11, tenant limits. KEYS: the key's bucket hash (keys.py `bucket`). ARGV: requests/s, request burst,
+#: tokens/s, token burst, request cost, token cost, TTL in ms. Returns the seconds to wait as a string ("0":
+#: admitted). A script, not MULTI, because the decision reads the bucket, refills it by Redis' clock and then
+#: takes from it: two replicas doing those steps apart would both admit the last request of a minute. A
+#: request (cost 1) is admitted while the request bucket holds one and the token bucket is not in debt; an
+#: answer's tokens (request cost 0) are charged unconditionally, into debt if need be (usage is known only
+#: after the answer). proxy/limits.py `bucket_step` is the same arithmetic, for the memory registry.
+TENANT_BUCKET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local h = redis.call('HMGET', KEYS[1], 'r', 'k', 's')
+local rr, br, rt, bt = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local cr, ct = tonumber(ARGV[5]), tonumber(ARGV[6])
+local r, k, s = tonumber(h[1]) or br, tonumber(h[2]) or bt, tonumber(h[3]) or now
+local dt = math.max(0, now - s)
+if br > 0 then r = math.min(br, r + dt * rr) end
+if bt > 0 then k = math.min(bt, k + dt * rt) end
+local wait = 0
+if cr > 0 then
+  if br > 0 and r < cr then wait = (cr - r) / rr end
+  if bt > 0 and k <= 0 then wait = math.max(wait, (1 - k) / rt) end
+  if wait == 0 then r = r - cr end
+else
+  k = k - ct
+end
+redis.call('HSET', KEYS[1], 'r', tostring(r), 'k', tostring(k), 's', tostring(now))
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return tostring(wait)
+"""

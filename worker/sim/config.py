@@ -23,6 +23,11 @@ class EngineConfig:
     block_size: int = 64
     cache_blocks: int = 1024
     prefix_cache: bool = True
+    # issue 14 (fitted profiles, worker/sim/profiles/): attention makes a token of prefill dearer the longer
+    # its context; this adds per uncached token, per 1,000 tokens of the whole prompt, this many ms
+    prefill_ms_per_token_ctx: float = 0.0
+    # a step that prefills anything costs this much more (launches, the prefill's own kernels)
+    prefill_ms_step: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -282,6 +282,9 @@ class Engine:
                 continue
             cfg = self.cfg
             ms = prefill * cfg.prefill_ms_per_token + cfg.decode_ms_base + cfg.decode_ms_per_seq * len(self.running)
+            if prefill and (cfg.prefill_ms_per_token_ctx or cfg.prefill_ms_step):  # a fitted profile (issue 14)
+                ctx = sum((s.prompt_len - s.cached_tokens) * s.prompt_len for s in admitted) / 1000.0
+                ms += cfg.prefill_ms_step + cfg.prefill_ms_per_token_ctx * ctx
             deadline = start + ms / 1000.0 * cfg.speed * self.slow_factor()
             delay = deadline - loop.time()
             self._emptied.clear()

@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="extra listener for /sim/*, /health, /metrics that faults never touch",
     )
     g = p.add_argument_group("timing model")
+    g.add_argument(
+        "--profile",
+        default=None,
+        help="a fitted engine profile (worker/sim/profiles/NAME.json, or a path): its values become the "
+        "defaults of the timing and cache flags (issue 14; e.g. turbomind-h200-1b5)",
+    )
     g.add_argument("--max-batch", type=int, default=_D_BATCH, help=f"running sequences (default {_D_BATCH})")
     g.add_argument(
         "--prefill-ms-per-token",
@@ -59,6 +65,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=_D_MAX_PREFILL,
         help=f"uncached prompt tokens admitted per step (default {_D_MAX_PREFILL})",
+    )
+    g.add_argument(
+        "--prefill-ms-per-token-ctx",
+        type=float,
+        default=0.0,
+        help="extra prefill ms per uncached token per 1,000 prompt tokens (attention; default 0)",
+    )
+    g.add_argument(
+        "--prefill-ms-step", type=float, default=0.0, help="extra ms of a step that prefills (default 0)"
     )
     g.add_argument(
         "--speed",
@@ -97,9 +112,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--access-log", action="store_true", help="log every request (costs CPU)")
 
 
+def _apply_profile(args: argparse.Namespace) -> None:
+    """--profile: the profile's values replace the flags still at their defaults (issue 14)."""
+    from . import profiles
+
+    if not getattr(args, "profile", None):
+        return
+    try:
+        data = profiles.load(args.profile)
+    except ValueError as e:
+        raise SystemExit(f"--profile: {e}") from None
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for key, value in data["engine"].items():
+        dest = profiles.FIELDS[key]
+        if getattr(args, dest) == parser.get_default(dest):
+            setattr(args, dest, type(parser.get_default(dest))(value))
+
+
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     from .config import EngineConfig, SimConfig
 
+    _apply_profile(args)
     engine = EngineConfig(
         max_batch=args.max_batch,
         prefill_ms_per_token=args.prefill_ms_per_token,
@@ -110,6 +144,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         block_size=args.block_size,
         cache_blocks=args.cache_blocks,
         prefix_cache=not args.no_prefix_cache,
+        prefill_ms_per_token_ctx=args.prefill_ms_per_token_ctx,
+        prefill_ms_step=args.prefill_ms_step,
     )
     return SimConfig(
         model=args.model,

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import instant, serving
+from . import extra, instant, serving
 from .cache import PrefixCache
 from .config import SimConfig
 from .engine import Engine
@@ -86,6 +86,9 @@ def build_app(config: SimConfig) -> web.Application:
     r.add_post("/generate", serving.generate_endpoint)
     r.add_post("/v1/responses", serving.responses)
     r.add_post("/v1/embeddings", serving.embeddings)
+    r.add_post("/v1/encode", extra.encode)
+    r.add_post("/pooling", extra.pooling)
+    r.add_post("/v1/messages", extra.messages)
     r.add_get("/v1/models", models)
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)

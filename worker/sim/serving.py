@@ -24,6 +24,8 @@ from .tokens import PromptError, output_words, render_chat, render_completion, t
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 EMBED_DIM = 32
+#: tokens a sequence may reach (LMDeploy's session_len); longer max_tokens end with finish_reason "length"
+SESSION_LEN = 32768
 
 
 class BadRequest(Exception):
@@ -58,7 +60,9 @@ def _max_tokens(body: dict[str, Any], keys: tuple[str, ...], default: int) -> in
             continue
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise BadRequest(400, f"The {key} {v!r} must be a positive integer.")
-        return v
+        # LMDeploy stops a sequence at its session length (finish_reason "length"); it never allocates
+        # max_tokens up front, so an absurd number is no MemoryError (issue 11: it was a 500 here)
+        return min(v, SESSION_LEN)
     return default
 
 

@@ -1,0 +1,140 @@
+"""When is a worker full? A per-worker concurrency limit, learned from what the worker delivers (issue 10).
+
+Pure and synchronous, like every balancer module: the proxy hands in each finished streaming request's time to
+first token (with its prompt's uncached tokens) and the worker's own report (running, waiting), and asks
+whether a worker can take one more.
+
+The limit is AIMD on queueing delay, in the spirit of Netflix's concurrency-limits and Envoy's adaptive
+concurrency filter, with the engine's own report as an upper bound:
+
+- queueing delay = TTFT minus the request's own prefill, estimated as its uncached tokens x the worker's
+  fastest seconds per token seen lately (a decaying minimum): a long prompt that takes 2 s to prefill on an
+  idle worker is not congestion, and must not shrink the limit (it would starve decode batching);
+- an answer whose delay stayed under `target_ttft` while the limit was binding (the worker held at least
+  limit - 1 requests when it finished) adds 1/limit: about +1 per window of `limit` answers (a slow start,
+  +1 per answer, was tried: on the sim trace it let the engines' backlogs grow to 3 s);
+- one whose delay passed `target_ttft` multiplies the limit by `BACKOFF` (0.8), at most once per window of
+  `limit` answers, so one burst of slow answers (all queued behind the same prefill) counts as one signal;
+- a report of requests waiting in the engine (`waiting > 0`) caps the limit at what the engine ran then plus a
+  quarter (pipelining headroom): requests beyond what it batches only wait there, where the proxy can no
+  longer order them. LMDeploy refreshes that report only every ~10 s, so it is a bound, not the signal.
+
+A fixed limit (`fixed > 0`) turns learning off. The learned limit never leaves [min_limit, max_limit].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from turbofleet.balancer.policy import READY, WorkerView
+
+#: what a slow answer multiplies the limit by
+BACKOFF = 0.8
+#: what the engine report leaves on top of what it ran, as a share of it
+HEADROOM = 0.25
+#: how fast the fastest-seconds-per-token estimate forgets (per answer): it follows a worker that got slower
+#: within ~350 answers, slowly enough that sustained queueing is not absorbed into it
+DRIFT = 0.002
+
+
+@dataclass(slots=True)
+class _State:
+    limit: float
+    #: answers since the last decrease (a decrease needs a window of `limit` answers)
+    since_decrease: int = 0
+    #: the fastest prefill seen lately, seconds per uncached prompt token (None until one is seen)
+    per_token: float | None = None
+
+
+class ConcurrencyLimits:
+    """Per-worker concurrency limits (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        target_ttft: float = 1.0,
+        initial: int = 16,
+        min_limit: int = 1,
+        max_limit: int = 256,
+        fixed: int = 0,
+    ) -> None:
+        if target_ttft <= 0 or min_limit < 1 or max_limit < min_limit or initial < 1 or fixed < 0:
+            raise ValueError("target_ttft, initial and min_limit must be positive, max_limit >= min_limit")
+        self.target_ttft = target_ttft
+        self.initial = min(max(initial, min_limit), max_limit)
+        self.min_limit = min_limit
+        self.max_limit = max_limit
+        self.fixed = fixed
+        self._state: dict[str, _State] = {}
+
+    def _of(self, worker_id: str) -> _State:
+        st = self._state.get(worker_id)
+        if st is None:
+            st = self._state[worker_id] = _State(float(self.initial))
+        return st
+
+    def limit(self, worker_id: str) -> int:
+        """Requests the worker may hold at once."""
+        if self.fixed:
+            return self.fixed
+        st = self._state.get(worker_id)
+        return self.initial if st is None else max(self.min_limit, int(st.limit))
+
+    def observe(self, worker_id: str, ttft_s: float | None, in_flight: int, tokens: int | None = None) -> None:
+        """A streaming request on the worker finished; `ttft_s` None when it failed, the client left, or it was
+        not streamed (no signal). `in_flight`: what the worker held when it finished, this one included;
+        `tokens`: its uncached prompt tokens, when the worker said."""
+        if self.fixed or ttft_s is None:
+            return
+        st = self._of(worker_id)
+        own = 0.0
+        if tokens:
+            sample = ttft_s / tokens
+            est = st.per_token
+            st.per_token = sample if est is None or sample < est * (1 + DRIFT) else est * (1 + DRIFT)
+            own = st.per_token * tokens
+        delay = ttft_s - own
+        st.since_decrease += 1
+        if delay > self.target_ttft:
+            if st.since_decrease >= st.limit:
+                st.limit = max(float(self.min_limit), st.limit * BACKOFF)
+                st.since_decrease = 0
+        elif in_flight >= st.limit - 1:
+            st.limit = min(float(self.max_limit), st.limit + 1.0 / st.limit)
+
+    def report(self, worker_id: str, running: int, waiting: int) -> None:
+        """The worker's own report: requests waiting in its engine bound the limit (see the docstring)."""
+        if self.fixed or waiting <= 0 or running <= 0:
+            return
+        st = self._of(worker_id)
+        bound = running + max(1, math.ceil(running * HEADROOM))
+        if st.limit > bound:
+            st.limit = float(max(self.min_limit, bound))
+
+    def forget(self, worker_id: str) -> None:
+        self._state.pop(worker_id, None)
+
+
+def free_slots(
+    model: str, workers: Sequence[WorkerView], limits: ConcurrencyLimits, reserved: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Ready workers serving `model` that can take more requests now -> how many more. `reserved`: requests
+    this proxy admitted to a worker that the registry does not count yet. A model none of whose ready workers
+    has a slot is saturated."""
+    out: dict[str, int] = {}
+    for w in workers:
+        if w.state != READY or model not in w.models:
+            continue
+        free = limits.limit(w.id) - w.in_flight - (reserved.get(w.id, 0) if reserved else 0)
+        if free > 0:
+            out[w.id] = free
+    return out
+
+
+def saturated(model: str, workers: Sequence[WorkerView], limits: ConcurrencyLimits) -> bool:
+    """Every ready worker of `model` is at its limit (False when the model has no ready worker: routing
+    answers that one with 404/503)."""
+    ready = [w for w in workers if w.state == READY and model in w.models]
+    return bool(ready) and not free_slots(model, ready, limits)

@@ -1,0 +1,401 @@
+"""Flow control in front of the balancer (issue 10): a request for a saturated model waits here, in a fair
+priority queue, instead of piling onto the workers' own queues.
+
+The relay calls four hooks, and nothing else changes on the request path:
+- `admit(request, facts)` before routing: returns at once while the model has a free slot (a worker under its
+  concurrency limit, `balancer.saturation`) and nobody is queued; otherwise the request waits until the queue
+  places it on a worker that freed up, or is told 429 (queue full, expected wait beyond its budget, budget
+  spent: always before the budget ends, with Retry-After), or 503 `shutting_down`. A client that leaves while
+  queued is cancelled out of the queue at once: nothing was forwarded, nothing is held;
+- `candidates(snapshot, model)` inside the routing decision: a request the queue placed goes to the worker it
+  was placed on; any other goes to a worker with a free slot (the policy chooses among those);
+- `observe(worker, ttft)` after each try: feeds the learned per-worker limits;
+- `done(ticket)` when the request ends: frees its slot and places the next queued request.
+
+Counts. A worker's slots are its limit minus its in-flight count in the registry: fleet-wide with the Redis
+registry, so replicas share the caps while each keeps its own queue. Between admission and the registry's
+acquire (the session-pin lookup may await Redis) an admitted request is held as a reservation here. Two
+replicas can both see the same free slot before either's acquire reaches the other (the Redis mirror syncs
+every ~0.2 s, K.SYNC_INTERVAL): a worker may go past its limit by at most the slots freed in that window times
+(replicas - 1); docs/OVERLOAD.md has the measured margin.
+
+A periodic tick (every TICK_S while anything is queued) re-reads the snapshot (other replicas' releases,
+workers joining), places what fits and sheds what can no longer start within its budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from aiohttp import web
+
+from turbofleet.balancer.policy import READY, Decision, Policy, RouteRequest, WorkerView
+from turbofleet.balancer.saturation import ConcurrencyLimits, free_slots
+
+from .admission import (
+    BUDGET_HEADER,
+    FairQueue,
+    QueueBudgets,
+    Ticket,
+    classify,
+    drain_rate,
+    expected_wait,
+    guard,
+    retry_after,
+)
+from .config import Settings
+from .errors import ProxyError, TooManyRequests
+from .health import Outliers
+from .identity import IDENTITY, PRIORITIES
+from .metrics import Metrics
+from .registry.base import Registry
+
+log = logging.getLogger("turbofleet.flow")
+
+#: how often the queue looks at the fleet while something waits
+TICK_S = 0.02
+#: every this many ticks, queued requests are checked against their budgets (expected wait)
+RECHECK_TICKS = 10
+#: weight of a new request's time in the mean time a request holds a slot
+SERVICE_LEARN = 0.05
+
+_CURRENT: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("turbofleet_ticket", default=None)
+
+
+def _shed(code: str, message: str, wait_s: float | None) -> ProxyError:
+    return TooManyRequests(message, code=code, headers={"Retry-After": retry_after(wait_s)})
+
+
+def _shutting_down() -> ProxyError:
+    return ProxyError("The proxy is shutting down; retry on another replica.", status=503, code="shutting_down",
+                      headers={"Retry-After": "1"})
+
+
+class Flow:
+    """The proxy's queue and admission control (see the module docstring)."""
+
+    def __init__(
+        self, *, registry: Registry, policy: Policy, settings: Settings, metrics: Metrics, outliers: Outliers
+    ) -> None:
+        self.registry = registry
+        self.outliers = outliers
+        self.metrics = metrics
+        self.enabled = settings.admission.lower() not in ("off", "false", "0", "no")
+        self.limits = ConcurrencyLimits(
+            target_ttft=settings.target_ttft,
+            initial=settings.worker_concurrency_initial,
+            max_limit=settings.worker_concurrency_max,
+            fixed=settings.worker_concurrency,
+        )
+        self.budgets = QueueBudgets(settings.queue_timeout)
+        self.queue_max = settings.queue_max
+        self.window = settings.placement_window
+        self._cost: Any = getattr(policy, "queue_cost", None)
+        self._queues: dict[str, FairQueue] = {}
+        #: worker -> requests the queue placed there that the registry does not count yet
+        self._reserved: dict[str, int] = {}
+        #: model -> admitted requests the policy will place (not counted by the registry yet)
+        self._unplaced: dict[str, int] = {}
+        #: model -> this replica's admitted requests not done
+        self._local: dict[str, int] = {}
+        #: model -> mean seconds a request holds a slot
+        self._service: dict[str, float] = {}
+        self._tick: asyncio.Task[None] | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------------ admission
+    async def admit(self, request: web.Request, facts: Any) -> Ticket | None:
+        """Wait for a free slot (see the module docstring). Returns the ticket to hand back to `done`."""
+        if not self.enabled:
+            return None
+        loop = asyncio.get_running_loop()
+        tenant, priority = classify(request.get(IDENTITY), request.headers, getattr(facts, "user", None))
+        budget = self.budgets.budget(priority, request.headers.get(BUDGET_HEADER))
+        route = RouteRequest(model=facts.model, session_key=facts.session_key, prefix_hashes=facts.prefix_hashes,
+                             prompt_tokens=facts.prompt_tokens)
+        t = Ticket(facts.model, tenant, priority, loop.time(), budget, route)
+        q = self._queues.get(t.model)
+        if q is None:
+            q = self._queues[t.model] = FairQueue(self.window)
+        if not q:
+            free = self._free(t.model, self._views())
+            if free is None or free > 0:
+                self._admitted(t, None, queued=False)
+                return t
+        if self.closed:
+            self._count_shed("shutting_down", t)
+            raise _shutting_down()
+        if len(q) >= self.queue_max:
+            wait = expected_wait(len(q), self._drain(t.model))
+            self._count_shed("queue_full", t)
+            raise _shed("queue_full", f"The queue for `{t.model}` is full ({self.queue_max} requests); retry later.",
+                        wait)
+        q.push(t)
+        wait = expected_wait(q.ahead(t), self._drain(t.model))
+        if wait is not None and wait > budget - guard(budget):
+            q.remove(t)
+            self._count_shed("expected_wait", t)
+            raise _shed("queue_wait_too_long", f"The fleet serving `{t.model}` is saturated: expected wait "
+                        f"{wait:.1f}s exceeds this request's queue budget of {budget:g}s.", wait)
+        t.waiter = loop.create_future()
+        self._pump(t.model)
+        self._ensure_tick()
+        try:
+            async with asyncio.timeout(max(0.0, budget - guard(budget))):
+                await t.waiter
+        except TimeoutError:
+            q.remove(t)
+            self._count_shed("budget", t)
+            raise _shed("queue_timeout", f"The request could not start within its queue budget of {budget:g}s; the "
+                        f"fleet serving `{t.model}` is saturated.", self._wait_of(q, t.model)) from None
+        except asyncio.CancelledError:
+            if t.admitted:  # placed just as the client left: give the slot back
+                self._release(t)
+            else:
+                q.remove(t)
+            self.metrics.inc("turbofleet_queue_shed_total", reason="client_left", priority=t.priority)
+            raise
+        # the waiter ended with an exception (shed early by the tick, shutdown): `await` raised it above
+        self.metrics.observe("turbofleet_queue_wait_seconds", loop.time() - t.enqueued, priority=t.priority)
+        _CURRENT.set(t)
+        return t
+
+    def _admitted(self, t: Ticket, worker: str | None, queued: bool) -> None:
+        t.admitted = True
+        t.worker = worker
+        if worker is None:
+            self._unplaced[t.model] = self._unplaced.get(t.model, 0) + 1
+        else:
+            self._reserved[worker] = self._reserved.get(worker, 0) + 1
+        self._local[t.model] = self._local.get(t.model, 0) + 1
+        t.admitted_at = asyncio.get_running_loop().time()
+        self.metrics.inc("turbofleet_queue_admitted_total", queued="yes" if queued else "no", priority=t.priority)
+        if not queued:
+            _CURRENT.set(t)
+
+    def _unreserve(self, t: Ticket) -> None:
+        if t.placed:
+            return
+        t.placed = True
+        if t.worker is None:
+            self._unplaced[t.model] = max(0, self._unplaced.get(t.model, 0) - 1)
+        else:
+            left = self._reserved.get(t.worker, 0) - 1
+            if left > 0:
+                self._reserved[t.worker] = left
+            else:
+                self._reserved.pop(t.worker, None)
+
+    def _release(self, t: Ticket) -> None:
+        self._unreserve(t)
+        self._local[t.model] = max(0, self._local.get(t.model, 0) - 1)
+
+    # ------------------------------------------------------------------ hooks on the request path
+    def candidates(self, snapshot: Sequence[WorkerView], model: str) -> Sequence[WorkerView]:
+        """The workers this request may be routed to (see the module docstring)."""
+        t = _CURRENT.get()
+        if t is None:
+            return snapshot
+        placed_on = t.worker if not t.placed else None
+        self._unreserve(t)
+        if placed_on is not None:
+            for w in snapshot:
+                if w.id == placed_on and w.state == READY and model in w.models:
+                    return [w]
+        free = free_slots(model, snapshot, self.limits, self._reserved)
+        if not free:
+            return snapshot  # another replica took the slot meanwhile: the policy's cap decides (overshoot)
+        return [w for w in snapshot if w.id in free]
+
+    def annotate(self, decision: Decision) -> Decision:
+        """Say in the route reason how long the request queued."""
+        t = _CURRENT.get()
+        if t is None or t.waiter is None:
+            return decision
+        ms = ((t.admitted_at or t.enqueued) - t.enqueued) * 1e3
+        return replace(decision, reason=f"queued {ms:.0f}ms, {decision.reason}")
+
+    def observe(self, worker: str, ttft_s: float | None, uncached_tokens: int | None = None) -> None:
+        """A try on `worker` ended (its slot is already released); `ttft_s` None when it failed or was not
+        streamed (a non-streaming answer's first byte is its last)."""
+        if self.enabled:
+            self.limits.observe(worker, ttft_s, self.registry.in_flight(worker) + 1, uncached_tokens)
+
+    def done(self, t: Ticket | None) -> None:
+        """The request ended: its slot is free for the next queued request."""
+        if t is None:
+            return
+        _CURRENT.set(None)
+        self._release(t)
+        started = t.admitted_at
+        if started is not None:
+            held = asyncio.get_running_loop().time() - started
+            mean = self._service.get(t.model)
+            self._service[t.model] = held if mean is None else mean + SERVICE_LEARN * (held - mean)
+        for model, q in self._queues.items():
+            if q:
+                self._pump(model)
+
+    # ------------------------------------------------------------------ placing queued requests
+    def _views(self) -> Sequence[WorkerView]:
+        return self.outliers.apply(self.registry.snapshot())
+
+    def _free(self, model: str, views: Sequence[WorkerView]) -> int | None:
+        """Free slots for `model` after reservations; None when it has no ready worker (routing answers)."""
+        if not any(w.state == READY and model in w.models for w in views):
+            return None
+        return sum(free_slots(model, views, self.limits, self._reserved).values()) - self._unplaced.get(model, 0)
+
+    def _pump(self, model: str) -> None:
+        q = self._queues.get(model)
+        if not q:
+            return
+        views = self._views()
+        slots = free_slots(model, views, self.limits, self._reserved)
+        total = sum(slots.values()) - self._unplaced.get(model, 0)
+        if not slots or total <= 0:
+            return
+        by_id = {w.id: w for w in views}
+        cost = self._cost
+        while total > 0 and slots and q:
+            wid = max(slots, key=slots.__getitem__)
+            view = by_id[wid]
+            t = q.pick(_placement_cost(cost, view) if cost is not None else None)
+            if t is None:
+                break
+            if t.waiter is None or t.waiter.done():  # its client left, or its budget ran out, this very moment
+                continue
+            self._admitted(t, wid, queued=True)
+            t.waiter.set_result(None)
+            total -= 1
+            slots[wid] -= 1
+            if slots[wid] <= 0:
+                del slots[wid]
+
+    def _drain(self, model: str) -> float | None:
+        views = [w for w in self._views() if w.state == READY and model in w.models]
+        slots = sum(self.limits.limit(w.id) for w in views)
+        fleet = sum(w.in_flight for w in views)
+        local = self._local.get(model, 0)
+        return drain_rate(slots, self._service.get(model), local / fleet if fleet else 1.0)
+
+    def _wait_of(self, q: FairQueue, model: str) -> float | None:
+        return expected_wait(len(q), self._drain(model))
+
+    def _count_shed(self, reason: str, t: Ticket) -> None:
+        self.metrics.inc("turbofleet_queue_shed_total", reason=reason, priority=t.priority)
+
+    def _ensure_tick(self) -> None:
+        if self._tick is None or self._tick.done():
+            self._tick = asyncio.get_running_loop().create_task(self._run_tick())
+
+    async def _run_tick(self) -> None:
+        n = 0
+        while not self.closed and any(self._queues.values()):
+            await asyncio.sleep(TICK_S)
+            n += 1
+            views = self._views()
+            for w in views:
+                self.limits.report(w.id, w.running, w.waiting)
+            for model, q in list(self._queues.items()):
+                if q:
+                    self._pump(model)
+                    if n % RECHECK_TICKS == 0:
+                        self._recheck(model, q)
+
+    def _recheck(self, model: str, q: FairQueue) -> None:
+        """Shed queued requests that can no longer start within their budget, as soon as that is clear."""
+        drain = self._drain(model)
+        if drain is None:
+            return
+        now = asyncio.get_running_loop().time()
+        for i, t in enumerate(q.order()):
+            wait = expected_wait(i, drain)
+            if wait is None or t.waiter is None or t.waiter.done():
+                continue
+            left = t.deadline - guard(t.budget) - now
+            if wait > left:
+                q.remove(t)
+                self._count_shed("expected_wait", t)
+                t.waiter.set_exception(_shed(
+                    "queue_wait_too_long", f"The fleet serving `{model}` is saturated: expected wait {wait:.1f}s "
+                    f"exceeds what is left of this request's queue budget ({max(left, 0):.1f}s).", wait))
+
+    # ------------------------------------------------------------------ shutdown, views
+    def shutdown(self) -> int:
+        """Proxy shutdown: every queued request gets 503 `shutting_down` now. Returns how many."""
+        self.closed = True
+        n = 0
+        for q in self._queues.values():
+            for t in list(q.tickets()):
+                q.remove(t)
+                if t.waiter is not None and not t.waiter.done():
+                    self._count_shed("shutting_down", t)
+                    t.waiter.set_exception(_shutting_down())
+                    n += 1
+        return n
+
+    async def close(self) -> None:
+        self.shutdown()
+        if self._tick is not None:
+            self._tick.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tick
+
+    def snapshot(self) -> dict[str, Any]:
+        """The queue as data, for the status page and the dashboard: per model, depth per class and the
+        oldest wait; the workers' concurrency limits."""
+        now = asyncio.get_running_loop().time() if _running() else time.monotonic()
+        models: dict[str, Any] = {}
+        for model, q in self._queues.items():
+            oldest = min((t.enqueued for t in q.tickets()), default=None)
+            models[model] = {
+                "depth": q.depth(),
+                "queued": len(q),
+                "oldest_wait_s": round(now - oldest, 3) if oldest is not None else 0.0,
+                "admitted_local": self._local.get(model, 0),
+            }
+        views = self._views()
+        return {
+            "enabled": self.enabled,
+            "models": models,
+            "limits": {w.id: self.limits.limit(w.id) for w in views},
+            "budgets_s": dict(self.budgets.by_class),
+            "queue_max": self.queue_max,
+        }
+
+    def gauges(self) -> list[tuple[str, str, dict[str, str], float]]:
+        """Scrape-time gauges: turbofleet_queue_depth{model,priority} (every class of every model seen, 0s
+        included: an autoscaler reads it), the oldest wait, and the workers' limits."""
+        out: list[tuple[str, str, dict[str, str], float]] = []
+        snap = self.snapshot()
+        for model, m in snap["models"].items():
+            for prio in PRIORITIES:
+                out.append(("turbofleet_queue_depth", "Requests waiting in this proxy's queue.",
+                            {"model": model, "priority": prio}, float(m["depth"][prio])))
+            out.append(("turbofleet_queue_oldest_wait_seconds", "How long the oldest queued request has waited.",
+                        {"model": model}, float(m["oldest_wait_s"])))
+        for wid, limit in snap["limits"].items():
+            out.append(("turbofleet_worker_concurrency_limit", "Requests a worker may hold at once (learned).",
+                        {"worker": wid}, float(limit)))
+        return out
+
+
+def _placement_cost(cost: Any, view: WorkerView) -> Callable[[Ticket], float]:
+    """What serving a ticket on `view` costs, by the policy's `queue_cost` (its prefix-cache model)."""
+    return lambda t: float(cost(t.route, view))
+
+
+def _running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

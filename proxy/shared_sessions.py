@@ -1,0 +1,18 @@
+"""Issue 18: replicas share their per-worker active-session counts, so two replicas place new sessions as
+evenly as one. The policy keeps its own session tracker (pure, balancer/sessions.py); the Redis registry
+publishes that tracker's counts beside its in-flight counts and hands the other replicas' sums back to the
+policy in each WorkerView (`sessions`). The in-memory registry has a single replica: nothing to share."""
+
+from __future__ import annotations
+
+from turbofleet.balancer.policy import Policy
+
+from .registry.base import Registry
+from .registry.redis import RedisRegistry
+
+
+def share_sessions(registry: Registry, policy: Policy) -> None:
+    tracker = getattr(policy, "sessions", None)
+    counts = getattr(tracker, "counts", None)
+    if isinstance(registry, RedisRegistry) and isinstance(counts, dict):
+        registry.session_counts = lambda: counts

@@ -1,0 +1,247 @@
+"""The queue's pure parts (issue 10), table-tested without an event loop: classes and tenants, budgets, fair
+order, placement within the fairness bound, expected waits, the learned concurrency limits, saturation, and
+kv_aware's placement cost."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from turbofleet.balancer.kv_aware import KvAware
+from turbofleet.balancer.policy import Outcome, RouteRequest, WorkerView
+from turbofleet.balancer.prefix import block_hashes
+from turbofleet.balancer.saturation import BACKOFF, ConcurrencyLimits, free_slots, saturated
+from turbofleet.proxy.admission import (
+    FairQueue,
+    QueueBudgets,
+    Ticket,
+    classify,
+    drain_rate,
+    expected_wait,
+    guard,
+    retry_after,
+)
+from turbofleet.proxy.identity import Identity
+
+
+def ticket(tenant: str = "a", priority: str = "default", t: float = 0.0, hashes: tuple[int, ...] = ()) -> Ticket:
+    return Ticket("m", tenant, priority, t, 5.0, RouteRequest("m", prefix_hashes=hashes))
+
+
+@pytest.mark.parametrize(
+    ("identity", "headers", "user", "expected"),
+    [
+        (None, {}, None, ("anonymous", "default")),
+        (None, {"X-Tenant": "acme"}, "bob", ("acme", "default")),
+        (None, {}, "bob", ("bob", "default")),
+        (None, {"X-Priority": "Interactive"}, None, ("anonymous", "interactive")),
+        (None, {"X-Priority": "bogus"}, None, ("anonymous", "default")),
+        # the key's default class, and its cap on what a header may ask for
+        (Identity("t1", priority="batch", max_priority="default"), {}, None, ("t1", "batch")),
+        (Identity("t1", priority="batch", max_priority="default"), {"X-Priority": "interactive"}, None,
+         ("t1", "default")),
+        (Identity("t1", max_priority="interactive"), {"X-Priority": "interactive", "X-Tenant": "x"}, "u",
+         ("t1", "interactive")),
+    ],
+)
+def test_classify(identity: Identity | None, headers: dict[str, str], user: str | None,
+                  expected: tuple[str, str]) -> None:
+    assert classify(identity, headers, user) == expected
+
+
+def test_budgets_per_class_and_header_cap() -> None:
+    b = QueueBudgets("interactive=1,batch=60")
+    assert b.budget("interactive", None) == 1.0
+    assert b.budget("default", None) == 5.0  # not named: its default
+    assert b.budget("batch", "10") == 10.0  # a shorter header wins
+    assert b.budget("interactive", "30") == 1.0  # a longer one is capped by the server
+    assert b.budget("default", "nonsense") == 5.0
+    assert QueueBudgets("3").by_class == {"interactive": 3.0, "default": 3.0, "batch": 3.0}
+    with pytest.raises(ValueError, match="unknown class"):
+        QueueBudgets("urgent=1")
+    with pytest.raises(ValueError):
+        QueueBudgets("-1")
+
+
+def test_guard_and_retry_after() -> None:
+    assert guard(2.0) == pytest.approx(0.2) and guard(10.0) == 0.25
+    assert retry_after(None) == "1" and retry_after(0.2) == "1" and retry_after(3.2) == "4"
+    assert retry_after(math.inf) == "1"
+
+
+def test_strict_priority_between_classes() -> None:
+    q = FairQueue()
+    b, d, i = ticket(priority="batch"), ticket(priority="default"), ticket(priority="interactive")
+    for t in (b, d, i):
+        q.push(t)
+    assert [q.pick(), q.pick(), q.pick()] == [i, d, b]
+    assert q.pick() is None
+
+
+def test_a_flooding_tenant_does_not_starve_another() -> None:
+    q = FairQueue()
+    flood = [ticket("big") for _ in range(50)]
+    for t in flood:
+        q.push(t)
+    small = [ticket("small"), ticket("small")]
+    for t in small:
+        q.push(t)
+    order = [q.pick() for _ in range(6)]
+    # the small tenant's requests are served among the first, alternating with the big one's
+    assert small[0] in order[:2] and small[1] in order[:4]
+    assert [t.tenant for t in order if t is not None].count("big") == 4
+
+
+def test_weights_give_shares() -> None:
+    q = FairQueue(weights={"gold": 3.0})
+    for _ in range(30):
+        q.push(ticket("gold"))
+        q.push(ticket("std"))
+    first = [q.pick().tenant for _ in range(20)]  # type: ignore[union-attr]
+    assert first.count("gold") == 15  # 3:1
+
+
+def test_fifo_within_a_tenant_and_ahead() -> None:
+    q = FairQueue()
+    a = [ticket("a") for _ in range(3)]
+    for t in a:
+        q.push(t)
+    late = ticket("b")
+    q.push(late)
+    assert q.ahead(a[0]) == 0 and q.ahead(a[2]) == 3  # a0, b, a1 before it
+    assert q.ahead(late) == 1
+    assert q.order() == [a[0], late, a[1], a[2]]
+    q.remove(a[1])
+    assert q.order() == [a[0], late, a[2]] and len(q) == 3
+
+
+def test_placement_picks_the_best_fit_within_the_window_and_bounds_skips() -> None:
+    q = FairQueue(window=3)
+    ts = [ticket("a", hashes=(i,)) for i in range(6)]
+    for t in ts:
+        q.push(t)
+    # the freed worker holds the prefix of ts[2] (cost 0), the rest cost 1: it goes first
+    assert q.pick(lambda t: 0.0 if t is ts[2] else 1.0) is ts[2]
+    # ts[5] is beyond the window (3 in fair order): not reachable however cheap
+    assert q.pick(lambda t: 0.0 if t is ts[5] else 1.0) is ts[0]
+    # the head may be skipped at most `window` times, then it goes whatever the cost
+    head = ts[1]
+    for _ in range(3):
+        picked = q.pick(lambda t: 1.0 if t is head else 0.0)
+        assert picked is not head
+        q.push(picked)  # type: ignore[arg-type]
+    assert q.pick(lambda t: 1.0 if t is head else 0.0) is head
+
+
+def test_removed_ticket_leaves_no_ghost_for_its_tenant() -> None:
+    q = FairQueue()
+    a1 = ticket("a")
+    q.push(a1)
+    q.remove(a1)  # the client left
+    b, a2 = ticket("b"), ticket("a")
+    q.push(b)
+    q.push(a2)
+    assert q.order() == [b, a2]  # both at the same virtual time: arrival order
+
+
+def test_expected_wait_and_drain_rate() -> None:
+    assert expected_wait(9, None) is None
+    assert expected_wait(9, 5.0) == 2.0
+    assert drain_rate(8, 2.0, 1.0) == 4.0
+    assert drain_rate(8, 2.0, 0.5) == 2.0  # another replica serves the other half
+    assert drain_rate(8, None, 1.0) is None and drain_rate(0, 1.0, 1.0) is None
+
+
+def test_limit_grows_while_fast_and_binding() -> None:
+    lim = ConcurrencyLimits(target_ttft=1.0, initial=4)
+    for _ in range(40):
+        lim.observe("w", 0.1, in_flight=lim.limit("w"))
+    assert lim.limit("w") > 4
+    idle = ConcurrencyLimits(target_ttft=1.0, initial=4)
+    for _ in range(40):
+        idle.observe("w", 0.1, in_flight=1)  # fast, but the limit never bound: no evidence it can take more
+    assert idle.limit("w") == 4
+
+
+def test_limit_backs_off_once_per_window_on_slow_answers() -> None:
+    lim = ConcurrencyLimits(target_ttft=1.0, initial=10)
+    for _ in range(9):
+        lim.observe("w", 3.0, in_flight=10)
+    assert lim.limit("w") == 10  # a window of `limit` answers makes one signal
+    lim.observe("w", 3.0, in_flight=10)
+    assert lim.limit("w") == int(10 * BACKOFF)
+    for _ in range(200):
+        lim.observe("w", 3.0, in_flight=10)
+    assert lim.limit("w") == 1  # never below min_limit
+    lim.observe("w", None, in_flight=1)  # a failure says nothing
+    assert lim.limit("w") == 1
+
+
+def test_engine_report_bounds_the_limit_and_fixed_limits_ignore_it() -> None:
+    lim = ConcurrencyLimits(initial=64)
+    lim.report("w", running=8, waiting=5)
+    assert lim.limit("w") == 10  # ran 8, plus a quarter
+    lim.report("w", running=8, waiting=0)
+    assert lim.limit("w") == 10
+    fixed = ConcurrencyLimits(fixed=3)
+    fixed.report("w", running=1, waiting=9)
+    fixed.observe("w", 9.0, in_flight=3)
+    assert fixed.limit("w") == 3
+
+
+def test_free_slots_and_saturation() -> None:
+    lim = ConcurrencyLimits(fixed=2)
+    ws = [
+        WorkerView("a", frozenset({"m"}), in_flight=2),
+        WorkerView("b", frozenset({"m"}), in_flight=1),
+        WorkerView("c", frozenset({"m"}), state="ejected"),
+        WorkerView("d", frozenset({"other"})),
+    ]
+    assert free_slots("m", ws, lim) == {"b": 1}
+    assert not saturated("m", ws, lim)
+    assert free_slots("m", ws, lim, {"b": 1}) == {}  # a reservation takes the last slot
+    assert saturated("m", ws[:1], lim)
+    assert not saturated("nobody", ws, lim)  # no ready worker: routing answers 404/503, not the queue
+
+
+def test_kv_aware_queue_cost_prefers_the_worker_holding_the_prefix() -> None:
+    p = KvAware(block_chars=32)
+    text = "a long shared system prompt " * 20
+    hashes = block_hashes(text, 32)
+    p.observe(Outcome("warm", hashes, ok=True, prompt_tokens=len(text) // 4, cached_tokens=0, ttft_s=0.1,
+                      latency_s=0.5))
+    req = RouteRequest("m", prefix_hashes=hashes, prompt_tokens=len(text) // 4)
+    warm = WorkerView("warm", frozenset({"m"}), in_flight=1)
+    cold = WorkerView("cold", frozenset({"m"}), in_flight=1)
+    assert p.queue_cost(req, warm) < p.queue_cost(req, cold)
+    busy_warm = WorkerView("warm", frozenset({"m"}), in_flight=50)
+    assert p.queue_cost(req, busy_warm) > p.queue_cost(req, warm)  # load counts too
+
+
+def test_keda_example_scales_the_worker_deployment_on_queue_depth() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent / "deploy"
+    (obj,) = list(yaml.safe_load_all((root / "autoscaling" / "keda-scaledobject.yaml").read_text()))
+    workers = [d for d in yaml.safe_load_all((root / "k8s" / "worker.yaml").read_text())
+               if d and d["kind"] == "Deployment"]
+    assert obj["kind"] == "ScaledObject"
+    assert obj["spec"]["scaleTargetRef"]["name"] in {d["metadata"]["name"] for d in workers}
+    assert "turbofleet_queue_depth" in obj["spec"]["triggers"][0]["metadata"]["query"]
+
+
+def test_a_long_prompt_is_not_congestion() -> None:
+    """A worker that takes 3 s to prefill 10k tokens alone is not congested: the limit stays; the same TTFT on
+    a short prompt is queueing, and backs the limit off."""
+    lim = ConcurrencyLimits(target_ttft=1.0, initial=8)
+    lim.observe("w", 0.1, in_flight=1, tokens=333)  # 0.3 ms per token when nothing is ahead
+    for _ in range(20):
+        lim.observe("w", 3.0, in_flight=2, tokens=10_000)
+    assert lim.limit("w") == 8
+    for _ in range(20):
+        lim.observe("w", 3.0, in_flight=8, tokens=100)
+    assert lim.limit("w") < 8
+

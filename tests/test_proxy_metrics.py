@@ -1,0 +1,131 @@
+"""The metrics facade over prometheus-client, the dashboard's ring of samples, and what a live proxy exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.procs_kit import http_json, openai_client, start_proxy, start_sim, wait_until
+from turbofleet.proxy.history import History, Snap, quantile, read, window
+from turbofleet.proxy.metrics import BUCKETS, SPECS, Metrics
+
+MODEL = "sim-model"
+
+
+def families(text: str) -> dict[str, list[tuple[str, dict[str, str], float]]]:
+    out: dict[str, list[tuple[str, dict[str, str], float]]] = {}
+    for fam in text_string_to_metric_families(text):
+        out[fam.name] = [(s.name, dict(s.labels), s.value) for s in fam.samples]
+    return out
+
+
+def test_facade_counts_and_renders_standard_exposition() -> None:
+    m = Metrics()
+    m.inc("turbofleet_requests_total", route="/v1/chat/completions", model="a", status="200")
+    m.inc("turbofleet_requests_total", 2, route="/v1/chat/completions", model="a", status="200")
+    # a call site that predates a label still counts, under "" for the label it leaves out
+    m.inc("turbofleet_requests_total", route="/v1/completions", status="502")
+    m.observe("turbofleet_ttft_seconds", 0.003, worker="http://w1")
+    m.observe("turbofleet_ttft_seconds", 0.2, worker="http://w1")
+    assert m.counter_value("turbofleet_requests_total", route="/v1/chat/completions", model="a", status="200") == 3
+    assert m.counter_value("turbofleet_requests_total", route="/v1/completions", status="502") == 1
+    assert m.counter_value("turbofleet_requests_total", route="/nowhere", status="200") == 0
+    fams = families(m.render([("turbofleet_worker_ready", "1 when ready.", {"worker": "http://w1"}, 1.0)]))
+    reqs = {(lb["route"], lb["model"], lb["status"]): v for n, lb, v in fams["turbofleet_requests"]
+            if n == "turbofleet_requests_total"}
+    assert reqs == {("/v1/chat/completions", "a", "200"): 3.0, ("/v1/completions", "", "502"): 1.0}
+    ttft = {lb.get("le"): v for n, lb, v in fams["turbofleet_ttft_seconds"] if n.endswith("_bucket")}
+    assert ttft["0.0025"] == 0 and ttft["0.005"] == 1 and ttft["0.25"] == 2 and ttft["+Inf"] == 2
+    assert fams["turbofleet_worker_ready"] == [("turbofleet_worker_ready", {"worker": "http://w1"}, 1.0)]
+    # every declared family is exported from the start, samples or not; no *_created noise
+    assert {n.removesuffix("_total") for n in SPECS} <= set(fams)
+    assert not [n for f in fams.values() for n, _, _ in f if n.endswith("_created")]
+
+
+def test_facade_refuses_labels_a_metric_does_not_have() -> None:
+    m = Metrics()
+    with pytest.raises(ValueError, match="no label tenant"):
+        m.inc("turbofleet_retries_total", reason="connect", tenant="x")
+    with pytest.raises(ValueError, match="is a counter"):
+        m.observe("turbofleet_retries_total", 1.0, reason="connect")
+
+
+def test_undeclared_metrics_are_created_on_first_use() -> None:
+    m = Metrics()
+    m.inc("turbofleet_custom_total", kind="a")
+    m.set("turbofleet_queue_depth", 4, model="m", priority="batch")
+    fams = families(m.render())
+    assert fams["turbofleet_custom"] == [("turbofleet_custom_total", {"kind": "a"}, 1.0)]
+    assert fams["turbofleet_queue_depth"] == [("turbofleet_queue_depth", {"model": "m", "priority": "batch"}, 4.0)]
+
+
+def test_quantile_interpolates_within_buckets_like_prometheus() -> None:
+    bounds = (0.1, 0.2, 0.4)
+    # 10 observations in (0.1, 0.2], 10 in (0.2, 0.4]
+    cumulative = [0.0, 10.0, 20.0, 20.0]
+    assert quantile(0.5, cumulative, bounds) == pytest.approx(0.2)
+    assert quantile(0.25, cumulative, bounds) == pytest.approx(0.15)
+    assert quantile(0.99, cumulative, bounds) == pytest.approx(0.2 + 0.2 * 9.8 / 10)
+    assert quantile(0.5, [0.0, 0.0, 0.0, 0.0], bounds) is None
+    assert quantile(0.99, [0.0, 0.0, 0.0, 5.0], bounds) == 0.4  # all above the last bound
+
+
+def test_window_and_ring_turn_counters_into_rates() -> None:
+    m = Metrics()
+    h = History(m, interval=5.0, span=15.0)
+    h.sample(100.0)
+    for _ in range(10):
+        m.inc("turbofleet_upstream_tries_total", worker="w1", outcome="ok")
+        m.inc("turbofleet_requests_total", route="/v1/completions", model="a", status="200")
+        m.observe("turbofleet_ttft_seconds", 0.04, worker="w1")
+    m.inc("turbofleet_requests_total", 10, route="/v1/completions", model="a", status="503")
+    m.inc("turbofleet_prompt_tokens_total", 400, worker="w1", model="a")
+    m.inc("turbofleet_cached_tokens_total", 100, worker="w1", model="a")
+    m.inc("turbofleet_route_decisions_total", 7, reason="pin")
+    h.sample(105.0)
+    w = window(read(m), h.since(105.0, 60.0)[1], 5.0)
+    assert w["requests_per_s"] == pytest.approx(4.0) and w["error_rate"] == pytest.approx(0.5)
+    assert w["decisions"] == {"pin": 7.0} and w["hit_rate"] == pytest.approx(0.25)
+    w1 = w["workers"]["w1"]
+    assert w1["requests_per_s"] == pytest.approx(2.0) and w1["hit_rate"] == pytest.approx(0.25)
+    assert 0.025 < w1["ttft_p50_s"] <= 0.05 and 0.025 < w1["ttft_p99_s"] <= 0.05
+    charts = h.charts(105.0)
+    assert charts["t"] == [0.0] and charts["workers"]["w1"]["requests_per_s"] == [2.0]
+    # bounded: a 15 s span at 5 s keeps 4 snaps and 3 points, however long it runs
+    for i in range(2, 50):
+        h.sample(100.0 + 5 * i)
+    assert len(h.snaps) == 4 and len(h.points) == 3
+    assert h.charts(345.0)["workers"]["w1"]["requests_per_s"] == [0.0, 0.0, 0.0]
+
+
+def test_empty_snap_window_has_no_rates() -> None:
+    w = window(Snap(), Snap(), 0.0)
+    assert w["requests_per_s"] == 0.0 and w["error_rate"] is None and w["ttft_p99_s"] is None
+    assert len(BUCKETS) == len(sorted(set(BUCKETS)))
+
+
+def test_live_proxy_exports_per_worker_and_per_model_series(tmp_path: Path) -> None:
+    """Traffic through a real proxy and sim: requests by model, tokens and TTFT by worker, tries by worker."""
+    sim = start_sim(tmp_path, MODEL)
+    proxy = start_proxy(tmp_path, ["--worker", sim.url])
+    try:
+        wait_until(lambda: len(http_json("GET", proxy.url + "/nodes/status")[1]) == 1, what="1 worker")
+        c = openai_client(proxy.url + "/v1")
+        for _ in range(3):
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "same prefix " * 40}],
+                                      max_tokens=2)
+        fams = families(str(http_json("GET", proxy.url + "/metrics")[1]))
+        by_model = {lb["model"]: v for n, lb, v in fams["turbofleet_requests"] if n.endswith("_total")}
+        assert by_model == {MODEL: 3.0}
+        prompt = {lb["worker"]: v for _, lb, v in fams["turbofleet_prompt_tokens"]}
+        cached = {lb["worker"]: v for _, lb, v in fams["turbofleet_cached_tokens"]}
+        assert prompt[sim.url] > 0 and 0 < cached[sim.url] < prompt[sim.url]  # the 2nd and 3rd hit the cache
+        tries = {(lb["worker"], lb["outcome"]): v for _, lb, v in fams["turbofleet_upstream_tries"]}
+        assert tries == {(sim.url, "ok"): 3.0}
+        ttft = [v for n, lb, v in fams["turbofleet_ttft_seconds"] if n.endswith("_count")]
+        assert ttft == [3.0]
+    finally:
+        proxy.stop()
+        sim.stop()

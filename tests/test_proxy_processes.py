@@ -1,0 +1,174 @@
+"""`turbofleet proxy --processes N` (issue 16): N processes on one port sharing a private redis-server; a
+crashed process is restarted and costs only its own streams; SIGTERM drains them all."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.procs_kit import free_port, http_json, spawn, wait_http, wait_until
+from turbofleet.proxy.supervisor import resolve_processes
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+
+TOKENS = 60  # at 20 tokens/s: a 3 s stream
+
+
+def test_resolve_processes() -> None:
+    assert resolve_processes("2") == 2
+    assert resolve_processes("auto") == len(os.sched_getaffinity(0))
+    for bad in ("0", "-1", "many"):
+        with pytest.raises(ValueError):
+            resolve_processes(bad)
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    log = open(tmp_path / "streamsrv.log", "wb")  # noqa: SIM115 - closed below
+    p = subprocess.Popen([sys.executable, "-m", "turbofleet.bench.streamsrv", "--port", str(port), "--rate", "20"],
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        p.terminate()
+        p.wait(10)
+        log.close()
+
+
+def children(pid: int) -> list[int]:
+    """The supervisor's proxy processes (its redis-server excluded)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        kids = [int(x) for x in fh.read().split()]
+    redis = {k for k in kids if b"redis-server" in _cmdline(k)}
+    out = []
+    for k in kids:
+        if k not in redis:
+            out.append(k)
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def owners(port: int) -> dict[int, int]:
+    """Client port -> pid of the proxy process holding the server side of that connection (from `ss`)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"], capture_output=True,
+                         text=True, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        m = re.search(r":(\d+)\s+users:\(\(\"[^\"]*\",pid=(\d+)", line)
+        if m:
+            found[int(m.group(1))] = int(m.group(2))
+    return found
+
+
+class Stream(threading.Thread):
+    """One streaming request on its own socket; `ok` when it read a whole stream ending with [DONE]."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.local_port = self.sock.getsockname()[1]
+        self.first = threading.Event()
+        self.ok = False
+        self.data = b""
+
+    def run(self) -> None:
+        body = (b'{"model":"sim-model","messages":[{"role":"user","content":"hi"}],"max_tokens":%d,"stream":true}'
+                % TOKENS)
+        self.sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    break
+                self.data += chunk
+                if b"data: {" in self.data:
+                    self.first.set()
+                if self.data.endswith(b"0\r\n\r\n"):  # the chunked body's end
+                    break
+        except OSError:
+            pass
+        finally:
+            self.first.set()
+            self.sock.close()
+        self.ok = self.data.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in self.data and \
+            self.data.count(b'"ts":') == TOKENS
+
+
+def start_streams(port: int, n: int) -> list[Stream]:
+    streams = [Stream(port) for _ in range(n)]
+    for s in streams:
+        s.start()
+    for s in streams:
+        assert s.first.wait(30)
+    return streams
+
+
+def test_two_processes_crash_restart_and_drain(tmp_path: Path, backend: str) -> None:
+    port = free_port()
+    proxy = spawn(["proxy", "--host", "127.0.0.1", "--port", str(port), "--processes", "2", "--worker", backend,
+                   "--shutdown-grace", "20", "--health-interval", "0"], tmp_path, "proxy", port)
+    try:
+        wait_http(proxy.url + "/health", timeout=60)
+        kids = wait_until(lambda: (k := children(proxy.popen.pid)) and len(k) == 2 and k, what="two processes")
+        # both processes serve: each answers /health once it is up (the kernel spreads connections)
+        wait_until(lambda: all(http_json("GET", proxy.url + "/v1/models")[0] == 200 for _ in range(6)),
+                   what="models on every process")
+        streams = start_streams(proxy.port, 16)
+        by_port = owners(proxy.port)
+        owner = {s.local_port: by_port[s.local_port] for s in streams}
+        assert set(owner.values()) <= set(kids)
+        victim = max(set(owner.values()), key=lambda pid: sum(1 for v in owner.values() if v == pid))
+        os.kill(victim, signal.SIGKILL)
+        for s in streams:
+            s.join(60)
+        for s in streams:
+            # a stream on the killed process is lost; every other stream finishes whole
+            assert s.ok == (owner[s.local_port] != victim), (owner[s.local_port], victim, s.data[-200:])
+        # the supervisor started a new process in its place
+        wait_until(lambda: (k := children(proxy.popen.pid)) and len(k) == 2 and victim not in k,
+                   what="the killed process replaced", timeout=30)
+        wait_until(lambda: all(http_json("GET", proxy.url + "/v1/models")[0] == 200 for _ in range(6)),
+                   what="models on every process again")
+
+        # SIGTERM: every process drains its streams, then the supervisor exits 0 and its redis-server is gone
+        streams = start_streams(proxy.port, 6)
+        kids = children(proxy.popen.pid)
+        redis_pids = [int(x) for x in Path(f"/proc/{proxy.popen.pid}/task/{proxy.popen.pid}/children")
+                      .read_text().split() if int(x) not in kids]
+        proxy.signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
+            except OSError:
+                return True
+            return False
+
+        wait_until(refused, what="the port to stop taking connections", timeout=20)
+        for s in streams:
+            s.join(60)
+        assert all(s.ok for s in streams)
+        assert proxy.popen.wait(30) == 0
+        for pid in redis_pids:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    finally:
+        proxy.stop()

@@ -1,0 +1,82 @@
+"""Issue 14: fitted sim-worker profiles (worker/sim/fit.py -> worker/sim/profiles/NAME.json -> --profile)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from turbofleet.worker.sim import fit, profiles
+from turbofleet.worker.sim.main import add_arguments, config_from_args
+
+
+def calib(a: float = 0.05, b: float = 0.002, step: float = 3.0, base: float = 8.0, per: float = 0.05) -> dict:
+    """Measurements an engine following the sim's model exactly would give."""
+    def ttft(p: float) -> float:
+        return (step + a * p + b * p * p / 1000.0 + base + per) / 1000.0
+
+    return {
+        "prefill": [{"target": p, "prompt": p, "cached": 0, "ttft": ttft(p)} for p in (128, 512, 2048, 8192, 16384)],
+        "decode": [{"batch": n, "itl_mean": (base + per * n) / 1000.0} for n in (1, 4, 16, 64, 256)],
+        "hits": [{"n": 4096, "cold": {"prompt_tokens": 4096, "cached_tokens": 0, "ttft": ttft(4096)},
+                  "full": {"prompt_tokens": 4096, "cached_tokens": 4032, "ttft": 0.009},
+                  "partial": {"prompt_tokens": 4608, "cached_tokens": 4032, "ttft": 0.02}}],
+        "mix": [], "multi": [],
+        "max_batch_probe": {"ttfts": [0.01] * 256 + [0.5] * 64},
+        "contention": [{"servers": 4, "batch_each": 16, "itl_mean": 2 * (base + per * 16) / 1000.0}],
+    }
+
+
+def test_fit_recovers_the_model_and_scales_tokens() -> None:
+    prof = fit.fit(calib(), cache_tokens=1_000_000, token_scale=2.0, max_batch=None, block_size=64,
+                   max_prefill_tokens=8192)
+    real = prof["fit"]["real_tokens"]
+    assert real["decode_ms_base"] == pytest.approx(8.0, rel=1e-6)
+    assert real["decode_ms_per_seq"] == pytest.approx(0.05, rel=1e-6)
+    assert real["prefill_ms_per_token"] == pytest.approx(0.05, rel=1e-4)
+    assert real["prefill_ms_per_token_ctx"] == pytest.approx(0.002, rel=1e-3)
+    assert real["prefill_ms_step"] == pytest.approx(3.0, abs=1e-3)
+    e = prof["engine"]
+    # a sim token stands for two real ones: twice the cost per token, four times the context term, half the room
+    assert e["prefill_ms_per_token"] == pytest.approx(0.1, rel=1e-4)
+    assert e["prefill_ms_per_token_ctx"] == pytest.approx(0.008, rel=1e-3)
+    assert e["cache_blocks"] == round(1_000_000 / 2 / 64) and e["max_prefill_tokens"] == 4096
+    assert e["max_batch"] == 256  # from the probe's admission wall
+    assert prof["fit"]["contention"] == [{"servers": 4, "batch_each": 16, "slowdown": 2.0}]
+    cold = next(c for c in prof["checks"]["hits"] if c["kind"] == "cold")
+    assert cold["model_ms"] == pytest.approx(cold["real_ms"], rel=1e-3)
+
+
+def test_fit_cli_writes_a_profile_the_sim_worker_loads(tmp_path: Path) -> None:
+    c = tmp_path / "calib.json"
+    c.write_text(json.dumps(calib()))
+    out = tmp_path / "gpu-x.json"
+    assert fit.main([str(c), "--name", "gpu-x", "--cache-tokens", "640000", "--token-scale", "1",
+                     "--max-batch", "128", "--out", str(out)]) == 0
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(["--profile", str(out)])).engine
+    data = json.loads(out.read_text())
+    assert cfg.max_batch == 128 and cfg.cache_blocks == 10000
+    assert cfg.prefill_ms_per_token == data["engine"]["prefill_ms_per_token"]
+    assert cfg.prefill_ms_per_token_ctx == data["engine"]["prefill_ms_per_token_ctx"]
+    # an explicit flag still wins over the profile
+    cfg2 = config_from_args(p.parse_args(["--profile", str(out), "--max-batch", "7"])).engine
+    assert cfg2.max_batch == 7 and cfg2.cache_blocks == 10000
+
+
+def test_unknown_profile_is_a_clear_error() -> None:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    with pytest.raises(SystemExit, match="no sim profile 'nope'"):
+        config_from_args(p.parse_args(["--profile", "nope"]))
+    with pytest.raises(ValueError):
+        profiles.load("nope")
+
+
+def test_shipped_profiles_load() -> None:
+    for name in profiles.names():
+        data = profiles.load(name)
+        assert data["engine"]["max_batch"] >= 1 and data["engine"]["cache_blocks"] >= 1

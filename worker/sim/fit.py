@@ -1,0 +1,250 @@
+"""Fit the sim worker's timing model to a real engine's measurements and write a named profile (issue 14).
+
+One command, from what bench/gpu_calibrate.py measured on a GPU to `sim-worker --profile NAME`:
+
+    python -m turbofleet.worker.sim.fit CALIB.json --name turbomind-h200-1b5 --cache-tokens 1040000 \\
+        [--token-scale 2.9 | --real-requests REAL.jsonl --sim-requests SIM.jsonl] [--out PATH]
+
+The model (worker/sim/engine.py): a step costs
+    prefill_ms_step [if it prefills] + prefill_ms_per_token * U + prefill_ms_per_token_ctx * U * P / 1000
+    + decode_ms_base + decode_ms_per_seq * running
+for U uncached prompt tokens of prompts P tokens long, admitted FIFO up to max_batch sequences and
+max_prefill_tokens uncached tokens a step; a request's first token comes at the end of its admission step.
+Fitted by least squares:
+- decode_ms_base, decode_ms_per_seq: the mean inter-token interval of B concurrent streams against B;
+- prefill_ms_step, prefill_ms_per_token, prefill_ms_per_token_ctx: an idle server's TTFT against the prompt
+  length P (U = P), minus one decode step of one sequence;
+- max_batch: from the max-batch probe (the largest jump in the sorted TTFTs of more streams than the engine
+  runs), or --max-batch (the engine's setting, e.g. TurboMind's max_batch_size from its log).
+
+Token scale: the sim counts its own (word) tokens, the engine real BPE tokens; the bench's text has about
+`token_scale` real tokens per sim token, so per-token costs are multiplied by it (the context term by its
+square), and token budgets (cache, max_prefill_tokens) divided by it. Give it, or let it be measured from the
+same workload's per-request lines on the real fleet and on the sim (mean prompt tokens, real over sim).
+
+The fit's checks (printed, and stored in the profile): each measurement against what the fitted model
+predicts for it, including the cache-hit and prefill-during-decode measurements, which the fit did not use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import profiles
+
+
+def lstsq(xs: list[list[float]], ys: list[float]) -> list[float]:
+    """Least squares by the normal equations (a handful of columns; no numpy needed)."""
+    n = len(xs[0])
+    a = [[sum(r[i] * r[j] for r in xs) for j in range(n)] for i in range(n)]
+    b = [sum(r[i] * y for r, y in zip(xs, ys, strict=True)) for i in range(n)]
+    for c in range(n):  # Gauss-Jordan with partial pivoting
+        p = max(range(c, n), key=lambda r: abs(a[r][c]))
+        a[c], a[p] = a[p], a[c]
+        b[c], b[p] = b[p], b[c]
+        if abs(a[c][c]) < 1e-12:
+            continue
+        for r in range(n):
+            if r != c:
+                f = a[r][c] / a[c][c]
+                a[r] = [x - f * y for x, y in zip(a[r], a[c], strict=True)]
+                b[r] -= f * b[c]
+    return [b[i] / a[i][i] if abs(a[i][i]) > 1e-12 else 0.0 for i in range(n)]
+
+
+def fit_decode(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    pts = [(r["batch"], 1000.0 * r["itl_mean"]) for r in rows if r.get("itl_mean")]
+    base, per = lstsq([[1.0, float(b)] for b, _ in pts], [y for _, y in pts])
+    return max(0.0, base), max(0.0, per)
+
+
+def fit_prefill(rows: list[dict[str, Any]], step1_ms: float) -> tuple[float, float, float]:
+    """(prefill_ms_step, ms per token, ms per token per 1k context) from idle TTFTs."""
+    pts = [(float(r["prompt"]), 1000.0 * r["ttft"] - step1_ms) for r in rows if r.get("ttft") and r.get("prompt")]
+    c0, a, b = lstsq([[1.0, p, p * p / 1000.0] for p, _ in pts], [y for _, y in pts])
+    if b < 0:  # no attention term visible: refit linear
+        c0, a = lstsq([[1.0, p] for p, _ in pts], [y for _, y in pts])
+        b = 0.0
+    return max(0.0, c0), max(0.0, a), b
+
+
+def max_batch_from_probe(probe: dict[str, Any]) -> int | None:
+    t = probe.get("ttfts") or []
+    if len(t) < 4:
+        return None
+    jumps = [(t[i + 1] - t[i], i + 1) for i in range(len(t) - 1)]
+    gap, at = max(jumps)
+    # a real admission wall is a jump well above the spread of the rest
+    rest = sorted(j for j, _ in jumps)[len(jumps) // 2]
+    return at if gap > 5 * max(rest, 1e-4) and at < len(t) else None
+
+
+def token_scale_from(real: str, sim: str) -> float:
+    def mean_prompt(path: str) -> float:
+        lines = Path(path).read_text().splitlines()
+        xs = [json.loads(line).get("prompt_tokens") or 0 for line in lines if line.strip()]
+        xs = [x for x in xs if x]
+        return sum(xs) / len(xs)
+
+    return mean_prompt(real) / mean_prompt(sim)
+
+
+def fit(
+    calib: dict[str, Any],
+    *,
+    cache_tokens: int,
+    token_scale: float,
+    max_batch: int | None,
+    block_size: int,
+    max_prefill_tokens: int,
+) -> dict[str, Any]:
+    base, per = fit_decode(calib["decode"])
+    step_ms, a, b = fit_prefill(calib["prefill"], base + per)
+    probe_batch = max_batch_from_probe(calib.get("max_batch_probe") or {})
+    mb = max_batch or probe_batch or 256
+
+    def ttft_model(u: float, p: float, running: int = 0) -> float:  # real tokens, ms
+        return step_ms + a * u + b * u * p / 1000.0 + base + per * (running + 1)
+
+    checks: dict[str, Any] = {"prefill": [], "decode": [], "hits": [], "mix": []}
+    for r in calib["prefill"]:
+        if r.get("ttft") and r.get("prompt"):
+            checks["prefill"].append(
+                {
+                    "prompt": r["prompt"],
+                    "real_ms": round(1000 * r["ttft"], 2),
+                    "model_ms": round(ttft_model(r["prompt"], r["prompt"]), 2),
+                }
+            )
+    for r in calib["decode"]:
+        if r.get("itl_mean"):
+            checks["decode"].append(
+                {
+                    "batch": r["batch"],
+                    "real_ms": round(1000 * r["itl_mean"], 3),
+                    "model_ms": round(base + per * r["batch"], 3),
+                }
+            )
+    for h in calib.get("hits") or []:
+        for k in ("cold", "full", "partial"):
+            x = h[k]
+            if x.get("ttft") and x.get("prompt_tokens"):
+                u = x["prompt_tokens"] - (x.get("cached_tokens") or 0)
+                checks["hits"].append(
+                    {
+                        "n": h["n"],
+                        "kind": k,
+                        "cached": x.get("cached_tokens"),
+                        "real_ms": round(1000 * x["ttft"], 2),
+                        "model_ms": round(ttft_model(max(u, 1), x["prompt_tokens"]), 2),
+                    }
+                )
+    for m in calib.get("mix") or []:
+        if m.get("ttft") and m.get("prompt"):
+            checks["mix"].append(
+                {
+                    "batch": m["batch"],
+                    "prompt": m["prompt"],
+                    "real_ttft_ms": round(1000 * m["ttft"], 2),
+                    "model_ttft_ms": round(ttft_model(m["prompt"], m["prompt"], m["batch"]), 2),
+                    "real_decoder_max_gap_ms": round(1000 * (m.get("decoder_max_gap") or 0), 2),
+                }
+            )
+    contention = []
+    single = {r["batch"]: r["itl_mean"] for r in calib["decode"] if r.get("itl_mean")}
+    for c in calib.get("contention") or []:
+        if c.get("itl_mean") and c.get("batch_each") in single:
+            contention.append(
+                {
+                    "servers": c["servers"],
+                    "batch_each": c["batch_each"],
+                    "slowdown": round(c["itl_mean"] / single[c["batch_each"]], 3),
+                }
+            )
+    r = token_scale
+    engine = {
+        "max_batch": int(mb),
+        "prefill_ms_per_token": round(a * r, 6),
+        "prefill_ms_per_token_ctx": round(b * r * r, 8),
+        "prefill_ms_step": round(step_ms, 4),
+        "decode_ms_base": round(base, 4),
+        "decode_ms_per_seq": round(per, 6),
+        "max_prefill_tokens": max(1, round(max_prefill_tokens / r)),
+        "block_size": block_size,
+        "cache_blocks": max(1, round(cache_tokens / r / block_size)),
+    }
+    return {
+        "engine": engine,
+        "fit": {
+            "real_tokens": {
+                "prefill_ms_per_token": a,
+                "prefill_ms_per_token_ctx": b,
+                "prefill_ms_step": step_ms,
+                "decode_ms_base": base,
+                "decode_ms_per_seq": per,
+                "cache_tokens": cache_tokens,
+                "max_prefill_tokens": max_prefill_tokens,
+            },
+            "token_scale": token_scale,
+            "max_batch_probe": probe_batch,
+            "contention": contention,
+        },
+        "checks": checks,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("calib", help="the JSON bench/gpu_calibrate.py wrote")
+    ap.add_argument("--name", required=True, help="profile name, e.g. turbomind-h200-1b5")
+    ap.add_argument("--cache-tokens", type=int, required=True, help="one server's KV cache in tokens (its log)")
+    ap.add_argument("--token-scale", type=float, help="real tokens per sim token of the bench's text")
+    ap.add_argument("--real-requests", help="--requests-out of a workload on the real fleet (for the token scale)")
+    ap.add_argument("--sim-requests", help="--requests-out of the same workload on the sim")
+    ap.add_argument("--max-batch", type=int, help="the engine's max batch (default: from the probe, else 256)")
+    ap.add_argument("--max-prefill-tokens", type=int, default=8192, help="real tokens prefilled a step (8192)")
+    ap.add_argument("--block-size", type=int, default=64, help="sim cache block in sim tokens (64)")
+    ap.add_argument("--source", default="", help="free text: where and how it was measured")
+    ap.add_argument("--out", help="where to write (default worker/sim/profiles/NAME.json)")
+    args = ap.parse_args(argv)
+    calib = json.loads(Path(args.calib).read_text())
+    if args.token_scale:
+        scale = args.token_scale
+    elif args.real_requests and args.sim_requests:
+        scale = token_scale_from(args.real_requests, args.sim_requests)
+    else:
+        ap.error("give --token-scale or both --real-requests and --sim-requests")
+    prof = fit(
+        calib,
+        cache_tokens=args.cache_tokens,
+        token_scale=scale,
+        max_batch=args.max_batch,
+        block_size=args.block_size,
+        max_prefill_tokens=args.max_prefill_tokens,
+    )
+    prof = {
+        "name": args.name,
+        "source": args.source,
+        "fitted_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"),
+        **prof,
+    }
+    out = Path(args.out) if args.out else profiles.DIR / f"{args.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(prof, indent=1) + "\n")
+    e = prof["engine"]
+    print(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in e.items()))
+    for kind, rows in prof["checks"].items():
+        for row in rows:
+            print(f"  check {kind}: {row}")
+    for c in prof["fit"]["contention"]:
+        print(f"  contention: {c}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

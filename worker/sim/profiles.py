@@ -1,0 +1,50 @@
+"""Named timing profiles for `turbofleet sim-worker --profile NAME` (issue 14).
+
+A profile is a JSON file in worker/sim/profiles/ (NAME.json), written by the fitting script
+(`python -m turbofleet.worker.sim.fit`, worker/sim/fit.py) from measurements of a real engine
+(bench/gpu_calibrate.py on the GPU). Its "engine" object holds EngineConfig fields; `--profile` sets them
+as the defaults of the timing and cache flags, so a flag given explicitly (with a value other than its
+default) still wins. `--profile PATH.json` reads a profile from anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DIR = Path(__file__).parent / "profiles"
+#: EngineConfig fields a profile may set, and the sim-worker flag (argparse dest) behind each
+FIELDS = {
+    "max_batch": "max_batch",
+    "prefill_ms_per_token": "prefill_ms_per_token",
+    "decode_ms_base": "decode_ms_base",
+    "decode_ms_per_seq": "decode_ms_per_seq",
+    "max_prefill_tokens": "max_prefill_tokens",
+    "block_size": "block_size",
+    "cache_blocks": "cache_blocks",
+    "prefill_ms_per_token_ctx": "prefill_ms_per_token_ctx",
+    "prefill_ms_step": "prefill_ms_step",
+}
+
+
+def names() -> list[str]:
+    return sorted(p.stem for p in DIR.glob("*.json"))
+
+
+def path_of(name: str) -> Path:
+    if name.endswith(".json") or "/" in name:
+        return Path(name)
+    return DIR / f"{name}.json"
+
+
+def load(name: str) -> dict[str, Any]:
+    """The profile's JSON; raises ValueError naming the known profiles when there is none."""
+    p = path_of(name)
+    if not p.is_file():
+        raise ValueError(f"no sim profile {name!r} (known: {', '.join(names()) or 'none'})")
+    data: dict[str, Any] = json.loads(p.read_text())
+    engine = data.get("engine")
+    if not isinstance(engine, dict) or not set(engine) <= set(FIELDS):
+        raise ValueError(f"profile {p}: 'engine' must be an object with keys among {', '.join(FIELDS)}")
+    return data

@@ -322,7 +322,7 @@ async def _compare(
             if args.ramp:
                 from turbofleet.bench import ramp
 
-                data = await ramp.run_ramp(args, plan, specs, model, log_dir, redis_url, session, salts)
+                data = await ramp.run_ramp(args, plan, specs, model, log_dir, redis_url, session, salts, run_one)
                 print(ramp.report(data))
                 if args.json:
                     write_json(args.json, {"workload": plan.describe(), "machine": machine(), "command": sys.argv,

@@ -204,9 +204,9 @@ def plot(ramp: Mapping[str, Any], out_dir: str | Path) -> Path:
 
 
 async def run_ramp(args: argparse.Namespace, plan: Any, specs: list[Any], model: str, log_dir: Path,
-                   redis_url: str | None, session: Any, salts: set[str]) -> dict[str, Any]:
-    """Measure capacity (unless given), then every router at every step. Returns the ramp's JSON."""
-    from turbofleet.bench.compare import run_one
+                   redis_url: str | None, session: Any, salts: set[str], run_one: Any) -> dict[str, Any]:
+    """Measure capacity (unless given), then every router at every step, each run by `run_one` (bench.compare's,
+    handed in so that this module does not import compare back). Returns the ramp's JSON."""
     from turbofleet.bench.plan import Plan
     from turbofleet.bench.workloads import new_salt
 

@@ -13,6 +13,9 @@ Everything a request can go through lives here, in one place:
 - mid-stream failures: an OpenAI-style error event inside the SSE stream, then `data: [DONE]` and a clean end;
 - graceful shutdown: `abort_all` ends what is still in flight when the grace period is over (503 before the
   first byte, an SSE error event after it).
+
+What each way a try can end means (retry or not, the client's error, the worker's blame, the status recorded)
+is decided in one pure function, `verdict.judge`; this module observes and acts.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.procs import Proc, http_json, openai_client, start_proxy, start_sim, wait_until
+from tests.procs_kit import Proc, http_json, openai_client, start_proxy, start_sim, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -16,7 +16,7 @@ from typing import Any
 
 import openai
 
-from tests.procs import Proc, free_port, http_json, http_raw, openai_client, start_proxy, start_sim, wait_until
+from tests.procs_kit import Proc, free_port, http_json, http_raw, openai_client, start_proxy, start_sim, wait_until
 
 MODEL = "sim-model"
 #: a fast sim: short answers, 1 ms decode steps (ten times faster than the default timing model)

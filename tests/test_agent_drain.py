@@ -10,8 +10,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.procs import start_proxy, wait_until
-from tests.test_agent_e2e import MODEL, start_agent, state, status, stop_agent
+from tests.agent_kit import MODEL, start_agent, state, status, stop_agent
+from tests.procs_kit import start_proxy, wait_until
 
 TOKENS = 40  # 40 decode steps of ~20 ms: each request streams for about a second
 

@@ -1,10 +1,9 @@
 """`turbofleet worker` end to end: a real proxy, real agents, each launching a real `turbofleet sim-worker`.
 
-The helpers at the top are shared with test_agent_drain.py."""
+The helpers shared with test_agent_drain.py are in tests/agent_kit.py."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -12,82 +11,11 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.procs import Proc, free_port, http_json, spawn, start_proxy, start_sim, wait_until
-from turbofleet.bench.fleet import sim_argv
-
-MODEL = "sim-model"
-
-
-def start_agent(
-    log_dir: Path,
-    proxy: str,
-    name: str,
-    agent_args: list[str] | None = None,
-    sim_args: list[str] | None = None,
-    ttl: float = 5.0,
-    interval: float = 0.3,
-) -> Proc:
-    """`turbofleet worker` launching `turbofleet sim-worker` on a free port; returns once the proxy lists it
-    ready. `Proc.port` is the sim's port, so `Proc.url` is the URL the agent advertises."""
-    port = free_port()
-    pid_file = log_dir / f"{name}.pid"
-    args = [
-        "worker",
-        "--proxy",
-        proxy,
-        "--heartbeat-interval",
-        str(interval),
-        "--heartbeat-ttl",
-        str(ttl),
-        "--pid-file",
-        str(pid_file),
-        "--restart-backoff",
-        "0.3",
-        "--stop-timeout",
-        "5",
-        *(agent_args or []),
-        "--",
-        *sim_argv(port, MODEL, sim_args or []),
-    ]
-    agent = spawn(args, log_dir, name, port)
-    try:
-        wait_until(lambda: state(proxy, agent.url) == "ready", 20, what=f"{name} ready at the proxy")
-    except TimeoutError:
-        stop_agent(agent, log_dir)
-        raise RuntimeError(f"agent did not register:\n{agent.output()}") from None
-    return agent
-
-
-def child_pid(log_dir: Path, name: str) -> int:
-    return int((log_dir / f"{name}.pid").read_text().strip())
-
-
-def stop_agent(agent: Proc, log_dir: Path, name: str | None = None) -> None:
-    """Stop the agent, and its server too if the agent cannot (it was killed -9)."""
-    agent.stop()
-    pid_file = log_dir / f"{name or agent.log.stem}.pid"
-    if pid_file.exists():
-        with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
-            os.killpg(int(pid_file.read_text().strip()), signal.SIGKILL)
-
-
-def status(proxy: str) -> dict[str, Any]:
-    # the fleet's details need the admin token when one is set (the tests that set one use s3cret); a proxy
-    # without one ignores the header
-    code, body = http_json("GET", proxy + "/nodes/status", timeout=3, headers={"Authorization": "Bearer s3cret"})
-    assert code == 200, body
-    assert isinstance(body, dict)
-    return body
-
-
-def state(proxy: str, url: str) -> str | None:
-    """The worker's state in the proxy's /nodes/status, or None when it is not listed."""
-    entry = status(proxy).get(url)
-    return None if entry is None else str(entry["state"])
+from tests.agent_kit import MODEL, child_pid, start_agent, state, status, stop_agent
+from tests.procs_kit import Proc, free_port, http_json, spawn, start_proxy, start_sim, wait_until
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import http_json, openai_client, start_proxy, start_sim, wait_until
+from tests.procs_kit import http_json, openai_client, start_proxy, start_sim, wait_until
 from turbofleet.balancer import KvAware, Outcome, RouteRequest, WorkerView, block_hashes
 from turbofleet.balancer.measured import MeasuredBacklog
 from turbofleet.bench import backlog_check

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import free_port, http_json, http_raw, wait_http
+from tests.procs_kit import free_port, http_json, http_raw, wait_http
 
 
 def _start(argv: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import Proc, start_proxy, start_sim
+from tests.procs_kit import Proc, start_proxy, start_sim
 from turbofleet.cli import build_parser
 
 SIM_FAST = ["--speed", "0.2"]  # simulated compute 5x faster: the test is about plumbing, not timing

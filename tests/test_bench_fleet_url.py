@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.procs import ROOT, Proc, start_sim
+from tests.procs_kit import ROOT, Proc, start_sim
 from turbofleet.bench import workloads as wl
 from turbofleet.bench.client import RequestResult, chat_body
 from turbofleet.bench.compare import counter_growth, routed_counts, settled_growth

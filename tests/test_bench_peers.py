@@ -184,7 +184,7 @@ def test_one_proxy_command_line_for_compare_and_soak() -> None:
         "py", "-m", "turbofleet", "proxy", "--host", "127.0.0.1", "--port", "8000", "--policy", "kv_aware",
         "--worker", "http://w1", "--worker", "http://w2", "--max-tries", "1",
     ]  # fmt: skip
-    assert soak.proxy_argv is peers.proxy_argv  # type: ignore[attr-defined]
+    assert vars(soak)["proxy_argv"] is peers.proxy_argv  # soak builds its proxy with the same function
     launch = peers.build_launch(peers.RouterSpec("turbofleet", "round_robin"), ["http://w1"], lambda: 9, python="py")
     assert launch.argvs == [peers.proxy_argv(9, ["http://w1"], policy="round_robin", log_level="warning", python="py")]
 

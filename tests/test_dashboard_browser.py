@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.dashboard_kit import browser, fleet, missing_browser, read_page, row_mismatches, shows, traffic, wait_page
-from tests.procs import http_json, wait_until
+from tests.procs_kit import http_json, wait_until
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.faults_kit import MODEL, Fleet, client, metric, no_leaks, node, start_fleet
-from tests.procs import http_json, wait_until
+from tests.procs_kit import http_json, wait_until
 
 # slow on purpose: 10 ms of prefill per prompt token, 20 ms per decode step, long answers
 SIM = ["--prefill-ms-per-token", "10", "--decode-ms-base", "20", "--no-prefix-cache", "--default-max-tokens", "500"]

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.faults_kit import FAST_HEALTH, Fleet, chat, metric, node, post, start_fleet
-from tests.procs import wait_until
+from tests.procs_kit import wait_until
 
 PROXY_FLAGS = [
     *FAST_HEALTH,

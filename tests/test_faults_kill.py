@@ -14,8 +14,8 @@ import pytest
 import redis as redis_client
 
 from tests.faults_kit import FAST_HEALTH, MODEL, Fleet, chat, client, no_leaks, node, post, sse_events, start_fleet
-from tests.procs import http_json, start_proxy, wait_until
-from tests.redis_server import RedisServer, redis_binary
+from tests.procs_kit import http_json, start_proxy, wait_until
+from tests.redis_kit import RedisServer, redis_binary
 from turbofleet.proxy.registry.keys import Keys
 
 SLOW = ["--decode-ms-base", "20", "--default-max-tokens", "8"]

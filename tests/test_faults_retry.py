@@ -30,7 +30,7 @@ from tests.faults_kit import (
     sse_events,
     start_fleet,
 )
-from tests.procs import http_json, start_proxy, wait_until
+from tests.procs_kit import http_json, start_proxy, wait_until
 
 PROXY_FLAGS = [
     "--policy",

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.faults_kit import Worker, chat, sse_events, start_worker
-from tests.procs import Proc, http_json, start_proxy, wait_until
+from tests.procs_kit import Proc, http_json, start_proxy, wait_until
 
 SIM = ["--decode-ms-base", "20", "--default-max-tokens", "8"]
 

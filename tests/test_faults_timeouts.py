@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.faults_kit import MODEL, Blackhole, Worker, chat, client, post, start_worker
-from tests.procs import Proc, http_json, start_proxy, wait_until
+from tests.procs_kit import Proc, http_json, start_proxy, wait_until
 
 LIMIT = 100_000
 

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import promql_parser
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.procs import ROOT, http_json, openai_client, start_proxy, start_sim, wait_until
+from tests.procs_kit import ROOT, http_json, openai_client, start_proxy, start_sim, wait_until
 from tests.test_deploy_helm import render
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "turbofleet.json"

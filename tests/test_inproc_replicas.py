@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.inproc_kit import MODEL, FakeWorker, fake_workers, proxy_client
-from tests.redis_server import RedisServer, eventually
+from tests.redis_kit import RedisServer, eventually
 from turbofleet.balancer import KvAware
 from turbofleet.proxy.keys import OUTLIERS, POLICY, REGISTRY
 from turbofleet.proxy.registry.base import WorkerChange, WorkerEvent, WorkerRecord

@@ -17,7 +17,7 @@ from typing import Any
 
 from tests.netbed import Stream, body, healthy, needs_netbed, post, stream, write_result
 from tests.netbed import fleet as fleet  # the module-scoped fixture
-from tests.procs import wait_until
+from tests.procs_kit import wait_until
 from turbofleet.bench.testbed import QUICK_PROXY, Fleet
 
 pytestmark = needs_netbed

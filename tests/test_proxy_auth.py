@@ -7,7 +7,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.procs import http_json, openai_client, start_proxy, start_sim
+from tests.procs_kit import http_json, openai_client, start_proxy, start_sim
 
 
 def test_api_keys_and_admin_token(tmp_path: Path) -> None:

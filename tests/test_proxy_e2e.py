@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.procs import Proc, free_port, http_json, openai_client, start_proxy, start_sim, wait_until
+from tests.procs_kit import Proc, free_port, http_json, openai_client, start_proxy, start_sim, wait_until
 
 MODEL = "sim-model"
 

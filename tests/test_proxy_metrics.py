@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.procs import http_json, openai_client, start_proxy, start_sim, wait_until
+from tests.procs_kit import http_json, openai_client, start_proxy, start_sim, wait_until
 from turbofleet.proxy.history import History, Snap, quantile, read, window
 from turbofleet.proxy.metrics import BUCKETS, SPECS, Metrics
 

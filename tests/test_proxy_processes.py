@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import free_port, http_json, spawn, wait_http, wait_until
+from tests.procs_kit import free_port, http_json, spawn, wait_http, wait_until
 from turbofleet.proxy.supervisor import resolve_processes
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.procs import free_port, http_json, openai_client, start_proxy, start_sim, wait_until
+from tests.procs_kit import free_port, http_json, openai_client, start_proxy, start_sim, wait_until
 from turbofleet.proxy import reqlog
 
 MODEL = "sim-model"
@@ -111,7 +111,7 @@ def test_text_format_by_flag(tmp_path: Path) -> None:
 
 
 def test_a_bad_log_format_is_refused_at_start(tmp_path: Path) -> None:
-    from tests.procs import spawn
+    from tests.procs_kit import spawn
 
     proc = spawn(["proxy", "--port", str(free_port()), "--log-format", "yaml"], tmp_path, "bad")
     assert proc.popen.wait(30) == 2 and "log format" in proc.output()

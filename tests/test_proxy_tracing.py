@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tests.procs import free_port
+from tests.procs_kit import free_port
 from turbofleet.proxy import tracing
 from turbofleet.proxy.app import build_app
 from turbofleet.proxy.config import Settings

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.procs import Proc, http_json, http_raw, start_proxy, start_sim, wait_until
-from tests.redis_server import RedisServer, needs_redis
+from tests.procs_kit import Proc, http_json, http_raw, start_proxy, start_sim, wait_until
+from tests.redis_kit import RedisServer, needs_redis
 
 MODEL = "sim-model"
 #: every request holds the worker ~`max_tokens` x 50 ms

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.redis_server import eventually, redis_binary
+from tests.redis_kit import eventually, redis_binary
 from turbofleet.balancer.policy import EJECTED, READY
 from turbofleet.proxy.registry.base import LoadReport, Registry, WorkerRecord
 from turbofleet.proxy.registry.memory import MemoryRegistry

@@ -1,6 +1,6 @@
 """The Redis registry across replicas: two RedisRegistry instances in one process are two proxy replicas.
 
-Against a real redis-server on a free port (tests/redis_server.py), including outages (SIGKILL, SIGSTOP) and a
+Against a real redis-server on a free port (tests/redis_kit.py), including outages (SIGKILL, SIGSTOP) and a
 replica killed with requests in flight (a subprocess, kill -9).
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from tests.procs import ROOT
-from tests.redis_server import RedisServer, eventually, needs_redis
+from tests.procs_kit import ROOT
+from tests.redis_kit import RedisServer, eventually, needs_redis
 from turbofleet.proxy.registry.base import LoadReport, RegistryUnavailable, WorkerRecord
 from turbofleet.proxy.registry.keys import Keys
 from turbofleet.proxy.registry.redis import RedisRegistry

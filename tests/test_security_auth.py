@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.procs import http_json, start_proxy, wait_until
+from tests.procs_kit import http_json, start_proxy, wait_until
 from turbofleet.proxy.app import build_app
 from turbofleet.proxy.config import Settings, build_settings
 from turbofleet.proxy.tenants import KeyFileError, parse_key_file

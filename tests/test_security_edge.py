@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.procs import free_port
+from tests.procs_kit import free_port
 from turbofleet.proxy import edge as edge_mod
 from turbofleet.proxy.app import build_app
 from turbofleet.proxy.config import Settings

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
-from tests.procs import Proc, http_json, start_proxy, start_sim, wait_until
+from tests.procs_kit import Proc, http_json, start_proxy, start_sim, wait_until
 
 MODEL = "fuzz-model"
 _LIVE: dict[str, Proc] = {}

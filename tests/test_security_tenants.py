@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.redis_server import RedisServer
+from tests.redis_kit import RedisServer
 from turbofleet.proxy.app import build_app
 from turbofleet.proxy.config import Settings
 from turbofleet.proxy.identity import IDENTITY

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from tests.procs import Proc, http_json, start_proxy, start_sim, wait_until
-from tests.redis_server import RedisServer
+from tests.procs_kit import Proc, http_json, start_proxy, start_sim, wait_until
+from tests.redis_kit import RedisServer
 from turbofleet.balancer.kv_aware import KvAware
 from turbofleet.balancer.policy import RouteRequest, WorkerView
 from turbofleet.proxy.registry.keys import SESSIONS_FIELD

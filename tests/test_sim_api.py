@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.procs import Proc, http_json, start_sim, wait_until
+from tests.procs_kit import Proc, http_json, start_sim, wait_until
 from turbofleet.worker.sim.tokens import output_text, output_words, render_chat, tokenize
 
 MODEL = "sim-api-model"

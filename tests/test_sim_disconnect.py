@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.procs import Proc, http_json, start_sim, wait_until
+from tests.procs_kit import Proc, http_json, start_sim, wait_until
 
 MODEL = "sim-disconnect"
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.procs import Proc, free_port, http_json, start_sim, wait_until
+from tests.procs_kit import Proc, free_port, http_json, start_sim, wait_until
 
 MODEL = "sim-faults"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "fault please"}], "max_tokens": 5}

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.procs import free_port, http_json, running, spawn, start_sim, wait_http, wait_until
+from tests.procs_kit import free_port, http_json, running, spawn, start_sim, wait_http, wait_until
 from turbofleet.worker.sim.register import advertise_url
 
 MODEL = "sim-register"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.procs import running, start_sim
+from tests.procs_kit import running, start_sim
 
 MODEL = "sim-timing"
 

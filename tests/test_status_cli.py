@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.procs import ROOT, free_port, http_json, openai_client, start_proxy, start_sim, wait_until
+from tests.procs_kit import ROOT, free_port, http_json, openai_client, start_proxy, start_sim, wait_until
 
 MODEL = "sim-model"
 

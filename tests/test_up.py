@@ -6,7 +6,7 @@ import signal
 import socket
 from pathlib import Path
 
-from tests.procs import free_port, http_json, openai_client, spawn, wait_until
+from tests.procs_kit import free_port, http_json, openai_client, spawn, wait_until
 
 
 def _listening(port: int) -> bool:

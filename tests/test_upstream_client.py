@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.procs import free_port
-from tests.redis_server import eventually
+from tests.procs_kit import free_port
+from tests.redis_kit import eventually
 from turbofleet.proxy.upstream import UpstreamConnectError, UpstreamDisconnected, UpstreamPool
 
 

@@ -63,6 +63,7 @@ class StreamProto(asyncio.Protocol):
         self.tokens = 0
         self.last_token: float | None = None
         self.seen_done = False
+        self.sse_error = False  # an error event inside the stream (the router gave up mid-way)
         self.status = 0
         self.finished = False
 
@@ -169,11 +170,13 @@ class StreamProto(asyncio.Protocol):
         if b"[DONE]" in joined:
             self.seen_done = True
         if b'"error"' in joined and b'"choices"' not in joined:
-            self.stats.error("sse_error")
+            self.sse_error = True
         self.tail = joined[-8:]
 
     def _end(self) -> None:
-        if not self.seen_done:
+        if self.sse_error:
+            self._finish("sse_error")
+        elif not self.seen_done:
             self._finish("no_done")
         elif self.tokens != self.expect:
             self._finish("short_stream")

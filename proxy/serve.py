@@ -68,7 +68,9 @@ async def _serve(settings: Settings) -> None:
         header_timeout=settings.header_timeout,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=2048, reuse_address=True,
+    # issue 16: the kernel caps the accept queue at net.core.somaxconn; 2048 overflowed when thousands of
+    # streams connect within seconds while the loop is busy relaying (clients then saw resets)
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=65535, reuse_address=True,
                        reuse_port=settings.reuse_port or None)  # issue 16: one of --processes N
     await site.start()
     log.info(

@@ -101,6 +101,10 @@ class PrivateRedis:
 def _child(settings: Settings) -> None:
     from .serve import serve
 
+    # forked with the supervisor's handlers, which would signal the siblings: back to the defaults until
+    # serve() installs its own
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.exit(serve(settings))
 
 

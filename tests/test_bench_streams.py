@@ -60,6 +60,10 @@ async def _cut_server(reply: bytes) -> tuple[asyncio.Server, int]:
         # a stream that ends properly but short of the tokens asked for
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
          b'12\r\ndata: {"ts":1.0}\n\n\r\ne\r\ndata: [DONE]\n\n\r\n0\r\n\r\n', "short_stream"),
+        # the router's error event mid-stream, then [DONE]
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b'12\r\ndata: {"ts":1.0}\n\n\r\n1e\r\ndata: {"error":{"code":502}}\n\n\r\n'
+         b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n", "sse_error"),
         # an error status
         (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}", "http_503"),
         # a close-delimited body without [DONE]

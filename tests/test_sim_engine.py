@@ -196,7 +196,7 @@ async def test_slow_marks_slow_down_steps_while_present(make_engine: MakeEngine)
     assert e.slow_factor() == 1.0
 
 
-async def test_fitted_profile_terms_cost_time(make_engine) -> None:
+async def test_fitted_profile_terms_cost_time(make_engine: MakeEngine) -> None:
     """Issue 14's profile terms: a cache hit costs per cached token, a prefill step its own constant, and a
     long context makes each prefilled token dearer. Lower bounds only: a slow host can only add time."""
     cfg = dataclasses.replace(FAST, prefill_ms_per_cached_token=2.0, prefill_ms_step=50.0,

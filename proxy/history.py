@@ -36,6 +36,9 @@ class Snap:
     errors: float = 0.0
     by_model: defaultdict[str, float] = field(default_factory=_dd)
     decisions: defaultdict[str, float] = field(default_factory=_dd)
+    #: re-pins by cause, requests the overload queue held (queued) or refused (shed: reason)
+    repins: defaultdict[str, float] = field(default_factory=_dd)
+    queue: defaultdict[str, float] = field(default_factory=_dd)
     retries: defaultdict[str, float] = field(default_factory=_dd)
     ejections: defaultdict[str, float] = field(default_factory=_dd)
     ejection_reasons: defaultdict[str, float] = field(default_factory=_dd)
@@ -63,6 +66,13 @@ def read(metrics: Metrics) -> Snap:
                     snap.errors += v
             elif name == "turbofleet_route_decisions" and s.name.endswith("_total"):
                 snap.decisions[lb.get("reason", "")] += v
+            elif name == "turbofleet_repins" and s.name.endswith("_total"):
+                snap.repins[lb.get("cause", "")] += v
+            elif name == "turbofleet_queue_admitted" and s.name.endswith("_total"):
+                if lb.get("queued") == "yes":
+                    snap.queue["queued"] += v
+            elif name == "turbofleet_queue_shed" and s.name.endswith("_total"):
+                snap.queue[f"shed: {lb.get('reason', '')}"] += v
             elif name == "turbofleet_retries" and s.name.endswith("_total"):
                 snap.retries[lb.get("reason", "")] += v
             elif name == "turbofleet_ejections" and s.name.endswith("_total"):
@@ -164,11 +174,22 @@ def window(new: Snap, old: Snap, seconds: float) -> dict[str, Any]:
         "ttft_p99_s": quantile(0.99, fleet_ttft),
         "hit_rate": _ratio(sum(cached.values()), sum(prompt.values())),
         "requests_per_s_by_model": {m: v / dt for m, v in _diff(new.by_model, old.by_model).items()},
-        "decisions": {k: v for k, v in _diff(new.decisions, old.decisions).items() if v},
+        "decisions": _decisions(new, old),
         "retries": {k: v for k, v in _diff(new.retries, old.retries).items() if v},
         "ejections": {k: v for k, v in _diff(new.ejection_reasons, old.ejection_reasons).items() if v},
         "workers": workers,
     }
+
+
+def _decisions(new: Snap, old: Snap) -> dict[str, float]:
+    """Decisions by reason; a re-pin by its cause when the causes were counted; the queue's queued and shed."""
+    out = {k: v for k, v in _diff(new.decisions, old.decisions).items() if v}
+    causes = {f"re-pin: {k}": v for k, v in _diff(new.repins, old.repins).items() if v}
+    if causes and sum(causes.values()) == out.get("re-pin"):
+        del out["re-pin"]
+        out.update(causes)
+    out.update({k: v for k, v in _diff(new.queue, old.queue).items() if v})
+    return out
 
 
 @dataclass(slots=True)

@@ -44,6 +44,7 @@ SPECS: dict[str, Spec] = {
     "turbofleet_retry_budget_exhausted_total": Spec("counter", "Retries skipped because the retry budget was spent."),
     "turbofleet_client_disconnects_total": Spec("counter", "Requests whose client went away before the end."),
     "turbofleet_route_decisions_total": Spec("counter", "Routing decisions, by kind of reason.", ("reason",)),
+    "turbofleet_repins_total": Spec("counter", "Sessions moved off their pinned worker, by cause.", ("cause",)),
     "turbofleet_ejections_total": Spec("counter", "Workers ejected, by cause (passive, active) and reason.",
                                        ("cause", "reason", "worker")),
     "turbofleet_prompt_tokens_total": Spec("counter", "Prompt tokens of answered tries, per worker and model.",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -198,6 +199,17 @@ def request_fields(request: web.Request, path: str, model: str, status: int, dur
         "tries": rec.tries,
         **({"queue_ms": rec.queue_ms} if rec.queue_ms is not None else {}),
     }
+
+
+_CAUSE_END = re.compile(r"[\s(;:=]")
+
+
+def repin_cause(reason: str) -> str:
+    """`re-pin: pinned worker overloaded load=9 mean=3.0` -> `overloaded`: the cause without its numbers
+    (a bounded label)."""
+    rest = reason.split(":", 1)[1].strip() if ":" in reason else ""
+    rest = rest.removeprefix("pinned worker").strip()
+    return _CAUSE_END.split(rest, 1)[0] or "other"
 
 
 def _tokens(usage: dict[str, Any]) -> tuple[int | None, int | None, int | None]:

@@ -156,6 +156,7 @@ class Relay:
                 self._kinds[decision.reason] = kind
         self.metrics.inc("turbofleet_route_decisions_total", reason=kind)
         if kind == "re-pin":
+            self.metrics.inc("turbofleet_repins_total", cause=observe.repin_cause(decision.reason))
             log.info("session %s -> %s (%s)", facts.session_key, decision.worker_id, decision.reason)
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s -> %s (%s)", facts.model, facts.session_key or "-", decision.worker_id, decision.reason)

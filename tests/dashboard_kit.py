@@ -90,7 +90,7 @@ def traffic(proxy: Proc, requests: int, sessions: int = 6, stream_every: int = 3
     ok = 0
     for i in range(requests):
         session = f"conversation-{i % sessions}"
-        messages = [{"role": "system", "content": system},
+        messages: list[Any] = [{"role": "system", "content": system},
                     # conversations of different lengths: each worker's hit rate is its own
                     {"role": "user", "content": f"{session} question {i // sessions} " * (4 + 8 * (i % sessions))}]
         headers = {"X-Session-ID": session}

@@ -12,7 +12,7 @@ from typing import Any
 import promql_parser
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.procs_kit import ROOT, http_json, openai_client, start_proxy, start_sim, wait_until
+from tests.procs import ROOT, http_json, openai_client, start_proxy, start_sim, wait_until
 from tests.test_deploy_helm import render
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "turbofleet.json"
@@ -112,10 +112,9 @@ def test_the_helm_chart_ships_the_same_dashboard_for_the_sidecar() -> None:
     spec.loader.exec_module(mod)
     on_disk = (CHART / "templates" / "grafana-dashboard.yaml").read_text()
     assert on_disk == mod.template_text(), "run `python deploy/grafana/helm_template.py`"
-    # the real `helm template` (scripts/install-deploy-tools.sh)
-    docs, _ = render({"grafanaDashboard": {"enabled": True}})
-    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("grafana-dashboard")]
+    docs, _ = render({"grafanaDashboard": {"enabled": True}})  # the real `helm template`
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-grafana-dashboard")]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["turbofleet.json"]) == json.loads(DASHBOARD.read_text())
     off, _ = render()
-    assert not [d for d in off if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("grafana-dashboard")]
+    assert not [d for d in off if d["metadata"]["name"].endswith("-grafana-dashboard")]

@@ -129,3 +129,24 @@ def test_live_proxy_exports_per_worker_and_per_model_series(tmp_path: Path) -> N
     finally:
         proxy.stop()
         sim.stop()
+
+
+def test_routing_view_names_repin_causes_and_the_queues_decisions() -> None:
+    from turbofleet.proxy.observe import repin_cause
+
+    assert repin_cause("re-pin: pinned worker overloaded load=9 mean=3.0") == "overloaded"
+    assert repin_cause("re-pin: pinned worker ejected (status 502); prefix 3/4") == "ejected"
+    assert repin_cause("re-pin") == "other"
+    m = Metrics()
+    h = History(m)
+    h.sample(0.0)
+    m.inc("turbofleet_route_decisions_total", 5, reason="pin")
+    m.inc("turbofleet_route_decisions_total", 3, reason="re-pin")
+    m.inc("turbofleet_repins_total", 2, cause="overloaded")
+    m.inc("turbofleet_repins_total", 1, cause="ejected")
+    m.inc("turbofleet_queue_admitted_total", 4, queued="yes", priority="default")
+    m.inc("turbofleet_queue_admitted_total", 9, queued="no", priority="default")
+    m.inc("turbofleet_queue_shed_total", 2, reason="queue_full", priority="batch")
+    w = window(read(m), h.since(10.0, 300.0)[1], 10.0)
+    assert w["decisions"] == {"pin": 5.0, "re-pin: overloaded": 2.0, "re-pin: ejected": 1.0, "queued": 4.0,
+                              "shed: queue_full": 2.0}

@@ -85,7 +85,8 @@ install_venv() {
   say "kubernetes-validate, hadolint, checkov: installing into .tools/venv (checkov takes a few minutes)"
   rm -rf "$TOOLS/venv"
   "$PY" -m venv "$TOOLS/venv" || die "$PY -m venv failed (Debian: apt-get install python3-venv)"
-  "$TOOLS/venv/bin/python" -m pip install -q --disable-pip-version-check "${VENV_REQS[@]}" \
+  # --no-compile: the tools import a small part of what they install; Python compiles that on first use
+  "$TOOLS/venv/bin/python" -m pip install -q --no-compile --disable-pip-version-check "${VENV_REQS[@]}" \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) \
     || die "pip install ${VENV_REQS[*]} failed"
   echo "$want" > "$stamp"

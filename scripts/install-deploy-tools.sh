@@ -13,7 +13,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-TOOLS=$ROOT/.tools
+# .tools/ is a link into a per-user cache (TURBOFLEET_TOOLS_CACHE, default ~/.cache/turbofleet-tools), so a fresh
+# clone on the same machine (CI's) reuses the ~450 MB of checkov and friends instead of installing them again in
+# minutes; a real .tools/ directory left by an earlier version is used as it is
+if [ ! -e "$ROOT/.tools" ]; then
+  CACHE=${TURBOFLEET_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/turbofleet-tools}
+  mkdir -p "$CACHE"
+  ln -s "$CACHE" "$ROOT/.tools"
+fi
+# the real path: the tools' venv records it in its scripts, and it must not depend on this clone
+TOOLS=$(cd "$ROOT/.tools" && pwd -P)
 BIN=$TOOLS/bin
 PY=${PYTHON:-python3}
 

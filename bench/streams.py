@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import resource
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -182,7 +183,11 @@ async def one_run(spec: RouterSpec | None, n: int, args: argparse.Namespace, d: 
     children: list[Child] = []
     url = backend_url
     if spec is not None:
-        launch = build_launch(spec, [backend_url], free_port, peers_venv=args.peers_venv, run_id=f"s{n}")
+        # the cost of a stream, not admission: the queue would hold back streams beyond the workers' learned
+        # limits (the ramp bench measures the queue); --proxy-args may turn it back on
+        extra = ("--admission", "off", *shlex.split(args.proxy_args or ""))
+        launch = build_launch(spec, [backend_url], free_port, peers_venv=args.peers_venv, run_id=f"s{n}",
+                              proxy_args=extra)
         children = [spawn(f"{label.replace(':', '-')}-{n}", argv, d) for argv in launch.argvs]
         url = launch.urls[0]
         async with aiohttp.ClientSession() as s:

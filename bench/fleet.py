@@ -45,22 +45,29 @@ def cpu_busy(before: tuple[float, float] | None, after: tuple[float, float] | No
     return (after[0] - before[0]) / (after[1] - before[1])
 
 
-def group_cpu_seconds(pgids: set[int]) -> dict[int, float]:
-    """CPU seconds (user + system) used so far by the live processes of each process group in `pgids`.
-    Every child we spawn leads its own group, so this covers wrappers and whatever they started."""
+def group_usage(pgids: set[int]) -> dict[int, tuple[float, int]]:
+    """(CPU seconds used so far (user + system), RSS bytes now) of the live processes of each process group in
+    `pgids`. Every child we spawn leads its own group, so this covers wrappers and whatever they started."""
     tick = os.sysconf("SC_CLK_TCK")
-    out = dict.fromkeys(pgids, 0.0)
+    page = os.sysconf("SC_PAGE_SIZE")
+    out = dict.fromkeys(pgids, (0.0, 0))
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as fh:
                 fields = fh.read().rpartition(")")[2].split()
-        except OSError:
+            if len(fields) > 21 and (group := int(fields[2])) in out:
+                cpu, rss = out[group]
+                out[group] = (cpu + (int(fields[11]) + int(fields[12])) / tick, rss + int(fields[21]) * page)
+        except (OSError, ValueError):
             continue  # gone while we looked
-        if len(fields) > 12 and int(fields[2]) in out:
-            out[int(fields[2])] += (int(fields[11]) + int(fields[12])) / tick
     return out
+
+
+def group_cpu_seconds(pgids: set[int]) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by the live processes of each process group in `pgids`."""
+    return {group: cpu for group, (cpu, _) in group_usage(pgids).items()}
 
 
 def free_port() -> int:

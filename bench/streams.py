@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 
 from turbofleet.bench import aio
-from turbofleet.bench.fleet import Child, free_port, machine, spawn, wait_ready
+from turbofleet.bench.fleet import Child, free_port, group_usage, machine, spawn, wait_ready
 from turbofleet.bench.output import run_log_dir, write_json
 from turbofleet.bench.peers import RouterSpec, build_launch, parse_routers
 from turbofleet.bench.report import _f, table
@@ -57,25 +57,6 @@ def raise_nofile(streams: int) -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def group_usage(pgid: int) -> tuple[float, int]:
-    """(CPU seconds so far, RSS bytes now) of the live processes in process group `pgid`."""
-    tick = os.sysconf("SC_CLK_TCK")
-    page = os.sysconf("SC_PAGE_SIZE")
-    cpu, rss = 0.0, 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as fh:
-                fields = fh.read().rpartition(")")[2].split()
-            if len(fields) > 21 and int(fields[2]) == pgid:
-                cpu += (int(fields[11]) + int(fields[12])) / tick
-                rss += int(fields[21]) * page
-        except (OSError, ValueError):
-            continue
-    return cpu, rss
-
-
 class Sampler:
     """Samples a process group's CPU and RSS twice a second while a run goes on."""
 
@@ -86,7 +67,7 @@ class Sampler:
 
     def sample(self) -> None:
         if self.pgid is not None:
-            cpu, rss = group_usage(self.pgid)
+            cpu, rss = group_usage({self.pgid})[self.pgid]
             self.samples.append((time.monotonic(), cpu, rss))
 
     async def _loop(self) -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Settings
+from .registry.keys import Keys
 
 log = logging.getLogger("turbofleet.supervisor")
 
@@ -119,6 +120,8 @@ class Supervisor:
         self.started: dict[int, float] = {}
         self.backoff: dict[int, float] = {}
         self.generation: dict[int, int] = {}
+        #: slot -> the replica id its process runs under
+        self.replica: dict[int, str] = {}
         self.stopping = False
         self.redis: PrivateRedis | None = None
 
@@ -133,7 +136,9 @@ class Supervisor:
         return self.settings.model_copy(update=changes)
 
     def start(self, slot: int) -> None:
-        p = self.ctx.Process(target=_child, args=(self.child_settings(slot),),
+        settings = self.child_settings(slot)
+        self.replica[slot] = str(settings.replica_id)
+        p = self.ctx.Process(target=_child, args=(settings,),
                              name=f"turbofleet-proxy-{slot}", daemon=False)
         p.start()
         self.children[slot] = p
@@ -191,6 +196,7 @@ class Supervisor:
                 self.backoff[slot] = delay
                 log.warning("proxy process %d (pid %s) exited with %s after %.1fs; restarting in %.1fs",
                             slot, p.pid, p.exitcode, lived, delay)
+                self._retire(self.replica.get(slot))
                 restart_at[slot] = now + delay
             for slot, at in list(restart_at.items()):
                 if self.stopping:
@@ -200,6 +206,32 @@ class Supervisor:
                     del restart_at[slot]
                     self.generation[slot] = self.generation.get(slot, 0) + 1
                     self.start(slot)
+
+
+    def _retire(self, replica_id: str | None) -> None:
+        """A dead process's in-flight counts stop counting now, not when its lease lapses (up to LEASE_TTL
+        later): the other processes would see its workers busy with requests nobody serves, and queue behind
+        them. The lease and the counts go in one MULTI; a Redis that does not answer leaves them to the lease."""
+        url = self.redis.url if self.redis is not None else self.settings.registry
+        if not replica_id or not url or url == "memory":
+            return
+        import redis
+
+        keys = Keys(self.settings.registry_prefix, 0)
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+            try:
+                db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
+                keys = Keys(self.settings.registry_prefix, db)
+                pipe = client.pipeline(transaction=True)
+                pipe.delete(keys.lease(replica_id), keys.inflight(replica_id))
+                pipe.srem(keys.replicas, replica_id)
+                pipe.execute()
+            finally:
+                client.close()
+        except redis.RedisError as e:
+            log.warning("could not retire replica %s in the registry (%s); its lease expires on its own",
+                        replica_id, e)
 
 
 def supervise(settings: Settings, n: int) -> int:

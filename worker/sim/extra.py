@@ -11,18 +11,23 @@ from typing import Any
 from aiohttp import web
 
 from .serving import SESSION_LEN, embed
-from .state import admit, error_response
+from .state import SimState, admit, error_response
 from .tokens import PromptError, output_text, output_words, render_chat, tokenize
 
 
-async def _json(request: web.Request) -> dict[str, Any] | web.Response:
+async def _admit_json(request: web.Request) -> tuple[SimState, dict[str, Any]] | web.StreamResponse:
+    """The front of each route here: `admit` (API key, then the active fault), then a JSON object body.
+    Returns the state and the body, or the response to send instead."""
+    admitted = await admit(request)
+    if isinstance(admitted, web.StreamResponse):
+        return admitted
     try:
         body = json.loads(await request.read())
     except ValueError as e:
         return error_response(400, f"Invalid JSON body: {e}")
     if not isinstance(body, dict):
         return error_response(400, "The request body must be a JSON object")
-    return body
+    return admitted[0], body
 
 
 def _texts(inp: Any) -> list[str] | None:
@@ -38,12 +43,10 @@ def _ids(text: str) -> list[int]:
 
 async def encode(request: web.Request) -> web.StreamResponse:
     """LMDeploy's EncodeRequest {input, do_preprocess, add_bos} -> EncodeResponse {input_ids, length}."""
-    admitted = await admit(request)
-    if isinstance(admitted, web.StreamResponse):
-        return admitted
-    body = await _json(request)
-    if isinstance(body, web.Response):
-        return body
+    front = await _admit_json(request)
+    if isinstance(front, web.StreamResponse):
+        return front
+    _, body = front
     texts = _texts(body.get("input"))
     if texts is None:
         return error_response(400, "The 'input' field must be a string or a non-empty list of strings")
@@ -54,13 +57,10 @@ async def encode(request: web.Request) -> web.StreamResponse:
 
 
 async def pooling(request: web.Request) -> web.StreamResponse:
-    admitted = await admit(request)
-    if isinstance(admitted, web.StreamResponse):
-        return admitted
-    st, _ = admitted
-    body = await _json(request)
-    if isinstance(body, web.Response):
-        return body
+    front = await _admit_json(request)
+    if isinstance(front, web.StreamResponse):
+        return front
+    st, body = front
     model = body.get("model")
     if model is not None and model != st.config.model:
         return error_response(404, f"The model {model!r} does not exist.")
@@ -74,13 +74,10 @@ async def pooling(request: web.Request) -> web.StreamResponse:
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
-    admitted = await admit(request)
-    if isinstance(admitted, web.StreamResponse):
-        return admitted
-    st, _ = admitted
-    body = await _json(request)
-    if isinstance(body, web.Response):
-        return body
+    front = await _admit_json(request)
+    if isinstance(front, web.StreamResponse):
+        return front
+    st, body = front
     if body.get("model") != st.config.model:
         return error_response(404, f"The model {body.get('model')!r} does not exist.")
     mt = body.get("max_tokens")

@@ -130,8 +130,13 @@ def test_disconnect_during_prefill_before_the_first_byte(fleet: Fleet) -> None:
 def test_client_that_stops_reading_is_dropped_after_the_idle_timeout(tmp_path_factory: pytest.TempPathFactory) -> None:
     """A client keeps its connection open but stops reading a long stream. The proxy's writes back up; once it
     could pass nothing on for the idle timeout it drops that client (not the worker's fault), cancels the
-    generation and gives back its count. The worker decodes fast, so the stall is the client's alone."""
-    fast = ["--decode-ms-base", "0.2", "--decode-ms-per-seq", "0", "--no-prefix-cache"]
+    generation and gives back its count. The worker decodes fast, so the stall is the client's alone.
+
+    1 ms a token: a whole session (the sim's 32,768-token session length, ~5 MB of SSE) then takes 33 s, far
+    longer than the stall takes to show. At 0.2 ms a token the whole answer could fit in the loopback socket
+    buffers between worker and proxy before the stall was seen, and the worker finished instead of being
+    cancelled (a flaky failure on a loaded box)."""
+    fast = ["--decode-ms-base", "1", "--decode-ms-per-seq", "0", "--no-prefix-cache"]
     f = start_fleet(tmp_path_factory.mktemp("stalled"), ["A"], ["--health-interval", "0", "--idle-timeout", "1"], fast)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:

@@ -98,6 +98,22 @@ def owners(port: int, pids: list[int]) -> dict[int, int]:
     return found
 
 
+def chunked_done(data: bytes) -> bool:
+    """`data` (a response read so far) holds the whole chunked body. The terminator is looked for after the
+    header block only: the block itself can end in `0\r\n\r\n` (its last header is the X-Request-ID, 24 hex
+    digits, the last one 0 for one stream in 16); the client used to hang up there, right after the headers."""
+    _head, sep, body = data.partition(b"\r\n\r\n")
+    return bool(sep) and (body == b"0\r\n\r\n" or body.endswith(b"\r\n0\r\n\r\n"))
+
+
+def test_chunked_done() -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Request-ID: 7847cb0586a1bbf0aabbf2f0\r\n\r\n"
+    assert not chunked_done(head)  # the header block of a stream whose id ends in 0
+    assert not chunked_done(head + b"10\r\ndata: {\"ts\": 1}\n\n\r\n")
+    assert chunked_done(head + b"10\r\ndata: {\"ts\": 1}\n\n\r\n0\r\n\r\n")
+    assert chunked_done(head + b"0\r\n\r\n")
+
+
 class Stream(threading.Thread):
     """One streaming request on its own socket; `ok` when it read a whole stream ending with [DONE]."""
 
@@ -122,10 +138,7 @@ class Stream(threading.Thread):
                 self.data += chunk
                 if b"data: {" in self.data:
                     self.first.set()
-                # the chunked body's end, looked for after the headers only: a header block can end in
-                # `0\r\n\r\n` too (an X-Request-ID whose last hex digit is 0, one stream in 16)
-                _head, sep, body = self.data.partition(b"\r\n\r\n")
-                if sep and (body == b"0\r\n\r\n" or body.endswith(b"\r\n0\r\n\r\n")):
+                if chunked_done(self.data):
                     break
         except OSError:
             pass

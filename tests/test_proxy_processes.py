@@ -66,10 +66,11 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def owners(port: int, pids: list[int]) -> dict[int, int]:
+def owners(port: int, pids: list[int], listening: bool = False) -> dict[int, int]:
     """Client port -> pid of the proxy process holding the server side of that connection. Read from /proc
     (the accepted socket's inode in /proc/net/tcp*, then which process has that inode open), as `ss -p` does,
-    but for exactly these pids and without its habit of leaving some accepted sockets unnamed."""
+    but for exactly these pids and without its habit of leaving some accepted sockets unnamed. With `listening`
+    each pid holding a LISTEN socket on the port shows too, under a negative key."""
     inode_to_client: dict[int, int] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -79,8 +80,12 @@ def owners(port: int, pids: list[int]) -> dict[int, int]:
         for line in lines:
             f = line.split()
             local, remote, state, inode = f[1], f[2], f[3], int(f[9])
-            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port and inode:  # 01: ESTABLISHED
+            if int(local.rsplit(":", 1)[1], 16) != port or not inode:
+                continue
+            if state == "01":  # ESTABLISHED: the server side of a client's connection
                 inode_to_client[inode] = int(remote.rsplit(":", 1)[1], 16)
+            elif state == "0A" and listening:  # LISTEN: a process's SO_REUSEPORT socket, keyed -inode
+                inode_to_client[inode] = -inode
     found: dict[int, int] = {}
     for pid in pids:
         try:
@@ -168,6 +173,10 @@ def test_two_processes_crash_restart_and_drain(tmp_path: Path, backend: str) -> 
         # both processes serve: each answers /health once it is up (the kernel spreads connections)
         wait_until(lambda: all(http_json("GET", proxy.url + "/v1/models")[0] == 200 for _ in range(6)),
                    what="models on every process")
+        # and both listen: before that the kernel gives every connection to the one that does, and the kill
+        # below would judge only lost streams (or only whole ones)
+        wait_until(lambda: {pid for c, pid in owners(proxy.port, kids, listening=True).items() if c < 0} == set(kids),
+                   what="both processes listening")
         streams = start_streams(proxy.port, 16)
         # every stream is attributed to the process serving it (all 16 are open: each lasts 10 s)
         owner = owners(proxy.port, kids)

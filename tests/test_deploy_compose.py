@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tests.test_deploy_manifests import LMDEPLOY_API_SERVER_FLAGS, TOOLS, cli, flag, lmdeploy_flags, tool
+from tests.deploy_kit import LMDEPLOY_API_SERVER_FLAGS, TOOLS, cli, flag, lmdeploy_flags, tool
 from turbofleet.proxy.config import build_settings
 from turbofleet.worker.main import _command, build_config
 

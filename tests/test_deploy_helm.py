@@ -9,28 +9,34 @@ import base64
 import hashlib
 import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.test_deploy_manifests import (
+from tests.deploy_kit import (
+    CASES,
+    CHART,
     DNS_LABEL,
+    EXISTING_SECRET,
+    EXTERNAL_REDIS,
     KUBE_NEWEST,
     KUBE_OLDEST,
+    MODELS,
+    REPLICAS_3,
+    VALUES,
     check_fleet,
     check_worker,
     flag,
+    helm_template,
     kube_validate,
+    render,
     run_tool,
     tool,
     workloads,
 )
 
-CHART = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "turbofleet"
-VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 # maps and lists handed whole to toYaml/range/merge: their keys are the user's, not the chart's
 OPAQUE = {
     "resources",
@@ -45,56 +51,6 @@ OPAQUE = {
     "agentArgs",
     "models",
 }
-
-EXTERNAL_REDIS = {"redis": {"enabled": False, "externalUrl": "redis://redis.infra:6379/3"}}
-MODELS = {
-    "workers": {
-        "modelVolume": {"existingClaim": "ckpts"},
-        "models": [
-            {"id": "small", "replicas": 2, "model": {"path": "/models/qwen2.5-7b", "name": "qwen2.5-7b"}},
-            {
-                "id": "large",
-                "gpus": 4,
-                "model": {"path": "/models/qwen2.5-72b", "name": "qwen2.5-72b"},
-                "lmdeployArgs": ["--session-len", "32768"],
-            },
-            {"id": "mid", "gpus": 2, "backend": "pytorch", "model": {"path": "/models/llama-3-8b", "name": "l3"}},
-        ],
-    }
-}
-EXISTING_SECRET = {"auth": {"existingSecret": "my-secrets"}}
-REPLICAS_3 = {"proxy": {"replicas": 3}, "workers": {"replicas": 3}}
-# every value set the chart is rendered, linted and validated with
-CASES: dict[str, dict[str, Any]] = {
-    "defaults": {},
-    "external-redis": EXTERNAL_REDIS,
-    "models": MODELS,
-    "existing-secret": EXISTING_SECRET,
-    "replicas-3": REPLICAS_3,
-}
-
-
-def helm_template(
-    values: dict[str, Any] | None = None, *, kube: str = KUBE_NEWEST, extra: tuple[str, ...] = ()
-) -> subprocess.CompletedProcess[str]:
-    argv = [tool("helm"), "template", "rel", str(CHART), "-n", "ns", "--kube-version", kube, "-f", "-", *extra]
-    return subprocess.run(argv, input=json.dumps(values or {}), capture_output=True, text=True, timeout=60)
-
-
-def render(values: dict[str, Any] | None = None, *, kube: str = KUBE_NEWEST) -> tuple[list[dict[str, Any]], str]:
-    """The rendered objects, and NOTES.txt as `helm install --dry-run` prints it."""
-    p = helm_template(values, kube=kube)
-    assert p.returncode == 0, p.stderr
-    docs = [d for d in yaml.safe_load_all(p.stdout) if d]
-    return docs, notes(values)
-
-
-def notes(values: dict[str, Any] | None = None) -> str:
-    out = run_tool(
-        [tool("helm"), "install", "rel", str(CHART), "-n", "ns", "--dry-run=client", "-f", "-"],
-        stdin=json.dumps(values or {}),
-    )
-    return out.split("NOTES:", 1)[1]
 
 
 def kinds(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deploy_manifests import cli
+from tests.deploy_kit import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

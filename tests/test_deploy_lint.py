@@ -13,8 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.test_deploy_helm import CASES, helm_template
-from tests.test_deploy_manifests import K8S, ROOT, run_tool, tool
+from tests.deploy_kit import CASES, K8S, ROOT, helm_template, run_tool, tool
 
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.worker"]

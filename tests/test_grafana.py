@@ -12,8 +12,8 @@ from typing import Any
 import promql_parser
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.procs import ROOT, http_json, openai_client, start_proxy, start_sim, wait_until
-from tests.test_deploy_helm import render
+from tests.deploy_kit import render
+from tests.procs_kit import ROOT, http_json, openai_client, start_proxy, start_sim, wait_until
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "turbofleet.json"
 CHART = ROOT / "deploy" / "helm" / "turbofleet"

@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Any
 
-from tests.netbed import Stream, body, healthy, needs_netbed, post, stream, write_result
-from tests.netbed import fleet as fleet  # the module-scoped fixture
+from tests.netbed_kit import Stream, body, healthy, needs_netbed, post, stream, write_result
+from tests.netbed_kit import fleet as fleet  # the module-scoped fixture
 from tests.procs_kit import wait_until
 from turbofleet.bench.testbed import QUICK_PROXY, Fleet
 

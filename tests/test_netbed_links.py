@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.netbed import needs_netbed
+from tests.netbed_kit import needs_netbed
 from turbofleet.bench import netbed
 
 pytestmark = needs_netbed

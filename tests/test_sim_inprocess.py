@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from turbofleet.worker.sim.config import EngineConfig, SimConfig
-from turbofleet.worker.sim.server import build_app
+from tests.sim_app_kit import MODEL, serve
+from turbofleet.worker.sim.config import EngineConfig
 
-MODEL = "sim-inproc"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}
-
-
-@asynccontextmanager
-async def serve(**kw: object) -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    kw.setdefault("engine", EngineConfig(decode_ms_base=1.0, decode_ms_per_seq=0.0))
-    cfg = SimConfig(model=MODEL, **kw)  # type: ignore[arg-type]
-    async with TestClient(TestServer(build_app(cfg))) as client:
-        yield client
 
 
 def sse(raw: bytes) -> list[str]:

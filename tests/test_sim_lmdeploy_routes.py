@@ -3,7 +3,7 @@ and /v1/encode, /pooling, /v1/messages are real routes."""
 
 from __future__ import annotations
 
-from tests.test_sim_inprocess import MODEL, serve
+from tests.sim_app_kit import MODEL, serve
 
 
 async def test_absurd_max_tokens_is_no_500() -> None:

@@ -75,10 +75,22 @@ async def test_registers_once_with_lmdeploys_body(tmp_path: Path, proxy: FakePro
 
 
 async def test_retries_until_the_proxy_is_up(tmp_path: Path) -> None:
-    late = FakeProxy(fail_first=1)  # not listening at first, then one 503, then accepts
+    late = FakeProxy(fail_first=1)  # no proxy at first (connections dropped), then one 503, then accepts
+    tried = asyncio.Event()
+
+    def drop(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tried.set()  # the sim tried before the proxy was up; it sees a dropped connection
+        writer.transport.abort()
+
+    gate = await asyncio.start_server(drop, "127.0.0.1", late.port)
     sim = await asyncio.to_thread(start_sim, tmp_path, MODEL, None, ["--proxy", late.url])
     with running(sim):
-        await asyncio.sleep(0.8)
+        try:
+            async with asyncio.timeout(15):
+                await tried.wait()
+        finally:
+            gate.close()
+            await gate.wait_closed()
         await late.start()
         try:
             await late.wait_for(1)

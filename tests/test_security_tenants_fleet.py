@@ -26,7 +26,12 @@ def post(c: Client) -> asyncio.Task[Any]:
 
 
 async def assert_concurrency_429(c: Client) -> None:
-    r = await c.post("/v1/chat/completions", json=CHAT, headers=auth("sk-a"))
+    # bounded: an admitted request waits on the worker's gate, so over the cap shows as a failure, not a hang
+    try:
+        async with asyncio.timeout(5.0):
+            r = await c.post("/v1/chat/completions", json=CHAT, headers=auth("sk-a"))
+    except TimeoutError:
+        raise AssertionError("admitted past the key's concurrency cap (no 429 within 5 s)") from None
     body = await r.json()
     assert r.status == 429, body
     assert int(r.headers["Retry-After"]) >= 1

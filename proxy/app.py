@@ -45,7 +45,7 @@ from .openapi import openapi_json
 from .registry import open_registry
 from .registry.base import RegistryUnavailable, WorkerChange, WorkerEvent, WorkerRecord
 from .relay import Relay
-from .shared_sessions import share_sessions
+from .shared_sessions import share_sessions, share_tenant_counts
 from .tenants import KeyTable
 from .upstream import UpstreamPool
 
@@ -181,6 +181,7 @@ def build_app(settings: Settings) -> web.Application:
                                   replica_id=settings.replica_id)
     app[POLICY] = make_policy(settings.policy, **settings.policy_options)
     share_sessions(app[REGISTRY], app[POLICY])  # issue 18: replicas place sessions on fleet-wide counts
+    share_tenant_counts(app[REGISTRY], app[LIMITS])  # issue 11: the per-key concurrency cap counts the fleet
     # prompts are hashed in the policy's own block size, and not at all for policies blind to prefixes
     app[BLOCK_CHARS] = app[POLICY].block_chars
     app[OUTLIERS] = Outliers(settings, app[METRICS], app[REGISTRY].snapshot)

@@ -3,9 +3,16 @@ concurrency cap per client (key, or address without keys).
 
 The buckets live in Redis when the registry does (one hash per key, one atomic script per decision:
 registry/scripts.py TENANT_BUCKET), so every replica draws from the same minute; with the memory registry,
-or while Redis is unreachable, each replica keeps its own (`bucket_step`, the same arithmetic). Concurrency
-caps are per replica: they protect this replica's connections, and an exact fleet-wide count would cost a
-Redis round trip at both ends of every request.
+or while Redis is unreachable, each replica keeps its own (`bucket_step`, the same arithmetic).
+
+The per-key concurrency cap counts the fleet with the Redis registry, the way worker in-flight counts do:
+this replica's per-key counts (tenant ref, never the raw key) ride in its lease-guarded `inflight:{id}`
+hash (keys.TENANTS_FIELD), the registry reads the other live replicas' sums back every SYNC_INTERVAL
+(`others`), and a request is admitted while local + others < cap. No Redis round trip per request; a
+crashed replica's counts stop counting when its lease expires; while Redis is down, `others` is empty
+(per replica). Overshoot: at most (replicas - 1) x what each admits within one sync interval. The
+per-client (address) cap without keys stays per replica: it protects this replica's connections, and an
+address is not an identity worth sharing fleet-wide (NAT, proxies).
 """
 
 from __future__ import annotations
@@ -66,6 +73,10 @@ class Limits:
     prefix: str = K.DEFAULT_PREFIX
     local: dict[str, Bucket] = field(default_factory=dict)
     in_flight: dict[str, int] = field(default_factory=dict)
+    #: the other live replicas' in-flight requests per tenant ref (RedisRegistry.tenant_others; {} otherwise)
+    others: dict[str, int] = field(default_factory=dict)
+    #: told of each change of a tenant ref's count (RedisRegistry.tenant_changed), None with no fleet
+    changed: Any = None
     _redis: Any = None
     _script: Any = None
     _down_until: float = 0.0
@@ -119,9 +130,12 @@ class Limits:
     def enter(self, who: str, cap: int) -> bool:
         """Count one more request in flight for `who`; False (and nothing counted) at the cap."""
         n = self.in_flight.get(who, 0)
-        if cap and n >= cap:
+        fleet = not who.startswith("addr:")
+        if cap and n + (self.others.get(who, 0) if fleet else 0) >= cap:
             return False
         self.in_flight[who] = n + 1
+        if fleet and self.changed is not None:
+            self.changed(who)
         return True
 
     def leave(self, who: str) -> None:
@@ -130,6 +144,14 @@ class Limits:
             self.in_flight[who] = n
         else:
             self.in_flight.pop(who, None)
+        if self.changed is not None and not who.startswith("addr:"):
+            self.changed(who)
+
+    def set_others(self, counts: dict[str, int]) -> None:
+        self.others = counts
+
+    def tenant_counts(self) -> dict[str, int]:
+        return {w: n for w, n in self.in_flight.items() if not w.startswith("addr:")}
 
 
 LIMITS = web.AppKey("limits", Limits)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from turbofleet.balancer.policy import Policy
 
+from .limits import Limits
 from .registry.base import Registry
 from .registry.redis import RedisRegistry
 
@@ -16,3 +17,11 @@ def share_sessions(registry: Registry, policy: Policy) -> None:
     counts = getattr(tracker, "counts", None)
     if isinstance(registry, RedisRegistry) and isinstance(counts, dict):
         registry.session_counts = lambda: counts
+
+
+def share_tenant_counts(registry: Registry, limits: Limits) -> None:
+    """Issue 11: the per-key concurrency cap counts every replica (limits.py)."""
+    if isinstance(registry, RedisRegistry):
+        registry.tenant_counts = limits.tenant_counts
+        registry.tenant_others = limits.set_others
+        limits.changed = registry.tenant_changed

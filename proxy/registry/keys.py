@@ -28,6 +28,9 @@ DEFAULT_PREFIX = "turbofleet"
 #: field prefix, in a replica's in-flight hash, of its active-session count per worker: the same hash, so
 #: the same lease, the same MULTI rewrite and the same READ_LOAD script carry them (issue 18)
 SESSIONS_FIELD = "sessions|"
+#: field prefix of this replica's in-flight requests per API key (tenant ref, never the raw key): the per-key
+#: concurrency cap counts the fleet (issue 11), carried like the session counts
+TENANTS_FIELD = "tenant|"
 #: a replica's in-flight counts stop counting this long after its last lease renewal (crash safety)
 LEASE_TTL = 10.0
 #: how often a replica renews its lease and rewrites its in-flight hash from its exact local counts

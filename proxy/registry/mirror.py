@@ -16,7 +16,7 @@ from typing import Any
 from turbofleet.balancer.policy import WorkerView
 
 from .base import Listeners, WorkerChange, WorkerRecord, to_view
-from .keys import SESSIONS_FIELD
+from .keys import SESSIONS_FIELD, TENANTS_FIELD
 
 #: fields Redis stamps itself (scripts.UPSERT) rather than taking from the caller
 STAMPED = ("registered_at", "last_heartbeat")
@@ -209,7 +209,7 @@ def sum_counts(hashes: Iterable[Mapping[str, str]], prefix: str = "") -> dict[st
                 if not field.startswith(prefix):
                     continue
                 url = field[len(prefix):]
-            elif field.startswith(SESSIONS_FIELD):
+            elif field.startswith((SESSIONS_FIELD, TENANTS_FIELD)):
                 continue
             else:
                 url = field

@@ -94,6 +94,10 @@ class RedisRegistry:
         #: this replica's active sessions per worker, published with its in-flight counts so the other
         #: replicas place new sessions on the fleet-wide count (issue 18; set by proxy/shared_sessions.py)
         self.session_counts: Callable[[], Mapping[str, int]] = dict
+        # issue 11: this replica's in-flight requests per tenant ref, and where the other replicas' sums go
+        self.tenant_counts: Callable[[], Mapping[str, int]] = dict
+        self.tenant_others: Callable[[dict[str, int]], None] = lambda _: None
+        self._tenant_dirty: set[str] = set()
         self._pins = Pins(pin_ttl)
         # worker urls whose local count changed since the writer last sent them (pin writes wait in _pins)
         self._dirty: set[str] = set()
@@ -270,6 +274,11 @@ class RedisRegistry:
             self._pins.touched(session_key, time.monotonic())  # slide the TTL (get_pin cached every pin used)
         self._wake.set()
 
+    def tenant_changed(self, ref: str) -> None:
+        """This replica's in-flight count for a tenant ref changed: publish it with the next batch."""
+        self._tenant_dirty.add(ref)
+        self._wake.set()
+
     async def get_pin(self, session_key: str) -> str | None:
         hit, url = self._pins.cached(session_key, time.monotonic())
         if hit:
@@ -305,6 +314,7 @@ class RedisRegistry:
             self._up = False
             self._up_evt.clear()
             self._down_since = now()
+            self.tenant_others({})  # per-key concurrency per replica while Redis is away
             log.warning("registry: redis at %s unreachable (%r); routing from the local snapshot", self._where, err)
 
     def _set_up(self) -> None:
@@ -361,8 +371,9 @@ class RedisRegistry:
         k, me = self.keys, self.replica_id
         full = self._rewrite or loop.time() >= self._lease_due
         dirty, self._dirty = self._dirty, set()
+        tdirty, self._tenant_dirty = self._tenant_dirty, set()
         pin_sets, touches = self._pins.take_writes()
-        if not (full or dirty or pin_sets or touches):
+        if not (full or dirty or tdirty or pin_sets or touches):
             return
         pin_ms = max(1, int(self._pin_ttl * 1000))
         # MULTI on a full rewrite: other replicas' READ_LOAD must never see our hash between DEL and refill
@@ -371,6 +382,7 @@ class RedisRegistry:
             counts: dict[str, int] = dict(self._mirror.local)
             # this replica's active sessions per worker ride along (rewritten every lease refresh)
             counts.update({K.SESSIONS_FIELD + u: n for u, n in self.session_counts().items() if n > 0})
+            counts.update({K.TENANTS_FIELD + r: n for r, n in self.tenant_counts().items() if n > 0})
             pipe.delete(k.inflight(me))
             if counts:
                 pipe.hset(k.inflight(me), mapping=counts)  # type: ignore[arg-type]
@@ -383,6 +395,13 @@ class RedisRegistry:
                     pipe.hset(k.inflight(me), url, n)
                 else:
                     pipe.hdel(k.inflight(me), url)
+            tcounts = self.tenant_counts()
+            for ref in tdirty:
+                n = tcounts.get(ref, 0)
+                if n > 0:
+                    pipe.hset(k.inflight(me), K.TENANTS_FIELD + ref, n)
+                else:
+                    pipe.hdel(k.inflight(me), K.TENANTS_FIELD + ref)
         for key, (url, publish) in pin_sets.items():
             pipe.set(k.pin(key), url, px=pin_ms)
             if publish:
@@ -395,6 +414,7 @@ class RedisRegistry:
         except IO_ERRORS as e:
             # keep everything for the next try; after a reconnect a full rewrite covers the counts anyway
             self._dirty |= dirty
+            self._tenant_dirty |= tdirty
             self._pins.restore_writes(pin_sets, touches)
             self._rewrite = self._rewrite or full
             self._down(e)
@@ -441,6 +461,7 @@ class RedisRegistry:
         self._measured(t0, clock, t1)
         hashes = [pairs(h) for h in flat[1::2]]
         self._mirror.set_others(sum_counts(hashes), sum_counts(hashes, K.SESSIONS_FIELD))
+        self.tenant_others(sum_counts(hashes, K.TENANTS_FIELD))
         self._live_replicas = int(live)
         version, m = int(version), self._mirror
         # re-read the fleet when Redis lost its data, or when a write seen one poll ago never reached us

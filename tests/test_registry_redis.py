@@ -396,7 +396,7 @@ async def test_two_replicas_reaping_at_once_remove_the_worker_once(make: Factory
     assert await b.heartbeat(W2, LoadReport())
     results = await asyncio.gather(a.reap(W1, 0.5), b.reap(W1, 0.5), a.reap(W2, 0.5), b.reap(W2, 0.5))
     assert sorted(results[:2]) == [False, True]
-    assert results[2:] == [False, False]
+    assert list(results[2:]) == [False, False]
     await eventually(lambda: a.get(W1) is None and b.get(W1) is None, 2.0, "both replicas to drop W1")
     assert removed == {"a": [W1], "b": [W1]}
     assert await raw.sismember(Keys(PREFIX).workers, W2) and not await raw.sismember(Keys(PREFIX).workers, W1)

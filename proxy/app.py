@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -43,7 +45,8 @@ from .limits import LIMITS, Limits, limits_ctx
 from .metrics import Metrics
 from .openapi import openapi_json
 from .registry import open_registry
-from .registry.base import RegistryUnavailable, WorkerChange, WorkerEvent, WorkerRecord
+from .registry.base import Registry, RegistryUnavailable, WorkerChange, WorkerEvent, WorkerRecord
+from .registry.base import now as wall_now
 from .relay import Relay
 from .shared_sessions import share_sessions, share_tenant_counts
 from .tenants import KeyTable
@@ -74,6 +77,40 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
     await registry.start()
     yield
     await registry.close()
+
+
+async def reap_once(registry: Registry, reap_after: float, wall: float) -> list[str]:
+    """Issue 18: remove the heartbeating workers whose heartbeats lapsed more than `reap_after` seconds ago.
+    The local view only picks candidates; the registry checks again by its own clock as it removes (one
+    atomic step in Redis), so a worker that heartbeated meanwhile stays. Returns the URLs removed."""
+    gone = []
+    for rec in registry.records():
+        if rec.heartbeat_ttl is None or wall - rec.last_heartbeat <= reap_after:
+            continue
+        try:
+            if await registry.reap(rec.url, reap_after):
+                log.info("worker %s reaped: no heartbeat for %.0f s", rec.url, wall - rec.last_heartbeat)
+                gone.append(rec.url)
+        except RegistryUnavailable:
+            break  # the store is away; the next round tries again
+    return gone
+
+
+async def _reaper(app: web.Application) -> AsyncIterator[None]:
+    reap_after = app[SETTINGS].reap_after
+    task = None
+    if reap_after > 0:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(min(max(reap_after / 4, 0.2), 10.0))
+                await reap_once(app[REGISTRY], reap_after, wall_now())
+
+        task = asyncio.get_running_loop().create_task(loop())
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _static_workers(app: web.Application) -> AsyncIterator[None]:
@@ -186,7 +223,7 @@ def build_app(settings: Settings) -> web.Application:
     app[BLOCK_CHARS] = app[POLICY].block_chars
     app[OUTLIERS] = Outliers(settings, app[METRICS], app[REGISTRY].snapshot)
     _follow_the_fleet(app)
-    app.cleanup_ctx.extend([_client_session, _registry, _health, _static_workers, limits_ctx])
+    app.cleanup_ctx.extend([_client_session, _registry, _health, _static_workers, _reaper, limits_ctx])
     openai_routes.add_routes(app)
     node_routes.add_routes(app)
     app.router.add_get("/health", health)

@@ -97,6 +97,8 @@ class Settings(BaseModel):
     eject_max_fraction: float = 0.5
     #: a worker registered by an agent is gone after this long without a heartbeat
     heartbeat_ttl: float = 15.0
+    #: issue 18: a heartbeating worker silent this long is removed from the registry (0: never)
+    reap_after: float = 120.0
 
     # shutdown
     shutdown_grace: float = 30.0
@@ -172,6 +174,9 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "eject_max_s": (float, "longest ejection"),
     "eject_max_fraction": (float, "most of a model's workers ejected at once (one may always go)"),
     "heartbeat_ttl": (float, "agent-registered worker is gone after this long without a heartbeat"),
+    "reap_after": (float, "an agent-registered worker silent this long (s) is removed from the registry, "
+                          "as POST /nodes/remove would (default 120, 8x the heartbeat TTL; 0: never); workers "
+                          "that never heartbeat (--worker, LMDeploy's own registration) are never reaped"),
     "shutdown_grace": (float, "seconds to finish in-flight requests on SIGTERM"),
     "log_level": (str, "debug, info, warning, error"),
     # issue 10: admission control and the queue

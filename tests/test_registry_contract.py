@@ -189,3 +189,51 @@ async def test_subscribers_hear_every_worker_added_changed_and_removed(make: Fac
     unsubscribe()
     await reg.upsert(worker())
     assert seen[-1] == (WorkerChange.REMOVED, "http://w1")
+
+
+# --- issue 18: reaping workers whose heartbeats lapsed ---
+
+
+async def test_reap_removes_only_lapsed_heartbeating_workers(make: Factory) -> None:
+    reg = await make()
+    events: list[tuple[str, str]] = []
+    reg.subscribe(lambda e: events.append((e.change.value, e.url)))
+    await reg.upsert(worker("http://agent", heartbeat_ttl=0.2, source="agent"))
+    await reg.upsert(worker("http://static", source="static"))  # never heartbeats: never reaped
+    assert not await reg.reap("http://agent", 0.6)  # fresh
+    await elapse(reg, 1.0)
+    assert not await reg.reap("http://static", 0.6)
+    assert not await reg.reap("http://nope", 0.6)
+    assert await reg.reap("http://agent", 0.6)
+    await eventually(lambda: ("removed", "http://agent") in events, 3.0, "the remove event")
+    assert reg.get("http://agent") is None and reg.get("http://static") is not None
+    assert not await reg.reap("http://agent", 0.6)
+
+
+async def test_heartbeat_just_before_reap_keeps_the_worker(make: Factory) -> None:
+    reg = await make()
+    await reg.upsert(worker("http://agent", heartbeat_ttl=0.2, source="agent"))
+    await elapse(reg, 1.0)
+    stale = reg.get("http://agent")  # the reaper's candidate, picked from a view taken before the heartbeat
+    assert stale is not None
+    assert await reg.heartbeat("http://agent", LoadReport())
+    assert not await reg.reap("http://agent", 0.6)
+    assert reg.get("http://agent") is not None
+
+
+async def test_reap_once_skips_non_heartbeating_and_fresh(make: Factory) -> None:
+    from turbofleet.proxy.app import reap_once
+    from turbofleet.proxy.registry.base import now
+
+    reg = await make()
+    await reg.upsert(worker("http://agent", heartbeat_ttl=0.2, source="agent"))
+    await reg.upsert(worker("http://fresh", heartbeat_ttl=0.2, source="agent"))
+    await reg.upsert(worker("http://static", source="static"))
+    await elapse(reg, 1.0)
+    assert await reg.heartbeat("http://fresh", LoadReport())
+    fake = _FAKE_TIME.get(id(reg))
+    wall = fake.epoch if fake else now()
+    await eventually(lambda: (g := reg.get("http://fresh")) is not None and wall - g.last_heartbeat < 0.6,
+                     3.0, "the heartbeat to reach the view")
+    assert await reap_once(reg, 0.6, wall) == ["http://agent"]
+    assert {r.url for r in reg.records()} == {"http://fresh", "http://static"}

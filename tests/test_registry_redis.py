@@ -380,3 +380,23 @@ async def test_starts_while_redis_is_down_and_joins_later(make: Factory, redis_s
     await a.upsert(rec())
     b = await make("b")
     await eventually(lambda: b.in_flight(W1) == 1, 2.0, "A's count, taken while Redis was down, seen by B")
+
+
+async def test_two_replicas_reaping_at_once_remove_the_worker_once(make: Factory, raw: Redis) -> None:
+    """Issue 18: both replicas run the reap script for the same lapsed worker at once; one removes it, each
+    replica sees exactly one remove event, and a worker that heartbeated is left alone by both."""
+    a, b = await make("a"), await make("b")
+    removed: dict[str, list[str]] = {"a": [], "b": []}
+    a.subscribe(lambda e: removed["a"].append(e.url) if e.change.value == "removed" else None)
+    b.subscribe(lambda e: removed["b"].append(e.url) if e.change.value == "removed" else None)
+    await a.upsert(rec(W1, heartbeat_ttl=0.2, source="agent"))
+    await a.upsert(rec(W2, heartbeat_ttl=0.2, source="agent"))
+    await eventually(lambda: b.get(W1) is not None and b.get(W2) is not None, 2.0, "B to see both workers")
+    await asyncio.sleep(0.8)  # real time must pass: the scripts judge by Redis' clock
+    assert await b.heartbeat(W2, LoadReport())
+    results = await asyncio.gather(a.reap(W1, 0.5), b.reap(W1, 0.5), a.reap(W2, 0.5), b.reap(W2, 0.5))
+    assert sorted(results[:2]) == [False, True]
+    assert list(results[2:]) == [False, False]
+    await eventually(lambda: a.get(W1) is None and b.get(W1) is None, 2.0, "both replicas to drop W1")
+    assert removed == {"a": [W1], "b": [W1]}
+    assert await raw.sismember(Keys(PREFIX).workers, W2) and not await raw.sismember(Keys(PREFIX).workers, W1)

@@ -211,6 +211,12 @@ class Registry(Protocol):
 
     async def remove(self, url: str) -> bool: ...
 
+    async def reap(self, url: str, lapsed_for: float) -> bool:
+        """Issue 18: remove a heartbeating worker whose last heartbeat is more than `lapsed_for` seconds old
+        (by the store's clock), checked and removed in one step; False (nothing removed) for workers without
+        heartbeats, unknown ones, and ones that heartbeated meanwhile. Fires REMOVED like `remove`."""
+        ...
+
     async def set_state(self, url: str, state: str) -> bool: ...
 
     async def heartbeat(self, url: str, load: LoadReport) -> bool:

@@ -98,6 +98,12 @@ class MemoryRegistry:
             self._listeners.emit(WorkerChange.REMOVED, url)
         return found
 
+    async def reap(self, url: str, lapsed_for: float) -> bool:
+        rec = self._workers.get(url)
+        if rec is None or rec.heartbeat_ttl is None or self._wall() - rec.last_heartbeat <= lapsed_for:
+            return False
+        return await self.remove(url)
+
     async def set_state(self, url: str, state: str) -> bool:
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")

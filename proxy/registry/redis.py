@@ -142,6 +142,7 @@ class RedisRegistry:
         self._s_upsert: AsyncScript = r.register_script(scripts.UPSERT)
         self._s_patch: AsyncScript = r.register_script(scripts.PATCH)
         self._s_remove: AsyncScript = r.register_script(scripts.REMOVE)
+        self._s_reap: AsyncScript = r.register_script(scripts.REAP)
         self._s_read_fleet: AsyncScript = r.register_script(scripts.READ_FLEET)
         self._s_seed: AsyncScript = r.register_script(scripts.SEED)
         self._s_read_load: AsyncScript = r.register_script(scripts.READ_LOAD)
@@ -218,6 +219,14 @@ class RedisRegistry:
     async def remove(self, url: str) -> bool:
         k = self.keys
         version = int(await self._call(self._s_remove, [k.workers, k.worker(url), k.version], [url, k.channel]))
+        if version:
+            self._mirror.delete(url, version)
+        return version > 0
+
+    async def reap(self, url: str, lapsed_for: float) -> bool:
+        k = self.keys
+        version = int(await self._call(self._s_reap, [k.workers, k.worker(url), k.version],
+                                       [url, k.channel, repr(float(lapsed_for))]))
         if version:
             self._mirror.delete(url, version)
         return version > 0

@@ -58,6 +58,25 @@ redis.call('PUBLISH', ARGV[2], cjson.encode({op = 'del', url = ARGV[1], v = v}))
 return v
 """
 
+#: Issue 18, reaping. KEYS: workers set, worker hash, version. ARGV: url, channel, seconds.
+#: Removes a heartbeating worker (heartbeat_ttl set) only if its last heartbeat is still more than `seconds`
+#: old by Redis' clock: the check and the delete are one step, so a heartbeat that lands first keeps the
+#: worker, and of two replicas reaping at once one removes it (publishes one 'del') and the other finds
+#: nothing. Workers without heartbeats (static, LMDeploy's own registration) are never reaped.
+#: Returns the new version, or 0 when nothing was removed.
+REAP = """
+local h = redis.call('HMGET', KEYS[2], 'heartbeat_ttl', 'last_heartbeat')
+if not h[1] or h[1] == 'null' then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+if now - (tonumber(h[2]) or 0) <= tonumber(ARGV[3]) then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[1], ARGV[1])
+local v = redis.call('INCR', KEYS[3])
+redis.call('PUBLISH', ARGV[2], cjson.encode({op = 'del', url = ARGV[1], v = v}))
+return v
+"""
+
 #: KEYS: workers set, version, epoch. ARGV: worker key prefix.
 #: A consistent cut of the fleet: {epoch, version, {url, hash, url, hash, ...}}.
 READ_FLEET = """

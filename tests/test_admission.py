@@ -270,9 +270,10 @@ def test_lower_classes_leave_the_reserve_to_the_interactive_class() -> None:
     assert free_slots("m", ws, lim, share=1.0) == {"a": 2}
     assert free_slots("m", ws, lim, share=0.8) == {}  # 8 of 10 held: the reserve is left
     assert free_slots("m", [WorkerView("a", frozenset({"m"}), in_flight=7)], lim, share=0.8) == {"a": 1}
-    kw = {"backlog_s": backlog.__getitem__, "backlog_max": 1.0}
-    assert free_slots("m", ws, lim, share=1.0, **kw) == {"a": 2}  # 0.85 s < 1 s
-    assert free_slots("m", [WorkerView("a", frozenset({"m"}), in_flight=1)], lim, share=0.8, **kw) == {}  # >= 0.8 s
+    read = backlog.__getitem__
+    assert free_slots("m", ws, lim, share=1.0, backlog_s=read, backlog_max=1.0) == {"a": 2}  # 0.85 s < 1 s
+    one = [WorkerView("a", frozenset({"m"}), in_flight=1)]
+    assert free_slots("m", one, lim, share=0.8, backlog_s=read, backlog_max=1.0) == {}  # 0.85 s >= 0.8 s
     assert free_slots("m", [WorkerView("a", frozenset({"m"}), in_flight=0)], ConcurrencyLimits(fixed=1),
                       share=0.5) == {"a": 1}  # a share never leaves a class less than one slot
 

@@ -606,6 +606,12 @@ class KvAware(PolicyBase):
             del self._pending[key]
 
     # ---------------------------------------------------------------- issue 10: placement of queued requests
+    def prefill_backlog(self, worker_id: str) -> float:
+        """Uncached prompt tokens routed to the worker whose first token has not come yet: measured (from the
+        first-token hook) when the policy measures, else modelled. The proxy's admission turns it into
+        seconds with the worker's prefill rate (balancer/saturation.py)."""
+        return self.measured.value(worker_id) if self._measuring() else self.backlog.of(worker_id)
+
     def queue_cost(self, request: RouteRequest, worker: WorkerView) -> float:
         """What serving `request` on `worker` costs, in prompt tokens of prefill, by the cost model `choose`
         uses: the worker's queue (its modelled prefill backlog, or queue_tokens x prefill_share x load) plus

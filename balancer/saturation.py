@@ -25,7 +25,7 @@ A fixed limit (`fixed > 0`) turns learning off. The learned limit never leaves [
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from turbofleet.balancer.policy import READY, WorkerView
@@ -86,7 +86,7 @@ class ConcurrencyLimits:
         """A streaming request on the worker finished; `ttft_s` None when it failed, the client left, or it was
         not streamed (no signal). `in_flight`: what the worker held when it finished, this one included;
         `tokens`: its uncached prompt tokens, when the worker said."""
-        if self.fixed or ttft_s is None:
+        if ttft_s is None:
             return
         st = self._of(worker_id)
         own = 0.0
@@ -95,6 +95,8 @@ class ConcurrencyLimits:
             est = st.per_token
             st.per_token = sample if est is None or sample < est * (1 + DRIFT) else est * (1 + DRIFT)
             own = st.per_token * tokens
+        if self.fixed:
+            return
         delay = ttft_s - own
         st.since_decrease += 1
         if delay > self.target_ttft:
@@ -113,21 +115,47 @@ class ConcurrencyLimits:
         if st.limit > bound:
             st.limit = float(max(self.min_limit, bound))
 
+    def seconds_per_token(self, worker_id: str) -> float | None:
+        """The worker's fastest prefill seen lately, seconds per uncached prompt token (None until one is
+        seen; learned with a fixed limit too)."""
+        st = self._state.get(worker_id)
+        return None if st is None else st.per_token
+
     def forget(self, worker_id: str) -> None:
         self._state.pop(worker_id, None)
 
 
+def class_limit(limit: int, share: float) -> int:
+    """The part of a worker's limit a class may fill: `share` of it, at least 1."""
+    return limit if share >= 1.0 else max(1, math.floor(limit * share))
+
+
 def free_slots(
-    model: str, workers: Sequence[WorkerView], limits: ConcurrencyLimits, reserved: dict[str, int] | None = None
+    model: str,
+    workers: Sequence[WorkerView],
+    limits: ConcurrencyLimits,
+    reserved: dict[str, int] | None = None,
+    *,
+    share: float = 1.0,
+    backlog_s: Callable[[str], float] | None = None,
+    backlog_max: float = 0.0,
 ) -> dict[str, int]:
     """Ready workers serving `model` that can take more requests now -> how many more. `reserved`: requests
     this proxy admitted to a worker that the registry does not count yet. A model none of whose ready workers
-    has a slot is saturated."""
+    has a slot is saturated.
+
+    `share` (0..1]: the part of each worker's limit, and of `backlog_max`, the asking class may fill (the rest
+    is kept for the interactive class). `backlog_s(worker)`: seconds of prefill queued on the worker ahead of a
+    new request; a worker whose backlog is at `backlog_max` x `share` or more is full whatever its count (its
+    engine's FIFO prefill queue is where a new request would wait); 0 turns that limit off."""
     out: dict[str, int] = {}
+    cap = backlog_max * min(1.0, share) if backlog_s is not None and backlog_max > 0 else 0.0
     for w in workers:
         if w.state != READY or model not in w.models:
             continue
-        free = limits.limit(w.id) - w.in_flight - (reserved.get(w.id, 0) if reserved else 0)
+        free = class_limit(limits.limit(w.id), share) - w.in_flight - (reserved.get(w.id, 0) if reserved else 0)
+        if free > 0 and cap and backlog_s is not None and backlog_s(w.id) >= cap:
+            free = 0
         if free > 0:
             out[w.id] = free
     return out

@@ -122,6 +122,10 @@ class Settings(BaseModel):
     target_ttft: float = 1.0
     #: placement looks this many queued requests ahead (in fair order) for the one a freed worker fits best
     placement_window: int = 8
+    #: a worker with this many seconds of prefill queued ahead of a new request is full (0: off)
+    prefill_backlog_max: float = 1.0
+    #: share of each worker's limit and prefill backlog kept for the interactive class
+    interactive_reserve: float = 0.2
     # issue 16: `--processes N|auto` event-loop processes on one port (proxy/supervisor.py); each child binds
     # with SO_REUSEPORT
     processes: str = "1"
@@ -189,6 +193,10 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "worker_concurrency_max": (int, "the learned limit's ceiling"),
     "target_ttft": (float, "a first token slower than this (s) lowers a worker's learned limit"),
     "placement_window": (int, "queued requests a freed worker chooses among (its best prefix match first)"),
+    "prefill_backlog_max": (float, "a worker with this many seconds of prefill ahead of a new request (uncached "
+                                   "tokens x its learned prefill rate) takes no more (0: off)"),
+    "interactive_reserve": (float, "share (0..1) of each worker's limit and prefill backlog that only the "
+                                   "interactive class may fill"),
     # issue 12
     "log_format": (str, "auto (text on a terminal, JSON lines otherwise), json or text; logs go to stdout, "
                         "one line per request on the turbofleet.requests logger at info level"),

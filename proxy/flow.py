@@ -98,6 +98,10 @@ class Flow:
         self.queue_max = settings.queue_max
         self.window = settings.placement_window
         self._cost: Any = getattr(policy, "queue_cost", None)
+        #: worker -> uncached prompt tokens queued there (kv_aware's measured or modelled prefill backlog)
+        self._backlog_tokens: Callable[[str], float] | None = getattr(policy, "prefill_backlog", None)
+        self.backlog_max = max(0.0, settings.prefill_backlog_max)
+        self.reserve = min(0.9, max(0.0, settings.interactive_reserve))
         self._queues: dict[str, FairQueue] = {}
         #: worker -> requests the queue placed there that the registry does not count yet
         self._reserved: dict[str, int] = {}
@@ -125,7 +129,7 @@ class Flow:
         if q is None:
             q = self._queues[t.model] = FairQueue(self.window)
         if not q:
-            free = self._free(t.model, self._views())
+            free = self._free(t.model, self._views(), t.priority)
             if free is None or free > 0:
                 self._admitted(t, None, queued=False)
                 return t
@@ -209,7 +213,7 @@ class Flow:
             for w in snapshot:
                 if w.id == placed_on and w.state == READY and model in w.models:
                     return [w]
-        free = free_slots(model, snapshot, self.limits, self._reserved)
+        free = free_slots(model, snapshot, self.limits, self._reserved, **self._fit(t.priority))
         if not free:
             return snapshot  # another replica took the slot meanwhile: the policy's cap decides (overshoot)
         return [w for w in snapshot if w.id in free]
@@ -247,11 +251,27 @@ class Flow:
     def _views(self) -> Sequence[WorkerView]:
         return self.outliers.apply(self.registry.snapshot())
 
-    def _free(self, model: str, views: Sequence[WorkerView]) -> int | None:
-        """Free slots for `model` after reservations; None when it has no ready worker (routing answers)."""
+    def _backlog_s(self, worker: str) -> float:
+        """Seconds of prefill queued on `worker` ahead of a new request (0 while its rate is unknown)."""
+        per_token = self.limits.seconds_per_token(worker)
+        if per_token is None or self._backlog_tokens is None:
+            return 0.0
+        return self._backlog_tokens(worker) * per_token
+
+    def _fit(self, priority: str) -> dict[str, Any]:
+        """free_slots' class-dependent limits: below interactive, a class fills only (1 - reserve) of each
+        worker's limit and prefill-backlog target."""
+        share = 1.0 if priority == PRIORITIES[0] else 1.0 - self.reserve
+        on = self.backlog_max > 0 and self._backlog_tokens is not None
+        return {"share": share, "backlog_s": self._backlog_s if on else None, "backlog_max": self.backlog_max}
+
+    def _free(self, model: str, views: Sequence[WorkerView], priority: str) -> int | None:
+        """Free slots for `model` after reservations, for a request of `priority`; None when it has no ready
+        worker (routing answers)."""
         if not any(w.state == READY and model in w.models for w in views):
             return None
-        return sum(free_slots(model, views, self.limits, self._reserved).values()) - self._unplaced.get(model, 0)
+        free = free_slots(model, views, self.limits, self._reserved, **self._fit(priority))
+        return sum(free.values()) - self._unplaced.get(model, 0)
 
     def _pump(self, model: str) -> None:
         q = self._queues.get(model)

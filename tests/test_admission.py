@@ -245,3 +245,54 @@ def test_a_long_prompt_is_not_congestion() -> None:
         lim.observe("w", 3.0, in_flight=8, tokens=100)
     assert lim.limit("w") < 8
 
+
+
+def test_a_worker_with_a_long_prefill_backlog_is_full_whatever_its_count() -> None:
+    """Round 2: a worker with `backlog_max` seconds of prefill queued ahead of a new request takes no more,
+    though its count is under its limit; the others still do; without a backlog reader the count decides."""
+    lim = ConcurrencyLimits(fixed=8)
+    ws = [WorkerView("a", frozenset({"m"}), in_flight=2), WorkerView("b", frozenset({"m"}), in_flight=2)]
+    backlog = {"a": 1.2, "b": 0.3}
+    assert free_slots("m", ws, lim, backlog_s=backlog.__getitem__, backlog_max=1.0) == {"b": 6}
+    assert free_slots("m", ws, lim) == {"a": 6, "b": 6}
+    assert free_slots("m", ws, lim, backlog_s=backlog.__getitem__, backlog_max=0.0) == {"a": 6, "b": 6}  # off
+    backlog["b"] = 1.0
+    assert saturated("m", ws, lim) is False
+    assert free_slots("m", ws, lim, backlog_s=backlog.__getitem__, backlog_max=1.0) == {}
+
+
+def test_lower_classes_leave_the_reserve_to_the_interactive_class() -> None:
+    """share < 1 (a class below interactive) fills only that share of each worker's limit and of the backlog
+    target: an interactive request still finds a slot with a short engine queue."""
+    lim = ConcurrencyLimits(fixed=10)
+    ws = [WorkerView("a", frozenset({"m"}), in_flight=8)]
+    backlog = {"a": 0.85}
+    assert free_slots("m", ws, lim, share=1.0) == {"a": 2}
+    assert free_slots("m", ws, lim, share=0.8) == {}  # 8 of 10 held: the reserve is left
+    assert free_slots("m", [WorkerView("a", frozenset({"m"}), in_flight=7)], lim, share=0.8) == {"a": 1}
+    read = backlog.__getitem__
+    assert free_slots("m", ws, lim, share=1.0, backlog_s=read, backlog_max=1.0) == {"a": 2}  # 0.85 s < 1 s
+    one = [WorkerView("a", frozenset({"m"}), in_flight=1)]
+    assert free_slots("m", one, lim, share=0.8, backlog_s=read, backlog_max=1.0) == {}  # 0.85 s >= 0.8 s
+    assert free_slots("m", [WorkerView("a", frozenset({"m"}), in_flight=0)], ConcurrencyLimits(fixed=1),
+                      share=0.5) == {"a": 1}  # a share never leaves a class less than one slot
+
+
+def test_seconds_per_token_is_learned_even_with_a_fixed_limit() -> None:
+    lim = ConcurrencyLimits(fixed=4)
+    assert lim.seconds_per_token("w") is None
+    lim.observe("w", 0.2, in_flight=1, tokens=1000)
+    lim.observe("w", 0.5, in_flight=1, tokens=1000)  # slower: queueing, the fastest is kept
+    assert lim.seconds_per_token("w") == pytest.approx(0.2 / 1000, rel=0.01)
+    assert lim.limit("w") == 4
+
+
+def test_kv_aware_prefill_backlog_counts_routed_tokens_until_the_first_token() -> None:
+    p = KvAware(block_chars=32, backlog="measured")
+    text = "a prompt nobody has seen before " * 20
+    hashes = block_hashes(text, 32)
+    w = WorkerView("w", frozenset({"m"}))
+    p.choose(RouteRequest("m", prefix_hashes=hashes, prompt_tokens=len(text) // 4), [w])
+    assert p.prefill_backlog("w") > 0
+    p.first_token("w", hashes)
+    assert p.prefill_backlog("w") == 0

@@ -5,23 +5,35 @@ policy in each WorkerView (`sessions`). The in-memory registry has a single repl
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING, TypeGuard
+
 from turbofleet.balancer.policy import Policy
 
 from .limits import Limits
 from .registry.base import Registry
-from .registry.redis import RedisRegistry
+
+if TYPE_CHECKING:
+    from .registry.redis import RedisRegistry
+
+
+def _on_redis(registry: Registry) -> TypeGuard[RedisRegistry]:
+    """redis-py is imported only with `--registry redis://` (the embedded default needs no redis package): a
+    registry can only be a RedisRegistry when that module was loaded to make it."""
+    mod = sys.modules.get("turbofleet.proxy.registry.redis")
+    return mod is not None and isinstance(registry, mod.RedisRegistry)
 
 
 def share_sessions(registry: Registry, policy: Policy) -> None:
     tracker = getattr(policy, "sessions", None)
     counts = getattr(tracker, "counts", None)
-    if isinstance(registry, RedisRegistry) and isinstance(counts, dict):
+    if _on_redis(registry) and isinstance(counts, dict):
         registry.session_counts = lambda: counts
 
 
 def share_tenant_counts(registry: Registry, limits: Limits) -> None:
     """Issue 11: the per-key concurrency cap counts every replica (limits.py)."""
-    if isinstance(registry, RedisRegistry):
+    if _on_redis(registry):
         registry.tenant_counts = limits.tenant_counts
         registry.tenant_others = limits.set_others
         limits.changed = registry.tenant_changed

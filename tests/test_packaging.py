@@ -67,3 +67,15 @@ def test_the_wheel_ships_the_dashboard(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         for name in ("status.html", "status.css", "status.js"):
             assert z.read(f"turbofleet/proxy/static/{name}") == (ROOT / "proxy" / "static" / name).read_bytes()
+
+
+def test_the_embedded_default_needs_no_redis_package(tmp_path: Path) -> None:
+    """redis-py is imported only with `--registry redis://`: the proxy must build its app (every module the
+    default imports) with `redis` unimportable, as on a GPU host whose Python has only aiohttp (a GPU run found
+    a top-level import that broke this)."""
+    code = ("import sys; sys.modules['redis'] = None\n"
+            "from turbofleet.proxy.app import build_app\n"
+            "from turbofleet.proxy.config import Settings\n"
+            "build_app(Settings()); print('built')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0 and "built" in out.stdout, out.stderr[-2000:]

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tests.redis_kit import RedisServer, eventually
-from tests.test_security_tenants import CHAT, auth, key_file, proxy, worker
+from tests.tenants_kit import CHAT, auth, key_file, proxy, worker
 from turbofleet.proxy.limits import LIMITS
 from turbofleet.proxy.registry import keys as K
 

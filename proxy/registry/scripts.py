@@ -64,18 +64,15 @@ return v
 #: worker, and of two replicas reaping at once one removes it (publishes one 'del') and the other finds
 #: nothing. Workers without heartbeats (static, LMDeploy's own registration) are never reaped.
 #: Returns the new version, or 0 when nothing was removed.
-REAP = """
+REAP = (
+    _NOW
+    + """
 local h = redis.call('HMGET', KEYS[2], 'heartbeat_ttl', 'last_heartbeat')
 if not h[1] or h[1] == 'null' then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-if now - (tonumber(h[2]) or 0) <= tonumber(ARGV[3]) then return 0 end
-redis.call('DEL', KEYS[2])
-redis.call('SREM', KEYS[1], ARGV[1])
-local v = redis.call('INCR', KEYS[3])
-redis.call('PUBLISH', ARGV[2], cjson.encode({op = 'del', url = ARGV[1], v = v}))
-return v
+if tonumber(now) - (tonumber(h[2]) or 0) <= tonumber(ARGV[3]) then return 0 end
 """
+    + REMOVE  # the same delete, version bump and 'del' message as a removal
+)
 
 #: KEYS: workers set, version, epoch. ARGV: worker key prefix.
 #: A consistent cut of the fleet: {epoch, version, {url, hash, url, hash, ...}}.

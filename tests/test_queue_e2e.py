@@ -123,10 +123,13 @@ def test_budget_queue_full_and_early_shedding(tmp_path: Path, sim: Proc) -> None
 def test_disconnect_while_queued_forwards_nothing(tmp_path: Path, sim: Proc) -> None:
     p = proxy(tmp_path, sim, "--queue-timeout", "60")
     try:
+        base = started(sim)
         with ThreadPoolExecutor(2) as pool:
             busy = pool.submit(chat, p.port, 40)  # ~2 s
             wait_until(lambda: gauge(p, "turbofleet_in_flight_requests") == 1, what="slot taken")
-            before = started(sim)
+            # the proxy counts the slot before its request reaches the worker: wait until the worker has it
+            wait_until(lambda: started(sim) == base + 1, what="the busy request reached the worker")
+            before = base + 1
             s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
             body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "bye"}]}).encode()
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

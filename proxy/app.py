@@ -80,15 +80,21 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
 
 
 async def reap_once(registry: Registry, reap_after: float, wall: float) -> list[str]:
-    """Issue 18: remove the heartbeating workers whose heartbeats lapsed more than `reap_after` seconds ago.
-    The local view only picks candidates; the registry checks again by its own clock as it removes (one
-    atomic step in Redis), so a worker that heartbeated meanwhile stays. Returns the URLs removed."""
+    """Issue 18: remove the heartbeating workers whose heartbeats lapsed more than `reap_after` seconds ago,
+    and never before their own heartbeat TTL ran out (an agent may ask for a TTL longer than `reap_after`:
+    such a worker is still alive, not to be removed). Workers without heartbeats (`--worker`, LMDeploy's
+    own /nodes/add) are never reaped. The local view only picks candidates; the registry checks again by
+    its own clock as it removes (one atomic step in Redis), so a worker that heartbeated meanwhile stays.
+    Returns the URLs removed."""
     gone = []
     for rec in registry.records():
-        if rec.heartbeat_ttl is None or wall - rec.last_heartbeat <= reap_after:
+        if rec.heartbeat_ttl is None:
+            continue
+        lapsed_for = max(reap_after, rec.heartbeat_ttl)
+        if wall - rec.last_heartbeat <= lapsed_for:
             continue
         try:
-            if await registry.reap(rec.url, reap_after):
+            if await registry.reap(rec.url, lapsed_for):
                 log.info("worker %s reaped: no heartbeat for %.0f s", rec.url, wall - rec.last_heartbeat)
                 gone.append(rec.url)
         except RegistryUnavailable:

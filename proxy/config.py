@@ -179,7 +179,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "eject_max_fraction": (float, "most of a model's workers ejected at once (one may always go)"),
     "heartbeat_ttl": (float, "agent-registered worker is gone after this long without a heartbeat"),
     "reap_after": (float, "an agent-registered worker silent this long (s) is removed from the registry, "
-                          "as POST /nodes/remove would (default 120, 8x the heartbeat TTL; 0: never); workers "
+                          "as POST /nodes/remove would (default 120, 8x the heartbeat TTL; 0: never; never sooner "
+                          "than the worker's own TTL); workers "
                           "that never heartbeat (--worker, LMDeploy's own registration) are never reaped"),
     "shutdown_grace": (float, "seconds to finish in-flight requests on SIGTERM"),
     "log_level": (str, "debug, info, warning, error"),

@@ -237,3 +237,25 @@ async def test_reap_once_skips_non_heartbeating_and_fresh(make: Factory) -> None
                      3.0, "the heartbeat to reach the view")
     assert await reap_once(reg, 0.6, wall) == ["http://agent"]
     assert {r.url for r in reg.records()} == {"http://fresh", "http://static"}
+
+
+async def test_reap_once_waits_for_a_workers_own_longer_ttl(make: Factory) -> None:
+    """A worker whose agent asked for a heartbeat TTL longer than `reap_after` is still alive until that TTL
+    runs out: reaped only after it. LMDeploy's own registration (no heartbeat) is never reaped."""
+    from turbofleet.proxy.app import reap_once
+    from turbofleet.proxy.registry.base import now
+
+    def wall() -> float:
+        fake = _FAKE_TIME.get(id(reg))
+        return fake.epoch if fake else now()
+
+    reg = await make()
+    await reg.upsert(worker("http://long", heartbeat_ttl=1.5, source="agent"))
+    await reg.upsert(worker("http://lmdeploy", source="lmdeploy"))
+    await elapse(reg, 1.0)
+    rec = reg.get("http://long")
+    assert rec is not None and rec.alive(wall())  # past reap_after (0.6 s), within its own TTL
+    assert await reap_once(reg, 0.6, wall()) == []
+    await elapse(reg, 1.0)
+    assert await reap_once(reg, 0.6, wall()) == ["http://long"]
+    assert [r.url for r in reg.records()] == ["http://lmdeploy"]

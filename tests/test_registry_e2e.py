@@ -186,3 +186,31 @@ def test_proxy_killed_with_streams_in_flight(proxies: tuple[Proc, Proc], sims: l
     wait_until(lambda: unfinished(b) == 0, LEASE_TTL + 3.0, what="the dead proxy's counts to expire")
     assert time.monotonic() - killed <= LEASE_TTL + 1.0
     assert chat(b, "still serving")[0] == 200
+
+
+def test_reaping_removes_a_silent_agent_worker_at_both_replicas_never_lmdeploys(
+        tmp_path: Path, redis: RedisServer, sims: list[Proc]) -> None:
+    """Issue 18, `--reap-after`: a worker registered agent-style (with a heartbeat TTL) whose heartbeats never
+    come is removed from the shared registry, so it leaves `/nodes/status` at both replicas; one added by
+    LMDeploy's own `/nodes/add` (no heartbeat, registered first, so older) stays, ready."""
+    args = ["--registry", redis.url, "--registry-prefix", "reap", "--reap-after", "1"]
+    a = start_proxy(tmp_path, [*args, "--replica-id", "a"], name="proxy-a")
+    b = start_proxy(tmp_path, [*args, "--replica-id", "b"], name="proxy-b")
+    lmdeploy, agent = sims
+    try:
+        assert add(a, lmdeploy) == (200, "Added successfully")
+        code, _ = http_json("POST", a.url + "/nodes/add", {"url": agent.url, "status": {"models": [MODEL]},
+                                                           "heartbeat_ttl": 0.5})
+        assert code == 200
+        wait_until(lambda: all(agent.url in status(p) for p in (a, b)), 10,
+                   what="the agent-style worker listed at both")
+        wait_until(lambda: all(agent.url not in status(p) for p in (a, b)), 15,
+                   what="the silent agent worker reaped at both replicas")
+        for p in (a, b):
+            st = status(p)
+            assert st[lmdeploy.url]["state"] == "ready", st
+            assert st[lmdeploy.url]["heartbeat_ttl"] is None
+        assert "reaped" in a.output() + b.output()
+    finally:
+        for p in (a, b):
+            p.stop()

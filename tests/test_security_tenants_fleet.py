@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.redis_kit import RedisServer, eventually
 from tests.tenants_kit import CHAT, auth, key_file, proxy, worker
+from turbofleet.proxy.keys import REGISTRY
 from turbofleet.proxy.limits import LIMITS
 from turbofleet.proxy.registry import keys as K
 
@@ -100,6 +101,48 @@ async def test_a_dead_replicas_counts_stop_counting_after_its_lease(tmp_path: Pa
         gate.set()
         assert [(await t).status for t in (held, second)] == [200, 200]
         assert a.app[LIMITS].in_flight == {}
+
+
+async def test_redis_down_the_cap_falls_back_per_replica_and_fleet_wide_again_after(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """Redis (a real redis-server) is killed with requests of a capped key in flight: each replica goes on
+    enforcing the cap with its own count (the documented fallback: no 500, not unlimited: at most cap per
+    replica), and once Redis is back the replicas count each other again."""
+    gate = asyncio.Event()
+    keys = key_file(tmp_path, {"sk-a": {"tenant": "acme", "concurrency": 2}})
+    async with worker(gate) as url, AsyncExitStack() as stack:
+        a, b = [await stack.enter_async_context(proxy(url, keys, registry=redis_server.url, registry_prefix="r11",
+                                                      replica_id=name)) for name in ("a", "b")]
+        held = [post(a)]
+        await eventually(lambda: sum(a.app[LIMITS].in_flight.values()) == 1, 10.0, "one request in on A")
+        [ref] = a.app[LIMITS].in_flight
+        await eventually(lambda: b.app[LIMITS].others.get(ref) == 1, 10.0, "B to see A's one")
+        redis_server.kill()
+        await eventually(lambda: not a.app[REGISTRY].health()["reachable"]
+                         and not b.app[REGISTRY].health()["reachable"], 10.0, "both replicas to see Redis down")
+        assert b.app[LIMITS].others == {} and a.app[LIMITS].others == {}
+        # B admits up to the cap on its own count (with Redis up it would admit one: A holds the other) ...
+        held += [post(b), post(b)]
+        await eventually(lambda: b.app[LIMITS].in_flight.get(ref) == 2, 10.0, "B to admit two of its own")
+        # ... and no more: the cap still holds per replica, answered 429, not a 500 and not admitted
+        await assert_concurrency_429(b)
+        held.append(post(a))
+        await eventually(lambda: a.app[LIMITS].in_flight.get(ref) == 2, 10.0, "A to admit a second")
+        await assert_concurrency_429(a)
+        gate.set()
+        assert [(await t).status for t in held] == [200, 200, 200, 200]
+        assert a.app[LIMITS].in_flight == {} and b.app[LIMITS].in_flight == {}
+        # Redis is back (empty): the replicas reconnect, and the cap counts the fleet again
+        gate.clear()
+        redis_server.start()
+        await eventually(lambda: a.app[REGISTRY].health()["reachable"] and b.app[REGISTRY].health()["reachable"],
+                         15.0, "both replicas to reconnect")
+        held = [post(a), post(a)]
+        await eventually(lambda: a.app[LIMITS].in_flight.get(ref) == 2, 10.0, "two requests in on A")
+        await eventually(lambda: b.app[LIMITS].others.get(ref) == 2, 15.0, "B to see A's two again")
+        await assert_concurrency_429(b)
+        gate.set()
+        assert [(await t).status for t in held] == [200, 200]
 
 
 async def test_memory_registry_counts_per_replica(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from .auth import OPEN_ROUTES, bearer, check_headers
 from .errors import Forbidden, Handler, LoopDetected, ProxyError, TooManyRequests, Unauthorized, error_body
 from .identity import ANONYMOUS, IDENTITY, REQUEST_ID, UPSTREAM_VIA, USAGE
 from .keys import KEYTABLE, METRICS, SETTINGS, VIA_ID
-from .limits import LIMITS
+from .limits import LIMITS, address_ref
 from .tenants import Tenant
 
 log = logging.getLogger("turbofleet.edge")
@@ -94,7 +94,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             return await _limited(request, handler, tenant, tenant.ref)
         request[IDENTITY] = ANONYMOUS
         if app[SETTINGS].max_concurrency_per_client:
-            return await _limited(request, handler, None, "addr:" + (request.remote or "?"))
+            return await _limited(request, handler, None, address_ref(request.remote))
     return await handler(request)
 
 

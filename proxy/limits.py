@@ -32,6 +32,19 @@ from .tenants import Tenant
 
 log = logging.getLogger("turbofleet.limits")
 
+#: what a client without a key is counted under: its address, per replica only (see the module docstring)
+_ADDRESS = "addr:"
+
+
+def address_ref(remote: str | None) -> str:
+    """The concurrency counter of a client without an API key: its address."""
+    return _ADDRESS + (remote or "?")
+
+
+def fleet_wide(who: str) -> bool:
+    """Whether `who`'s in-flight count is shared with the other replicas: a tenant ref is, an address is not."""
+    return not who.startswith(_ADDRESS)
+
 
 @dataclass(slots=True)
 class Bucket:
@@ -130,7 +143,7 @@ class Limits:
     def enter(self, who: str, cap: int) -> bool:
         """Count one more request in flight for `who`; False (and nothing counted) at the cap."""
         n = self.in_flight.get(who, 0)
-        fleet = not who.startswith("addr:")
+        fleet = fleet_wide(who)
         if cap and n + (self.others.get(who, 0) if fleet else 0) >= cap:
             return False
         self.in_flight[who] = n + 1
@@ -144,14 +157,14 @@ class Limits:
             self.in_flight[who] = n
         else:
             self.in_flight.pop(who, None)
-        if self.changed is not None and not who.startswith("addr:"):
+        if self.changed is not None and fleet_wide(who):
             self.changed(who)
 
     def set_others(self, counts: dict[str, int]) -> None:
         self.others = counts
 
     def tenant_counts(self) -> dict[str, int]:
-        return {w: n for w, n in self.in_flight.items() if not w.startswith("addr:")}
+        return {w: n for w, n in self.in_flight.items() if fleet_wide(w)}
 
 
 LIMITS = web.AppKey("limits", Limits)

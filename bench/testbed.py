@@ -87,10 +87,19 @@ class Fleet:
             [binary, "--bind", self.bed["redis"].ip, "--port", str(REDIS_PORT), "--save", "", "--appendonly", "no",
              "--protected-mode", "no", "--loglevel", "warning"], self.logs / "redis.log")
 
-    def start_proxy(self, name: str) -> None:
+    def start_proxy(self, name: str, extra: Sequence[str] = ()) -> None:
+        """Start proxy `name` with `proxy_args`, then `extra` (a later flag wins: a test can change one)."""
         self.procs[name] = self.bed[name].popen(
             [*_python(), "proxy", "--host", "0.0.0.0", "--port", str(PROXY_PORT), "--registry", self.redis_url,
-             "--replica-id", name, *self.proxy_args], self.logs / f"{name}.log")
+             "--replica-id", name, *self.proxy_args, *extra], self.logs / f"{name}.log")
+
+    def restart_proxies(self, extra: Sequence[str] = (), timeout: float = 60.0) -> None:
+        """Restart every proxy with `extra` flags, one at a time (agents keep heartbeating the others, so no
+        worker's heartbeats lapse), each back with every worker ready before the next goes down."""
+        for name in self.proxies:
+            self.stop(name)
+            self.start_proxy(name, extra)
+            self.wait_ready(timeout)
 
     def start_worker(self, name: str, extra_agent: Sequence[str] = ()) -> None:
         proxies = [a for p in self.proxies for a in ("--proxy", self.proxy_url(p))]

@@ -29,6 +29,13 @@ Decision order:
      reported kv_usage or the index's own fill (blocks listed / learned capacity), whichever is higher, and
      hit the fleet's cached share of prompt tokens (see `_room`): an unmatched prompt goes where the cache
      has room;
+   - with drag_weight > 0 (issue 14 round 2; off by default): drag_weight x uncached(w) x waiting(w), waiting
+     being the requests on the worker still without a first token (the measured backlog's count). TurboMind,
+     like the sim, prefills the requests admitted in one step together, and each gets its first token when
+     the step ends: a short request that has not started yet when a long cold prompt lands on its worker
+     gets its first token with the long one (on the H200 rig, 300-token prompts waited 1.9 s behind a
+     30,000-token one sent to their worker while others had ~3,000 tokens queued). So a prompt's prefill
+     also costs every request it may drag; the term counts only while the backlog is measured;
    tokens_per_block, queue_tokens, prefill_share, the session length and the backlog's rates are learned
    from `observe()`. The baseline, which a deeper match must beat (ties go to it), is the least busy
    worker, taken in turn on ties, for a session-less request, and for a session being placed the worker
@@ -124,6 +131,9 @@ AUDIT_ENV = "TURBOFLEET_BACKLOG_AUDIT"
 DEFAULT_ROOM_WEIGHT = 0.0
 #: the fleet's cached share of prompt tokens, until outcomes tell (the value of a cached token, see _fill)
 PRIOR_HIT = 0.25
+#: issue 14 round 2: what a token of prefill costs each request still waiting for its first token on the
+#: worker it is sent to, in tokens of queue (0: off; see the module docstring)
+DEFAULT_DRAG_WEIGHT = 0.0
 
 
 class Mark(NamedTuple):
@@ -169,6 +179,7 @@ class KvAware(PolicyBase):
         work_weight: float = WORK_WEIGHT,
         backlog: str = DEFAULT_BACKLOG,
         room_weight: float = DEFAULT_ROOM_WEIGHT,
+        drag_weight: float = DEFAULT_DRAG_WEIGHT,
         audit: bool | None = None,
     ) -> None:
         if epsilon < 0 or slack < 0:
@@ -179,6 +190,8 @@ class KvAware(PolicyBase):
             raise ValueError(f"backlog must be one of {', '.join(BACKLOG_SOURCES)}")
         if room_weight < 0:
             raise ValueError("room_weight must not be negative")
+        if drag_weight < 0:
+            raise ValueError("drag_weight must not be negative")
         self.epsilon = epsilon
         self.slack = slack
         self.shared_credit = shared_credit
@@ -212,6 +225,7 @@ class KvAware(PolicyBase):
         self.measured = MeasuredBacklog()
         self.backlog_source = backlog
         self.room_weight = float(room_weight)
+        self.drag_weight = float(drag_weight)
         self.hit = PRIOR_HIT
         self.audit = os.environ.get(AUDIT_ENV) == "1" if audit is None else audit
         self._audit_note = ""
@@ -251,6 +265,15 @@ class KvAware(PolicyBase):
             return None
         per_fill = self.room_weight * self.hit * self.work_weight * self.tokens_per_block * (len(hashes) + 0.5)
         return [per_fill * self._fill(w) for w in window]
+
+    def _drag(self, window: Sequence[WorkerView], hashes: tuple[int, ...]) -> list[float] | None:
+        """Per worker, what the prompt's prefill, if none of it is cached there, costs the requests waiting
+        there for their first token (see drag_weight; None when the weight is 0 or the backlog is not
+        measured, so nothing counts the waiting requests)."""
+        if not self.drag_weight or not hashes or not self._measuring():
+            return None
+        per_request = self.drag_weight * self.tokens_per_block * (len(hashes) + 0.5)
+        return [per_request * c for c in self.measured.counts(window)]
 
     wants_first_token = True
 
@@ -317,6 +340,9 @@ class KvAware(PolicyBase):
         floor = min(busy)
         room = self._room(window, hashes)  # issue 14: an unmatched prompt goes where the cache has room
         ranked = busy if room is None else [b + r for b, r in zip(busy, room, strict=True)]
+        drag = self._drag(window, hashes)  # issue 14 round 2: a long prefill drags the requests waiting there
+        if drag is not None:
+            ranked = [b + d for b, d in zip(ranked, drag, strict=True)]
         counts: dict[str, int] | None = None
         session_cap = 0
         exact = window is workers
@@ -432,10 +458,16 @@ class KvAware(PolicyBase):
         best_i, best_m, best_busy = a, m_a, a_busy
         # issue 14: the cache room the uncached blocks take (see _room), per block and unit of fill
         rw = self.room_weight * self.hit * ww
+        # issue 14 round 2: what the uncached blocks cost each request waiting on the worker (see _drag)
+        dw = self.drag_weight * tpb if measuring else 0.0
+        waiting = self.measured.count
         # cost = queue + sessions + the prefill this request adds (see WORK_WEIGHT) [+ the room it takes]
+        # [+ what it drags]
         best_cost = a_busy + qs * least_sessions + ww * (blocks - m_a + min(discount, m_a))
         if rw:
             best_cost += rw * (blocks - m_a) * self._fill(workers[a])
+        if dw:
+            best_cost += dw * (blocks - m_a) * waiting(a_id)
         capped_depth = 0
         seen = index.bit(a_id)
         positions = self._positions
@@ -480,6 +512,8 @@ class KvAware(PolicyBase):
                     cost = busy + qs * sessions + (work if m == depth else ww * (blocks - m + min(discount, m)))
                     if rw:
                         cost += rw * (blocks - m) * self._fill(w)
+                    if dw:
+                        cost += dw * (blocks - m) * waiting(wid)
                     if cost < best_cost or (cost == best_cost and busy < best_busy):
                         best_i, best_m, best_busy, best_cost = j, m, busy, cost
                     if busy <= floor and sessions <= least_sessions:

@@ -52,6 +52,14 @@ class MeasuredBacklog:
         get = self._sums.get
         return [max(0.0, get(w.id, 0.0)) for w in window]
 
+    def count(self, worker_id: str) -> int:
+        """Requests routed to the worker still waiting for their first token."""
+        return self._counts.get(worker_id, 0)
+
+    def counts(self, window: Sequence[WorkerView]) -> list[int]:
+        get = self._counts.get
+        return [get(w.id, 0) for w in window]
+
     def add(self, key: Key, tokens: float) -> None:
         """A request with `tokens` uncached prompt tokens was routed to key[0]."""
         entries = self._entries

@@ -138,6 +138,11 @@ def reads_metrics(simulated: bool, routed: dict[str, float] | None) -> bool:
     return simulated or routed is None
 
 
+def file_tag(label: str) -> str:
+    """A router spec's label as part of a log file's name: no ':' and no '/' (of policy options)."""
+    return re.sub(r"[^A-Za-z0-9_.=-]", "-", label)
+
+
 async def launch_router(
     spec: RouterSpec,
     fleet: WorkerFleet,
@@ -149,7 +154,7 @@ async def launch_router(
 ) -> Launch:
     """Start the router's processes in front of `fleet` (each appended to `children` as it starts, so the
     caller can stop them whatever fails), wait until they answer, and register the workers where it must."""
-    tag = spec.label.replace(":", "-")
+    tag = file_tag(spec.label)
     launch = build_launch(
         spec,
         fleet.urls,
@@ -211,7 +216,7 @@ async def run_one(
 ) -> tuple[dict[str, Any], list[RequestResult]]:
     """Router in front of the workers (a fresh simulated fleet, or the --fleet-url servers), workload through it
     (every prompt opened by the run marker `salt`, when given); always tears down what it started."""
-    tag = re.sub(r"[^A-Za-z0-9_.=-]", "-", spec.label)  # a file name: no ':' and no '/' of policy options
+    tag = file_tag(spec.label)
     fleet: WorkerFleet
     if args.fleet_url:
         fleet = ExternalFleet(args.fleet_url)

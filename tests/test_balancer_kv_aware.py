@@ -383,3 +383,51 @@ def test_workers_that_report_no_usage_still_have_their_backlog_cut() -> None:
     assert p.backlog.of(d.worker_id) > 0
     p.observe(Outcome(d.worker_id, r.prefix_hashes, True, 1.0, 0.2, None, None))  # no usage in the response
     assert p.backlog.of(d.worker_id) == 0.0
+
+
+def _waiting(p: KvAware, worker: str, *tokens: float) -> None:
+    """Requests routed to `worker` that have not had their first token yet (the measured backlog's entries)."""
+    for i, t in enumerate(tokens):
+        p.measured.add((worker, 1000 + i), t)
+
+
+@pytest.mark.parametrize("drag_weight, expect", [(0.0, "w0"), (1.0, "w1")])
+def test_a_long_cold_prompt_spares_the_requests_waiting_for_their_first_token(drag_weight: float, expect: str) -> None:
+    """Issue 14 round 2: w0 has two short requests waiting (800 tokens), w1 one request of 3,000. A cold
+    ~10,000-token prompt costs less wait on w0, but there it would drag both waiting requests through its
+    prefill; with drag_weight it goes to w1."""
+    p = KvAware(backlog="measured", seed=0, drag_weight=drag_weight)
+    _waiting(p, "w0", 400.0, 400.0)
+    _waiting(p, "w1", 3000.0)
+    d = p.choose(req(text(1, 40_000)), fleet(0, 0))
+    assert d.worker_id == expect
+
+
+def test_the_drag_is_proportional_to_the_prompt_a_short_one_still_takes_the_shorter_queue() -> None:
+    p = KvAware(backlog="measured", seed=0, drag_weight=1.0)
+    _waiting(p, "w0", 400.0, 400.0)
+    _waiting(p, "w1", 3000.0)
+    assert p.choose(req(text(2, 400)), fleet(0, 0)).worker_id == "w0"
+
+
+def test_the_drag_counts_only_the_uncached_part_a_cache_hit_still_wins() -> None:
+    """The same long prompt, cached on w0: its few uncached tokens drag nothing much, so it stays with its
+    cache although two requests wait there."""
+    p = KvAware(backlog="measured", seed=0, drag_weight=1.0)
+    r = req(text(3, 40_000))
+    p.index.insert("w0", r.prefix_hashes)
+    _waiting(p, "w0", 400.0, 400.0)
+    _waiting(p, "w1", 3000.0)
+    d = p.choose(r, fleet(0, 0))
+    assert d.worker_id == "w0" and d.matched_blocks == len(r.prefix_hashes)
+
+
+def test_the_drag_needs_the_measured_backlog() -> None:
+    """With the modelled backlog, the measured entries (which only the first-token hook clears) are not read."""
+    p = KvAware(backlog="modelled", seed=0, drag_weight=1.0)
+    _waiting(p, "w0", 400.0, 400.0)
+    _waiting(p, "w1", 3000.0)
+    p.backlog.add("w1", 3000.0)
+    assert p.choose(req(text(4, 40_000)), fleet(0, 0)).worker_id == "w0"
+    with pytest.raises(ValueError, match="drag_weight"):
+        KvAware(drag_weight=-1.0)

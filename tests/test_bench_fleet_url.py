@@ -221,15 +221,16 @@ def test_compare_in_front_of_a_running_fleet(sims: list[Proc], tmp_path: Path) -
         "--fleet-url",
         ",".join(urls),
         "--routers",
-        "turbofleet:kv_aware,ideal",
+        # a policy option in the spec (its '/' must not reach the router's log file name)
+        "turbofleet:kv_aware/drag_weight=1,ideal",
         "--log-dir",
         str(tmp_path / "logs"),
     )
     assert data["fleet_urls"] == urls and data["workers"] == 2 and data["salted"] is True
     assert data["model"] == "sim-model"  # from the first URL's /v1/models
     runs = data["runs"]
-    assert list(runs) == ["turbofleet:kv_aware", "ideal:hash"]
-    tf, ideal = runs["turbofleet:kv_aware"], runs["ideal:hash"]
+    assert list(runs) == ["turbofleet:kv_aware/drag_weight=1", "ideal:hash"]
+    tf, ideal = runs["turbofleet:kv_aware/drag_weight=1"], runs["ideal:hash"]
     for s in (tf, ideal):
         assert s["ok"] == USERS * ROUNDS and s["errors"] == 0, s
         assert set(s["workers"]) == {"w0", "w1"} and sum(s["workers"].values()) == USERS * ROUNDS

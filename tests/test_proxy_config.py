@@ -36,3 +36,10 @@ def test_bad_policy_options_are_refused() -> None:
         build_settings(None, {"TURBOFLEET_POLICY_OPTIONS": "[1, 2]"})
     with pytest.raises(TypeError):
         make_policy("kv_aware", **build_settings(parse("--policy-option", "nonsense=1"), {}).policy_options)
+
+
+def test_the_drag_weight_option_reaches_kv_aware() -> None:
+    """Issue 14 round 2: `--policy-option drag_weight=1` (the bench's `turbofleet:kv_aware/drag_weight=1`)."""
+    s = build_settings(parse("--policy-option", "drag_weight=1"), {})
+    policy = make_policy("kv_aware", **s.policy_options)
+    assert getattr(policy, "drag_weight", None) == 1.0

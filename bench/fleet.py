@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import os
 import platform
 import signal
@@ -105,8 +106,11 @@ class Child:
             self.popen.wait(5)
 
 
-def spawn(name: str, argv: Sequence[str], log_dir: Path, cpus: str | None = None) -> Child:
-    """Start argv (under `taskset -c cpus` when given) with stdout+stderr in log_dir/name.log."""
+def spawn(
+    name: str, argv: Sequence[str], log_dir: Path, cpus: str | None = None, env: dict[str, str] | None = None
+) -> Child:
+    """Start argv (under `taskset -c cpus` when given) with stdout+stderr in log_dir/name.log; `env` adds
+    variables to this process's environment."""
     full = ["taskset", "-c", cpus, *argv] if cpus else list(argv)
     log = log_dir / f"{name}.log"
     with open(log, "wb") as fh:
@@ -116,7 +120,7 @@ def spawn(name: str, argv: Sequence[str], log_dir: Path, cpus: str | None = None
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     return Child(name, full, log, popen)
 
@@ -138,6 +142,12 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, child: Child | No
         await asyncio.sleep(0.1)
     tail = child.tail() if child else ""
     raise RuntimeError(f"{url} not ready after {wait_s:.0f}s ({last})\n{tail}")
+
+
+#: the variable `turbofleet sim-worker` reads its default --gpu-share group from (worker/sim/gpushare.py's
+#: ENV_GROUP; bench talks to the sim over its command line and environment only)
+SIM_GPU_GROUP_ENV = "TURBOFLEET_SIM_GPU_GROUP"
+_FLEET_IDS = itertools.count(1)
 
 
 def sim_argv(port: int, model: str, extra: Sequence[str] = ()) -> list[str]:
@@ -208,8 +218,12 @@ class Fleet:
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         self.ports = [free_port() for _ in range(self.n)]
+        # One GPU group per fleet: its workers time-share one simulated GPU when their profile says the real
+        # ones did (a profile's gpu_share tables; `sim-worker --gpu-share` overrides, 'off' disables).
+        group = {SIM_GPU_GROUP_ENV: f"fleet-{os.getpid()}-{next(_FLEET_IDS)}"}
         for i, port in enumerate(self.ports):
-            self.children.append(spawn(f"sim{i}{self.tag}", sim_argv(port, self.model, self.sim_args), self.log_dir))
+            argv = sim_argv(port, self.model, self.sim_args)
+            self.children.append(spawn(f"sim{i}{self.tag}", argv, self.log_dir, env=group))
         await asyncio.gather(
             *(wait_ready(session, f"{u}/health", c) for u, c in zip(self.urls, self.children, strict=True))
         )

@@ -8,6 +8,9 @@ Each step:
    running) * speed * slow`` milliseconds; steps are scheduled on a deadline so jitter does not accumulate.
    A step whose every sequence left (cancelled, aborted) ends at once, as a real engine's short chunked
    steps would, so a long abandoned prefill never delays the next request.
+   With `--gpu-share NAME` (worker/sim/gpushare.py) the step's prefill, cached-token and decode parts are
+   each stretched by their slowdown for the number of workers of the group busy now, re-read every
+   `SHARE_TICK_S` of a long step (a step's progress is credited at the rate of the moment).
 3. the admitted prompts' full blocks enter the cache; every running sequence emits one token (the admitted
    ones their first); sequences that reached `max_tokens` finish and their prompt+output blocks enter the
    cache.
@@ -31,10 +34,12 @@ from typing import Any
 
 from .cache import PrefixCache, block_hashes
 from .config import EngineConfig
+from .gpushare import GpuShare, slowdown
 from .stats import REASON_CANCEL, REASON_FINISH, SimStats
 from .tokens import VOCAB
 
 log = logging.getLogger("turbofleet.sim.engine")
+SHARE_TICK_S = 0.02  # a shared-GPU step re-counts the busy workers this often
 
 
 class State(Enum):
@@ -136,6 +141,7 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._emptied = asyncio.Event()  # set when the last running sequence leaves mid-step
         self._task: asyncio.Task[None] | None = None
+        self.share: GpuShare | None = GpuShare(cfg.gpu_share) if cfg.gpu_share else None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -149,6 +155,9 @@ class Engine:
                 await self._task
             self._task = None
         self.abort(None)
+        if self.share is not None:
+            self.share.close()
+            self.share = None
 
     # -- requests --------------------------------------------------------------------------------------------
     def new_seq(
@@ -267,6 +276,8 @@ class Engine:
         deadline = 0.0
         while True:
             if not self.waiting and not self.running:
+                if self.share is not None:
+                    self.share.set_idle()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 deadline = 0.0  # a fresh start: the idle time is not a step
@@ -281,25 +292,68 @@ class Engine:
             if not self.running:
                 continue
             cfg = self.cfg
-            ms = prefill * cfg.prefill_ms_per_token + cfg.decode_ms_base + cfg.decode_ms_per_seq * len(self.running)
+            decode_ms = cfg.decode_ms_base + cfg.decode_ms_per_seq * len(self.running)
+            prefill_ms = prefill * cfg.prefill_ms_per_token
+            cached_ms = 0.0
             if admitted and (cfg.prefill_ms_per_token_ctx or cfg.prefill_ms_step or cfg.prefill_ms_per_cached_token):
                 # a fitted profile (issue 14): attention over the context, a prefill step's own cost, cache hits
                 ctx = sum((s.prompt_len - s.cached_tokens) * s.prompt_len for s in admitted) / 1000.0
                 hit = sum(s.cached_tokens for s in admitted)
-                ms += cfg.prefill_ms_step + cfg.prefill_ms_per_token_ctx * ctx + cfg.prefill_ms_per_cached_token * hit
-            deadline = start + ms / 1000.0 * cfg.speed * self.slow_factor()
-            delay = deadline - loop.time()
-            self._emptied.clear()
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._emptied.wait(), delay)
-            if not self.running:  # every sequence of this step left: nothing to finish, start afresh
+                prefill_ms += cfg.prefill_ms_step + cfg.prefill_ms_per_token_ctx * ctx
+                cached_ms = cfg.prefill_ms_per_cached_token * hit
+            scale = cfg.speed * self.slow_factor() / 1000.0
+            if self.share is None:
+                deadline = start + (prefill_ms + cached_ms + decode_ms) * scale
+                ended = await self._sleep_until(deadline)
+            else:
+                deadline, ended = await self._shared_step(
+                    start, prefill_ms * scale, cached_ms * scale, decode_ms * scale
+                )
+            if not ended:  # every sequence of this step left: nothing to finish, start afresh
                 deadline = 0.0
                 continue
             try:
                 self._step_done(admitted, loop.time())
             except Exception:
                 log.exception("engine step failed")
+
+    async def _sleep_until(self, deadline: float) -> bool:
+        """Wait for the step's end; False when every running sequence left first."""
+        delay = deadline - asyncio.get_running_loop().time()
+        self._emptied.clear()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._emptied.wait(), delay)
+        return bool(self.running)
+
+    def step_factors(self, n_busy: int) -> tuple[float, float, float]:
+        """The (prefill, cached, decode) slowdowns with n_busy workers of the GPU group busy."""
+        cfg = self.cfg
+        return (
+            slowdown(cfg.gpu_slowdown_prefill, n_busy),
+            slowdown(cfg.gpu_slowdown_cached or cfg.gpu_slowdown_prefill, n_busy),
+            slowdown(cfg.gpu_slowdown_decode, n_busy),
+        )
+
+    async def _shared_step(self, start: float, p: float, c: float, d: float) -> tuple[float, bool]:
+        """Run a step of p + c + d seconds (alone) on the shared GPU: every tick, count the busy workers and
+        advance the step at that rate. Returns the step's end on the step clock and whether it ended."""
+        share = self.share
+        assert share is not None
+        share.set_busy()
+        t = start
+        left = 1.0  # the fraction of the step still to run
+        while left > 1e-9:
+            fp, fc, fd = self.step_factors(share.n_busy())
+            need = left * (p * fp + c * fc + d * fd)  # seconds to finish at the current rate
+            dt = min(need, SHARE_TICK_S)
+            t += dt
+            if not await self._sleep_until(t):
+                return t, False
+            left = 0.0 if dt >= need else left * (1.0 - dt / need)
+            if left > 1e-9:
+                share.set_busy()  # the heartbeat of a long step
+        return t, True
 
     def _admit(self) -> tuple[list[Seq], int]:
         admitted: list[Seq] = []

@@ -215,6 +215,82 @@ def fit(
     }
 
 
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return ys[n // 2] if n % 2 else (ys[n // 2 - 1] + ys[n // 2]) / 2.0
+
+
+def gpu_share_from_requests(
+    rows: list[dict[str, Any]], rt: dict[str, float], workers: int, samples: int = 10
+) -> dict[str, Any]:
+    """Slowdown tables for `sim-worker --gpu-share` from per-request lines (bench --requests-out) of servers
+    time-sharing one GPU, against the fitted model `rt` (the profile's fit.real_tokens, real tokens, ms).
+
+    A server is busy while it has a request between its start and its end. For each request, k = how many
+    servers were busy (its own included; the mean over the interval, rounded) and the ratio of what it took
+    to what the fitted model says it takes alone:
+    - decode: its mean inter-token interval over decode_ms_base + decode_ms_per_seq * (its server's requests),
+      for requests whose server prefilled nothing else while they decoded (the sim's steps pay for that);
+    - prefill / cached: its TTFT over the model's TTFT, for requests nothing on their server was still
+      prefilling ahead of (queueing is not contention); mostly uncached prompts make the prefill table,
+      mostly cached ones the cached table.
+    Rows are grouped by their "router" (and "_run", which tells several files' runs apart). Each table is
+    the median ratio per k, 1.0 for k = 1 (the calibration is the alone cost), never below 1
+    and never falling as k grows; a k with fewer than 5 requests takes the previous k's factor."""
+    by: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("status") == 200 and r.get("worker") and r.get("ttft_ms") is not None:
+            by.setdefault((r.get("_run"), r.get("router")), []).append(r)
+    ratios: dict[str, dict[int, list[float]]] = {"prefill": {}, "cached": {}, "decode": {}}
+    for rs in by.values():
+        iv = [(r["start_s"], r["start_s"] + r["e2e_ms"] / 1000.0, r["worker"], r) for r in rs]
+
+        def busy(t: float, iv: list[tuple[float, float, str, dict[str, Any]]] = iv) -> list[str]:
+            return [w for s0, e0, w, _ in iv if s0 <= t < e0]
+
+        for s0, e0, w, r in iv:
+            first = s0 + r["ttft_ms"] / 1000.0
+            n, cached = r.get("completion_tokens") or 0, r.get("cached_tokens") or 0
+            stalled = any(  # a prefill on its own server meanwhile: the sim's step pays that itself
+                x[2] == w and x[3] is not r and x[0] < e0 and x[0] + x[3]["ttft_ms"] / 1000.0 > first for x in iv
+            )
+            if n >= 8 and e0 > first and not stalled:
+                ts = [first + (e0 - first) * (i + 0.5) / samples for i in range(samples)]
+                act = [busy(t) for t in ts]
+                k = round(sum(len(set(a)) for a in act) / samples)
+                b = sum(a.count(w) for a in act) / samples
+                per_tok = (e0 - first) * 1000.0 / (n - 1)
+                alone = rt["decode_ms_base"] + rt["decode_ms_per_seq"] * b
+                ratios["decode"].setdefault(k, []).append(per_tok / alone)
+            if any(x[2] == w and x[3] is not r and x[0] <= s0 < x[0] + x[3]["ttft_ms"] / 1000.0 for x in iv):
+                continue  # queued behind a prefill on its own server
+            p = float(r["prompt_tokens"])
+            u = p - cached
+            model = (
+                rt["prefill_ms_step"]
+                + rt["prefill_ms_per_token"] * u
+                + rt["prefill_ms_per_token_ctx"] * u * p / 1000.0
+                + rt["prefill_ms_per_cached_token"] * cached
+                + rt["decode_ms_base"]
+                + rt["decode_ms_per_seq"]
+            )
+            ts = [s0 + (first - s0) * (i + 0.5) / samples for i in range(samples)]
+            k = round(sum(len(set(busy(t)) | {w}) for t in ts) / samples)
+            part = "prefill" if u >= p / 2 else "cached"
+            ratios[part].setdefault(k, []).append(r["ttft_ms"] / model)
+    out: dict[str, Any] = {}
+    for part, per_k in ratios.items():
+        table = [1.0]
+        for k in range(2, workers + 1):
+            xs = per_k.get(k, [])
+            f = _median(xs) if len(xs) >= 5 else table[-1]
+            table.append(round(max(table[-1], f), 2))
+        out[part] = table
+    out["samples"] = {part: {str(k): len(v) for k, v in sorted(per_k.items())} for part, per_k in ratios.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("calib", help="the JSON bench/gpu_calibrate.py wrote")
@@ -234,6 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         help="multiply every fitted cost by this (e.g. the measured slowdown of several servers time-sharing one "
         "GPU, the fit's 'contention' entries; default 1)",
     )
+    ap.add_argument(
+        "--gpu-share-requests",
+        action="append",
+        default=[],
+        metavar="REQ.jsonl",
+        help="per-request lines (bench --requests-out) of the real servers time-sharing one GPU: fit the "
+        "profile's gpu_share slowdown tables from them (sim-worker --gpu-share; repeatable)",
+    )
+    ap.add_argument("--gpu-share-workers", type=int, default=4, help="servers on the one GPU (4)")
     ap.add_argument("--out", help="where to write (default worker/sim/profiles/NAME.json)")
     args = ap.parse_args(argv)
     calib = json.loads(Path(args.calib).read_text())
@@ -262,6 +347,17 @@ def main(argv: list[str] | None = None) -> int:
                   "decode_ms_base", "decode_ms_per_seq"):
             prof["engine"][k] = round(prof["engine"][k] * args.slowdown, 8)
         prof["fit"]["slowdown_applied"] = args.slowdown
+    if args.gpu_share_requests:
+        rows = [
+            {**json.loads(line), "_run": i}
+            for i, f in enumerate(args.gpu_share_requests)
+            for line in Path(f).read_text().splitlines()
+            if line
+        ]
+        share = gpu_share_from_requests(rows, prof["fit"]["real_tokens"], args.gpu_share_workers)
+        prof["fit"]["gpu_share_samples"] = share.pop("samples")
+        prof["fit"]["gpu_share_requests"] = args.gpu_share_requests
+        prof["gpu_share"] = share
     out = Path(args.out) if args.out else profiles.DIR / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(prof, indent=1) + "\n")
@@ -272,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  check {kind}: {row}")
     for c in prof["fit"]["contention"]:
         print(f"  contention: {c}")
+    if "gpu_share" in prof:
+        print(f"  gpu_share: {prof['gpu_share']} (requests per busy count: {prof['fit']['gpu_share_samples']})")
     return 0
 
 

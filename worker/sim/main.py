@@ -82,6 +82,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="ms per cached prompt token of an admitted prompt (a hit is not free on TurboMind; default 0)",
     )
     g.add_argument(
+        "--gpu-share",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="time-share one GPU with the other sim workers given the same NAME (a file in /dev/shm, or a "
+        "path): each step is stretched by the slowdown for how many of them are busy at once (the profile's "
+        "gpu_share tables or --gpu-slowdown-*). Default: the group bench's fleets set in "
+        "$TURBOFLEET_SIM_GPU_GROUP when the profile has gpu_share tables, else none; 'off' for none",
+    )
+    for part, what in (
+        ("prefill", "uncached prefill"),
+        ("cached", "the cached-token cost (default: the prefill table)"),
+        ("decode", "decode"),
+    ):
+        g.add_argument(
+            f"--gpu-slowdown-{part}",
+            default=None,
+            metavar="F1,F2,...",
+            help=f"with --gpu-share: the factor {what} runs slower with 1, 2, ... workers busy (default: "
+            "the profile's)",
+        )
+    g.add_argument(
         "--speed",
         type=float,
         default=1.0,
@@ -136,10 +157,41 @@ def _apply_profile(args: argparse.Namespace) -> None:
             setattr(args, dest, type(parser.get_default(dest))(value))
 
 
+def _gpu_share(
+    args: argparse.Namespace,
+) -> tuple[str | None, tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """The EngineConfig fields of the shared GPU: the group to join and its slowdown tables (issue 14)."""
+    import os
+
+    from . import gpushare, profiles
+
+    tables: dict[str, tuple[float, ...]] = {}
+    if getattr(args, "profile", None):
+        for part, values in (profiles.load(args.profile).get("gpu_share") or {}).items():
+            if part in ("prefill", "cached", "decode"):
+                tables[part] = tuple(float(v) for v in values)
+    for part in ("prefill", "cached", "decode"):
+        text = getattr(args, f"gpu_slowdown_{part}", None)
+        if text:
+            try:
+                tables[part] = gpushare.parse_table(text)
+            except ValueError as e:
+                raise SystemExit(f"--gpu-slowdown-{part}: {e}") from None
+    group = getattr(args, "gpu_share", None)
+    if group is None and tables:
+        group = os.environ.get(gpushare.ENV_GROUP) or None
+    if group == "off":
+        group = None
+    if group and not tables:
+        raise SystemExit("--gpu-share: no slowdown tables (a profile with gpu_share, or --gpu-slowdown-*)")
+    return group, tables.get("prefill", ()), tables.get("cached", ()), tables.get("decode", ())
+
+
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     from .config import EngineConfig, SimConfig
 
     _apply_profile(args)
+    group, slow_prefill, slow_cached, slow_decode = _gpu_share(args)
     engine = EngineConfig(
         max_batch=args.max_batch,
         prefill_ms_per_token=args.prefill_ms_per_token,
@@ -153,6 +205,10 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         prefill_ms_per_token_ctx=args.prefill_ms_per_token_ctx,
         prefill_ms_step=args.prefill_ms_step,
         prefill_ms_per_cached_token=args.prefill_ms_per_cached_token,
+        gpu_share=group,
+        gpu_slowdown_prefill=slow_prefill,
+        gpu_slowdown_cached=slow_cached,
+        gpu_slowdown_decode=slow_decode,
     )
     return SimConfig(
         model=args.model,

@@ -4,7 +4,9 @@ A profile is a JSON file in worker/sim/profiles/ (NAME.json), written by the fit
 (`python -m turbofleet.worker.sim.fit`, worker/sim/fit.py) from measurements of a real engine
 (bench/gpu_calibrate.py on the GPU). Its "engine" object holds EngineConfig fields; `--profile` sets them
 as the defaults of the timing and cache flags, so a flag given explicitly (with a value other than its
-default) still wins. `--profile PATH.json` reads a profile from anywhere.
+default) still wins. `--profile PATH.json` reads a profile from anywhere. A profile may also hold
+"gpu_share": the slowdown of each part of a step with 1, 2, ... workers of one GPU busy at once
+(`--gpu-share`, worker/sim/gpushare.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ FIELDS = {
 }
 
 
+#: a profile's optional "gpu_share" object: slowdown tables of workers time-sharing one GPU (--gpu-share)
+SHARE_PARTS = ("prefill", "cached", "decode")
+
+
 def names() -> list[str]:
     return sorted(p.stem for p in DIR.glob("*.json"))
 
@@ -48,4 +54,17 @@ def load(name: str) -> dict[str, Any]:
     engine = data.get("engine")
     if not isinstance(engine, dict) or not set(engine) <= set(FIELDS):
         raise ValueError(f"profile {p}: 'engine' must be an object with keys among {', '.join(FIELDS)}")
+    share = data.get("gpu_share")
+    if share is not None and not (
+        isinstance(share, dict)
+        and set(share) <= set(SHARE_PARTS) | {"source"}
+        and all(
+            isinstance(v, list) and v and all(isinstance(x, int | float) and x > 0 for x in v)
+            for k, v in share.items()
+            if k != "source"
+        )
+    ):
+        raise ValueError(
+            f"profile {p}: 'gpu_share' must map {', '.join(SHARE_PARTS)} to lists of factors > 0 (1, 2, ... busy)"
+        )
     return data

@@ -142,6 +142,15 @@ class Engine:
         self._emptied = asyncio.Event()  # set when the last running sequence leaves mid-step
         self._task: asyncio.Task[None] | None = None
         self.share: GpuShare | None = GpuShare(cfg.gpu_share) if cfg.gpu_share else None
+        if self.share is not None:
+            log.info(
+                "sharing a GPU: %s slot %d, slowdown prefill %s cached %s decode %s",
+                self.share.path,
+                self.share.slot,
+                cfg.gpu_slowdown_prefill,
+                cfg.gpu_slowdown_cached or cfg.gpu_slowdown_prefill,
+                cfg.gpu_slowdown_decode,
+            )
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:

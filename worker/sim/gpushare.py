@@ -7,7 +7,7 @@ its pid and, while it runs a step, a heartbeat (CLOCK_MONOTONIC seconds, system-
 counts the slots busy now (itself included) and stretches its step by `slowdown(table, n_busy)`.
 
 Cheap on purpose (4 sims and a proxy share a 2-core box): marking busy and counting are plain reads and
-writes of a mapped 768-byte page, no syscalls and no locks; the file lock is taken only to claim or free a
+writes of a mapped 512-byte page, no syscalls and no locks; the file lock is taken only to claim or free a
 slot (join and leave), never across an await. A worker that dies leaves nothing busy for long: a busy slot
 whose heartbeat is older than `stale_s` counts as idle, and a dead pid's slot is free to claim.
 """

@@ -217,3 +217,23 @@ async def test_fitted_profile_terms_cost_time(make_engine: MakeEngine) -> None:
     assert warm.cached_tokens >= 144  # every full 16-token block but the one holding the last token
     # the hit: 2 ms per cached token, on top of the step's constant
     assert loop.time() - t0 >= (50.0 + 2.0 * warm.cached_tokens) / 1000.0 * 0.95
+
+
+async def test_batched_prefill_charges_the_other_prompts_less(make_engine: MakeEngine) -> None:
+    """prefill_ms_per_token_batched (issue 14): a step's longest prompt at the full rate, the rest cheaper."""
+    base = dataclasses.replace(FAST, prefill_ms_per_token=1.0, max_prefill_tokens=10_000)
+    loop = asyncio.get_running_loop()
+
+    async def four_at_once(e: Engine) -> float:
+        seqs = [seq_for(e, prompt(100, f"b{i}"), 1) for i in range(4)]
+        t0 = loop.time()
+        for s in seqs:
+            e.submit(s)
+        for s in seqs:
+            await s.wait_until(1)
+        return loop.time() - t0
+
+    plain = await four_at_once(make_engine(base))  # one step: 400 tokens x 1 ms
+    batched = await four_at_once(make_engine(dataclasses.replace(base, prefill_ms_per_token_batched=0.1)))
+    assert plain >= 0.4
+    assert 0.13 <= batched < 0.3  # 100 x 1 ms + 300 x 0.1 ms

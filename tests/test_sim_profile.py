@@ -83,3 +83,15 @@ def test_shipped_profiles_load() -> None:
     for name in profiles.names():
         data = profiles.load(name)
         assert data["engine"]["max_batch"] >= 1 and data["engine"]["cache_blocks"] >= 1
+
+
+def test_fit_batched_recovers_the_cost_of_a_steps_other_prompts() -> None:
+    """fit.fit_batched (issue 14): rows made by the sim's own batched model give its per-token cost back."""
+    rt = {"prefill_ms_per_token": 0.01, "prefill_ms_per_token_ctx": 0.0, "prefill_ms_step": 3.0,
+          "decode_ms_base": 2.0, "decode_ms_per_seq": 0.0}
+    ab = 0.002
+    step = 3.0 + 0.01 * 2000 + ab * 2000 * 3 + 2.0  # 4 prompts of 2,000 tokens fit one 8,192-token step
+    multi = [{"k": 4, "n": 2000, "prompt": 2000, "ttfts": [step / 1000.0] * 4}]
+    got, checks = fit.fit_batched(multi, rt, 8192)
+    assert got == pytest.approx(ab, abs=0.01 / 200)
+    assert checks[0]["model_unbatched_mean_ms"] > checks[0]["real_mean_ms"] == pytest.approx(step, rel=1e-3)

@@ -30,6 +30,10 @@ class EngineConfig:
     prefill_ms_step: float = 0.0
     # a cache hit is not free on TurboMind: each cached prompt token of an admitted prompt costs this many ms
     prefill_ms_per_cached_token: float = 0.0
+    # batched prefill (TurboMind runs several prompts of one step far cheaper than one after another): the
+    # uncached tokens of a step's prompts other than its longest cost this many ms each; < 0: the same as
+    # prefill_ms_per_token
+    prefill_ms_per_token_batched: float = -1.0
     # sim workers time-sharing one GPU (issue 14, worker/sim/gpushare.py): the group (a name or a path) and
     # the factor each part of a step is stretched by with 1, 2, ... workers of the group busy at once
     gpu_share: str | None = None

@@ -303,6 +303,9 @@ class Engine:
             cfg = self.cfg
             decode_ms = cfg.decode_ms_base + cfg.decode_ms_per_seq * len(self.running)
             prefill_ms = prefill * cfg.prefill_ms_per_token
+            if cfg.prefill_ms_per_token_batched >= 0 and len(admitted) > 1:
+                longest = max(s.prompt_len - s.cached_tokens for s in admitted)
+                prefill_ms = longest * cfg.prefill_ms_per_token + (prefill - longest) * cfg.prefill_ms_per_token_batched
             cached_ms = 0.0
             if admitted and (cfg.prefill_ms_per_token_ctx or cfg.prefill_ms_step or cfg.prefill_ms_per_cached_token):
                 # a fitted profile (issue 14): attention over the context, a prefill step's own cost, cache hits

@@ -215,6 +215,55 @@ def fit(
     }
 
 
+def fit_batched(
+    multi: list[dict[str, Any]], rt: dict[str, float], max_prefill_tokens: int
+) -> tuple[float, list[dict[str, Any]]]:
+    """prefill_ms_per_token_batched (real tokens) from the calibration's "several prompts at once" rows (k
+    prompts of `prompt` tokens sent together to an idle server): the per-token cost of the prompts of a step
+    other than its longest that makes the sim's mean TTFT of each row closest to the measured one (a grid
+    over 0 .. prefill_ms_per_token; the sim's admission: FIFO, a step takes prompts until max_prefill_tokens).
+    Returns it and the check rows (real and model mean / max TTFT)."""
+    a = rt["prefill_ms_per_token"]
+
+    def ttfts(k: int, p: int, ab: float) -> list[float]:
+        out: list[float] = []
+        t, left = 0.0, k
+        while left:
+            n = 0
+            while left and (n == 0 or n * p < max_prefill_tokens):
+                n += 1
+                left -= 1
+            running = k - left
+            t += (
+                rt["prefill_ms_step"] + a * p + ab * p * (n - 1) + rt["prefill_ms_per_token_ctx"] * n * p * p / 1000.0
+                + rt["decode_ms_base"] + rt["decode_ms_per_seq"] * running
+            )
+            out += [t] * n
+        return out
+
+    rows = [(m["k"], m["prompt"], [1000.0 * x for x in m["ttfts"]]) for m in multi if m.get("ttfts") and m.get("k")]
+    if not rows:
+        return a, []
+
+    def err(ab: float) -> float:
+        return sum((sum(ttfts(k, p, ab)) / k - sum(real) / len(real)) ** 2 for k, p, real in rows)
+
+    best = min((a * i / 200.0 for i in range(201)), key=err)
+    checks = [
+        {
+            "k": k,
+            "prompt": p,
+            "real_mean_ms": round(sum(real) / len(real), 2),
+            "real_max_ms": round(max(real), 2),
+            "model_mean_ms": round(sum(ttfts(k, p, best)) / k, 2),
+            "model_max_ms": round(max(ttfts(k, p, best)), 2),
+            "model_unbatched_mean_ms": round(sum(ttfts(k, p, a)) / k, 2),
+        }
+        for k, p, real in rows
+    ]
+    return best, checks
+
+
 def _median(xs: list[float]) -> float:
     ys = sorted(xs)
     n = len(ys)
@@ -318,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         help="per-request lines (bench --requests-out) of the real servers time-sharing one GPU: fit the "
         "profile's gpu_share slowdown tables from them (sim-worker --gpu-share; repeatable)",
     )
+    ap.add_argument(
+        "--batched-prefill",
+        action="store_true",
+        help="fit prefill_ms_per_token_batched from the calibration's several-prompts-at-once rows (the other "
+        "prompts of a step cost that per token instead of prefill_ms_per_token)",
+    )
     ap.add_argument("--gpu-share-workers", type=int, default=4, help="servers on the one GPU (4)")
     ap.add_argument("--out", help="where to write (default worker/sim/profiles/NAME.json)")
     args = ap.parse_args(argv)
@@ -347,7 +402,12 @@ def main(argv: list[str] | None = None) -> int:
                   "decode_ms_base", "decode_ms_per_seq"):
             prof["engine"][k] = round(prof["engine"][k] * args.slowdown, 8)
         prof["fit"]["slowdown_applied"] = args.slowdown
-    if args.gpu_share_requests:
+    if args.batched_prefill:
+        rt = prof["fit"]["real_tokens"]
+        ab, rows_b = fit_batched(calib.get("multi") or [], rt, args.max_prefill_tokens)
+        rt["prefill_ms_per_token_batched"] = ab
+        prof["engine"]["prefill_ms_per_token_batched"] = round(ab * scale * args.slowdown, 8)
+        prof["checks"]["batched"] = rows_b
         rows = [
             {**json.loads(line), "_run": i}
             for i, f in enumerate(args.gpu_share_requests)

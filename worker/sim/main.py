@@ -76,6 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prefill-ms-step", type=float, default=0.0, help="extra ms of a step that prefills (default 0)"
     )
     g.add_argument(
+        "--prefill-ms-per-token-batched",
+        type=float,
+        default=-1.0,
+        help="prefill ms per uncached token of a step's prompts other than its longest (batched prefill; "
+        "default: --prefill-ms-per-token)",
+    )
+    g.add_argument(
         "--prefill-ms-per-cached-token",
         type=float,
         default=0.0,
@@ -205,6 +212,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         prefill_ms_per_token_ctx=args.prefill_ms_per_token_ctx,
         prefill_ms_step=args.prefill_ms_step,
         prefill_ms_per_cached_token=args.prefill_ms_per_cached_token,
+        prefill_ms_per_token_batched=args.prefill_ms_per_token_batched,
         gpu_share=group,
         gpu_slowdown_prefill=slow_prefill,
         gpu_slowdown_cached=slow_cached,

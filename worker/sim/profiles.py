@@ -28,6 +28,7 @@ FIELDS = {
     "prefill_ms_per_token_ctx": "prefill_ms_per_token_ctx",
     "prefill_ms_step": "prefill_ms_step",
     "prefill_ms_per_cached_token": "prefill_ms_per_cached_token",
+    "prefill_ms_per_token_batched": "prefill_ms_per_token_batched",
 }
 
 

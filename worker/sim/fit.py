@@ -241,12 +241,16 @@ def fit_batched(
             out += [t] * n
         return out
 
-    rows = [(m["k"], m["prompt"], [1000.0 * x for x in m["ttfts"]]) for m in multi if m.get("ttfts") and m.get("k")]
+    rows: list[tuple[int, int, list[float]]] = [
+        (int(m["k"]), int(m["prompt"]), [1000.0 * float(x) for x in m["ttfts"]])
+        for m in multi
+        if m.get("ttfts") and m.get("k")
+    ]
     if not rows:
         return a, []
 
     def err(ab: float) -> float:
-        return sum((sum(ttfts(k, p, ab)) / k - sum(real) / len(real)) ** 2 for k, p, real in rows)
+        return float(sum((sum(ttfts(k, p, ab)) / k - sum(real) / len(real)) ** 2 for k, p, real in rows))
 
     best = min((a * i / 200.0 for i in range(201)), key=err)
     checks = [

@@ -3,7 +3,8 @@
 One command, from what bench/gpu_calibrate.py measured on a GPU to `sim-worker --profile NAME`:
 
     python -m turbofleet.worker.sim.fit CALIB.json --name turbomind-h200-1b5 --cache-tokens 1040000 \\
-        [--token-scale 2.9 | --real-requests REAL.jsonl --sim-requests SIM.jsonl] [--out PATH]
+        [--token-scale 2.9 | --real-requests REAL.jsonl --sim-requests SIM.jsonl] [--out PATH] \\
+        [--batched-prefill] [--gpu-share-requests REQ.jsonl ...]
 
 The model (worker/sim/engine.py): a step costs
     prefill_ms_step [if it prefills] + prefill_ms_per_token * U + prefill_ms_per_token_ctx * U * P / 1000
@@ -24,6 +25,11 @@ Token scale: the sim counts its own (word) tokens, the engine real BPE tokens; t
 `token_scale` real tokens per sim token, so per-token costs are multiplied by it (the context term by its
 square), and token budgets (cache, max_prefill_tokens) divided by it. Give it, or let it be measured from the
 same workload's per-request lines on the real fleet and on the sim (mean prompt tokens, real over sim).
+
+Two optional terms (issue 14): `--batched-prefill` fits prefill_ms_per_token_batched (the prompts of a step
+other than its longest cost that per token) from the calibration's several-prompts-at-once rows;
+`--gpu-share-requests REQ.jsonl` (per-request lines of the real servers time-sharing one GPU) fits the
+profile's "gpu_share" slowdown tables for `sim-worker --gpu-share` (gpu_share_from_requests below).
 
 The fit's checks (printed, and stored in the profile): each measurement against what the fitted model
 predicts for it, including the cache-hit and prefill-during-decode measurements, which the fit did not use.

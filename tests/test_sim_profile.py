@@ -95,3 +95,35 @@ def test_fit_batched_recovers_the_cost_of_a_steps_other_prompts() -> None:
     got, checks = fit.fit_batched(multi, rt, 8192)
     assert got == pytest.approx(ab, abs=0.01 / 200)
     assert checks[0]["model_unbatched_mean_ms"] > checks[0]["real_mean_ms"] == pytest.approx(step, rel=1e-3)
+
+
+def test_fit_cli_writes_the_batched_cost_and_gpu_share_tables(tmp_path: Path) -> None:
+    """`fit --batched-prefill --gpu-share-requests` (issue 14): both land in the profile sim-worker reads."""
+    c = tmp_path / "calib.json"
+    data = calib()
+    data["multi"] = [{"k": 4, "n": 2048, "prompt": 2048, "ttfts": [0.05] * 4}]
+    c.write_text(json.dumps(data))
+    req = tmp_path / "req.jsonl"
+    rows = []
+    for i in range(6):  # two servers busy together, each request twice as slow to decode as alone
+        for w in ("w0", "w1"):
+            rows.append({"router": "r", "status": 200, "worker": w, "start_s": 10.0 * i, "ttft_ms": 100.0,
+                         "e2e_ms": 100.0 + 64 * 2 * (8.0 + 0.05), "prompt_tokens": 100, "cached_tokens": 0,
+                         "completion_tokens": 65})
+    req.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "gpu-y.json"
+    assert fit.main([str(c), "--name", "gpu-y", "--cache-tokens", "640000", "--token-scale", "1",
+                     "--batched-prefill", "--gpu-share-requests", str(req), "--out", str(out)]) == 0
+    prof = json.loads(out.read_text())
+    assert 0 <= prof["engine"]["prefill_ms_per_token_batched"] < prof["engine"]["prefill_ms_per_token"]
+    assert prof["gpu_share"]["decode"][:2] == [1.0, 2.0]
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(["--profile", str(out), "--gpu-share", "g"])).engine
+    assert cfg.gpu_share == "g" and cfg.gpu_slowdown_decode[:2] == (1.0, 2.0)
+    assert cfg.prefill_ms_per_token_batched == prof["engine"]["prefill_ms_per_token_batched"]
+    only_share = tmp_path / "gpu-z.json"  # each flag works without the other
+    assert fit.main([str(c), "--name", "gpu-z", "--cache-tokens", "640000", "--token-scale", "1",
+                     "--gpu-share-requests", str(req), "--out", str(only_share)]) == 0
+    prof_z = json.loads(only_share.read_text())
+    assert prof_z["gpu_share"]["decode"][:2] == [1.0, 2.0] and "prefill_ms_per_token_batched" not in prof_z["engine"]

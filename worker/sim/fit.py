@@ -418,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         rt["prefill_ms_per_token_batched"] = ab
         prof["engine"]["prefill_ms_per_token_batched"] = round(ab * scale * args.slowdown, 8)
         prof["checks"]["batched"] = rows_b
+    if args.gpu_share_requests:
         rows = [
             {**json.loads(line), "_run": i}
             for i, f in enumerate(args.gpu_share_requests)

@@ -25,6 +25,20 @@ log = logging.getLogger("turbofleet.proxy")
 _DRAIN_POLL_S = 0.05
 #: what aiohttp gets to finish handlers once ours are done or ended (non-inference routes, stragglers)
 _FINAL_S = 2.0
+#: the listen backlog asked for; the kernel caps it at net.core.somaxconn (issue 16: aiohttp's default, 128,
+#: and then 2048 overflowed when thousands of streams connected within seconds while the loop relayed)
+LISTEN_BACKLOG = 65535
+_SOMAXCONN = "/proc/sys/net/core/somaxconn"
+
+
+def accept_queue(backlog: int = LISTEN_BACKLOG, somaxconn_path: str = _SOMAXCONN) -> tuple[int, int | None]:
+    """(the accept queue the listener gets, net.core.somaxconn or None where it cannot be read)."""
+    try:
+        with open(somaxconn_path) as fh:
+            cap = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return backlog, None
+    return min(backlog, cap), cap
 
 
 async def drain(runner: web.AppRunner, grace: float) -> int:
@@ -68,11 +82,15 @@ async def _serve(settings: Settings) -> None:
         header_timeout=settings.header_timeout,
     )
     await runner.setup()
-    # issue 16: the kernel caps the accept queue at net.core.somaxconn; 2048 overflowed when thousands of
-    # streams connect within seconds while the loop is busy relaying (clients then saw resets)
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=65535, reuse_address=True,
+    # issue 16: connections the loop has not accepted yet wait in the kernel's accept queue; when it is full
+    # the kernel drops handshakes (TCP retries them, and resets those still waiting after ~1 min)
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG, reuse_address=True,
                        reuse_port=settings.reuse_port or None)  # issue 16: one of --processes N
     await site.start()
+    queue, cap = accept_queue()
+    log.info("accept queue %d connections (listen backlog %d, net.core.somaxconn %s): a burst of new "
+             "connections beyond it, faster than the proxy accepts them, is retried by TCP and then reset",
+             queue, LISTEN_BACKLOG, cap if cap is not None else "unknown")
     log.info(
         "turbofleet proxy on http://%s:%d (policy %s, registry %s)",
         settings.host,

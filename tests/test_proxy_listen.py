@@ -1,15 +1,19 @@
-"""The proxy's listening socket (issue 16): the accept queue it asks the kernel for, and what it logs about it."""
+"""The proxy's listening socket and its garbage collection (issue 16): the accept queue it asks the kernel for,
+what it logs about it, and full collections on a timer."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import shutil
 import subprocess
+import weakref
 from pathlib import Path
 
 import pytest
 
 from tests.procs_kit import running, start_proxy, wait_until
-from turbofleet.proxy.serve import LISTEN_BACKLOG, accept_queue
+from turbofleet.proxy.serve import LISTEN_BACKLOG, FullCollector, accept_queue
 
 
 def test_accept_queue_is_the_backlog_capped_by_somaxconn(tmp_path: Path) -> None:
@@ -36,3 +40,30 @@ def test_listener_gets_the_large_backlog(tmp_path: Path) -> None:
         assert line[0] == "LISTEN"
         assert int(line[2]) == min(LISTEN_BACKLOG, cap)
         wait_until(lambda: f"accept queue {want} connections" in proxy.log.read_text(), timeout=10)
+
+
+async def test_full_collections_run_on_the_timer_not_on_growth() -> None:
+    """The oldest generation leaves Python's schedule (its threshold is out of reach), the startup objects are
+    frozen, and the timer collects cyclic garbage; stop() gives Python its schedule back."""
+    before = gc.get_threshold()
+    collector = FullCollector(interval=0.05)
+    collector.start()
+    try:
+        assert gc.get_threshold()[:2] == before[:2] and gc.get_threshold()[2] > 10**9
+        assert gc.get_freeze_count() > 0
+        # cyclic garbage in the oldest generation: only a full collection frees it, and only the timer runs one
+        gone = asyncio.Event()
+
+        class Cycle:
+            def __init__(self) -> None:
+                self.me = self
+
+        c = Cycle()
+        weakref.finalize(c, gone.set)
+        gc.collect(1)  # the young generations' survivors move to the oldest
+        del c
+        await asyncio.wait_for(gone.wait(), 5)
+        assert collector.runs >= 1
+    finally:
+        collector.stop()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0

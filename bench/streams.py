@@ -11,7 +11,8 @@ stream's end):
 - each token's transit time (backend write → client read) and the inter-token gap, on every
   `--sample-every`-th stream; "added" is the router's value minus direct's at the same N, same run;
 - errors, by where they happened (connect, reset or closed before the status line, HTTP status, broken or
-  short streams, timeouts), and how long connects and status lines took (an accept queue's wait shows there).
+  short streams, timeouts), and how long connects and status lines took (an accept queue's wait shows there);
+- the machine's TcpExt ListenOverflows during the run (handshakes dropped at a full accept queue, box-wide).
 
 The open-file limit: the bench raises its RLIMIT_NOFILE (soft and hard, when it may) to cover 2 fds per
 stream in the router plus headroom, before it starts anything, so every process it starts inherits it;
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import resource
 import shlex
@@ -55,6 +57,21 @@ OPEN_RATE = 250.0
 def open_over(n: int, given: float | None) -> float:
     """Seconds to open all N streams: `--open-over` when given, else N / OPEN_RATE, at least 2."""
     return given if given is not None else max(2.0, n / OPEN_RATE)
+
+
+def listen_overflows(netstat: str = "/proc/net/netstat") -> int | None:
+    """The machine's TcpExt ListenOverflows counter (handshakes dropped because an accept queue was full), or
+    None where it cannot be read. Box-wide: another program's listener counts too."""
+    try:
+        lines = Path(netstat).read_text().splitlines()
+    except OSError:
+        return None
+    for names, values in itertools.pairwise(lines):
+        if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            if "ListenOverflows" in table:
+                return int(table["ListenOverflows"])
+    return None
 
 
 def window_warning(n: int, opening_s: float, tokens: int, rate: float) -> str | None:
@@ -168,13 +185,14 @@ def add_deltas(rows: list[dict[str, Any]]) -> None:
 
 
 def report(rows: list[dict[str, Any]]) -> str:
-    headers = ["N", "router", "ok", "errors", "router CPU %", "RSS MB", "KB/stream", "transit p50/p99 ms",
+    headers = ["N", "router", "ok", "errors", "listen overflows", "router CPU %", "RSS MB", "KB/stream",
+               "transit p50/p99 ms",
                "added p50/p99 ms", "ITL p50/p99 ms", "added ITL p99", "to status p99/max ms", "backend CPU %",
                "client CPU %"]
     out = []
     for r in rows:
         if "skipped" in r:
-            out.append([str(r["n"]), r["router"], "-", r["skipped"][:40], *["-"] * 10])
+            out.append([str(r["n"]), r["router"], "-", r["skipped"][:40], *["-"] * 11])
             continue
         tr, itl, st = r.get("transit_ms"), r.get("itl_ms"), r.get("status_ms")
         add, addi = r.get("added_transit_ms"), r.get("added_itl_ms")
@@ -182,6 +200,7 @@ def report(rows: list[dict[str, Any]]) -> str:
             f"{r['n']:,}", r["router"], f"{r['ok']:,}",
             str(r["errors"]) + (" (" + ", ".join(f"{k}:{v}" for k, v in sorted(r["errors_by_kind"].items())) + ")"
                                 if r["errors"] else ""),
+            str(r["listen_overflows"]) if r.get("listen_overflows") is not None else "-",
             _f(r["cpu_pct"]), _f(r["rss_mb"]), _f(r["rss_kb_per_stream"]),
             f"{_f(tr[50], 2)} / {_f(tr[99], 2)}" if tr else "-",
             f"{_f(add[50], 2)} / {_f(add[99], 2)}" if add else "-",
@@ -219,11 +238,15 @@ async def one_run(spec: RouterSpec | None, n: int, args: argparse.Namespace, d: 
             smp.start()
         host, _, port = url.removeprefix("http://").partition(":")
         opening = open_over(n, args.open_over)
+        overflows = listen_overflows()
         stats = await run_streams(host, int(port), MODEL, n, args.tokens, opening,
                                   sample_every=args.sample_every, timeout_s=opening + args.tokens / args.rate * 4 + 120)
         for smp in (router, bsampler, csampler):
             await smp.stop()
-        return {"router": label, "open_over_s": opening, **summarize(stats, n, idle_rss, router, bsampler, csampler)}
+        after = listen_overflows()
+        return {"router": label, "open_over_s": opening,
+                "listen_overflows": after - overflows if after is not None and overflows is not None else None,
+                **summarize(stats, n, idle_rss, router, bsampler, csampler)}
     finally:
         for c in children:
             c.stop()

@@ -170,6 +170,15 @@ def test_opening_is_spread_by_default_and_warns_when_streams_never_all_overlap()
     assert warning is not None and "never all open" in warning
 
 
+def test_listen_overflows_reads_the_tcpext_counter(tmp_path: Path) -> None:
+    f = tmp_path / "netstat"
+    f.write_text("TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 20761 20761\n"
+                 "IpExt: InNoRoutes\nIpExt: 0\n")
+    assert streams.listen_overflows(str(f)) == 20761
+    assert streams.listen_overflows(str(tmp_path / "missing")) is None
+    assert isinstance(streams.listen_overflows(), (int, type(None)))
+
+
 def test_parse_ns() -> None:
     assert streams.parse_ns("1000,5_000, 10000") == [1000, 5000, 10000]
     with pytest.raises(ValueError):
@@ -202,6 +211,7 @@ def test_bench_streams_through_turbofleet(tmp_path: Path) -> None:
     for r in rows:
         assert r["ok"] == 60 and r["errors"] == 0 and r["tokens"] == 60 * 80
         assert r["samples"] == 6 * 80
+        assert r["listen_overflows"] is None or r["listen_overflows"] >= 0
     tf = rows[1]
     assert tf["rss_mb"] > 10 and tf["cpu_pct"] is not None
     assert "added_transit_ms" in tf and "added_itl_ms" in tf

@@ -173,7 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--n", default="1000,5000,10000", help="streams: concurrent streams, comma list (default "
                    "1000,5000,10000)")
     g.add_argument("--tokens", type=int, default=500, help="streams: tokens per stream (default 500)")
-    g.add_argument("--open-over", type=float, help="streams: seconds to open all N (default N/1000, at least 2)")
+    g.add_argument("--open-over", type=float, help="streams: seconds to open all N (default N/250, at least 2)")
     g.add_argument("--sample-every", type=int, default=10,
                    help="streams: record per-token latency on every K-th stream (default 10)")
 

@@ -5,6 +5,19 @@ Per stream it parses only the HTTP status line and headers, undoes chunked frami
 One stream in `sample_every` also records, per token, its transit time (arrival minus `ts`) and the gap since
 the previous token (inter-token latency). Everything else is a few byte searches per read, so one client
 process holds 10,000 streams on a fraction of a core.
+
+Every stream also records how long its connect took and when its status line came (from the moment it was
+opened): a router whose accept queue is full shows up there first. A full queue drops the handshake's last
+ACK, so the client's connect succeeds while the server has not accepted; the server retransmits its SYN-ACK
+(net.ipv4.tcp_synack_retries, about a minute) and then forgets the connection, and the client's next packet
+gets a reset. So failures are told apart by where they happened:
+
+- `connect`: the connection could not be made (refused, unreachable); `connect_timeout`: no handshake within
+  `connect_timeout_s` (the SYN was never answered);
+- `reset_before_status`: connected, then reset before any byte of the answer (the accept-queue case above);
+- `closed_before_status`: connected, then closed (FIN) by the other side before a status line;
+- `broken_stream`, `short_stream`, `no_done`, `sse_error`, `http_<status>`, `bad_response`, `bad_chunk`,
+  `timeout`: after the status line, see the code.
 """
 
 from __future__ import annotations
@@ -25,16 +38,29 @@ class StreamStats:
     """What all the streams of one run saw."""
 
     started: int = 0
+    #: streams that have their status line or have ended (all_open is set when every stream has one)
+    responded: int = 0
+    expect: int = 0
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     transit_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
+    #: per stream that connected: seconds its connect took; per stream with a status line: seconds from the
+    #: open to the status line (the accept queue's wait, the router's routing and the backend's first byte)
+    connect_s: list[float] = field(default_factory=list)
+    status_s: list[float] = field(default_factory=list)
     tokens: int = 0
     first_done: float | None = None
     all_open: float | None = None
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def respond(self) -> None:
+        """A stream got its status line, or ended without one; the last of `expect` sets `all_open`."""
+        self.responded += 1
+        if self.responded == self.expect and self.all_open is None:
+            self.all_open = time.monotonic()
 
     @property
     def error_count(self) -> int:
@@ -66,18 +92,24 @@ class StreamProto(asyncio.Protocol):
         self.sse_error = False  # an error event inside the stream (the router gave up mid-way)
         self.status = 0
         self.finished = False
+        self.opened = time.monotonic()
+        self.responded = False
 
     # ------------------------------------------------------------------ asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio subclasses
+        self.stats.connect_s.append(time.monotonic() - self.opened)
         self.transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.finished:
             if self.in_body and not self.chunked and self.remaining < 0:
                 self._end()  # close-delimited body: the end of the connection is the end of the answer
+            elif self.status == 200:
+                self._finish("broken_stream")
             else:
-                self._finish("broken_stream" if self.status == 200 else "connection_lost")
+                self._finish("reset_before_status" if isinstance(exc, ConnectionResetError)
+                             else "closed_before_status")
 
     def data_received(self, data: bytes) -> None:
         if self.finished:
@@ -95,6 +127,8 @@ class StreamProto(asyncio.Protocol):
             except (IndexError, ValueError):
                 self._finish("bad_response")
                 return
+            self.stats.status_s.append(time.monotonic() - self.opened)
+            self._respond()
             for line in lines[1:]:
                 name, _, value = line.partition(":")
                 name, value = name.strip().lower(), value.strip().lower()
@@ -183,10 +217,16 @@ class StreamProto(asyncio.Protocol):
         else:
             self._finish(None)
 
+    def _respond(self) -> None:
+        if not self.responded:
+            self.responded = True
+            self.stats.respond()
+
     def _finish(self, error: str | None) -> None:
         if self.finished:
             return
         self.finished = True
+        self._respond()
         if error is None:
             self.stats.ok += 1
             self.stats.tokens += self.tokens
@@ -208,10 +248,13 @@ def request_bytes(host: str, port: int, model: str, tokens: int) -> bytes:
 
 
 async def run_streams(host: str, port: int, model: str, n: int, tokens: int, ramp_s: float,
-                      sample_every: int = 10, timeout_s: float = 300.0) -> StreamStats:
-    """Open `n` streams over `ramp_s` seconds, each asking for `tokens` tokens; wait for all of them."""
+                      sample_every: int = 10, timeout_s: float = 300.0,
+                      connect_timeout_s: float = 30.0) -> StreamStats:
+    """Open `n` streams over `ramp_s` seconds, each asking for `tokens` tokens; wait for all of them.
+    `all_open` is when the last stream got its status line (not when its connect returned: a connection in a
+    full accept queue is connected but not yet served)."""
     loop = asyncio.get_running_loop()
-    stats = StreamStats()
+    stats = StreamStats(expect=n)
     req = request_bytes(host, port, model, tokens)
     futures: list[asyncio.Future[None]] = []
     protos: list[StreamProto] = []
@@ -224,8 +267,10 @@ async def run_streams(host: str, port: int, model: str, n: int, tokens: int, ram
         protos.append(proto)
         stats.started += 1
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: proto, host, port), 30.0)
-        except (OSError, TimeoutError):
+            await asyncio.wait_for(loop.create_connection(lambda: proto, host, port), connect_timeout_s)
+        except TimeoutError:
+            proto._finish("connect_timeout")
+        except OSError:
             proto._finish("connect")
 
     pending: set[asyncio.Task[None]] = set()
@@ -238,7 +283,6 @@ async def run_streams(host: str, port: int, model: str, n: int, tokens: int, ram
         task.add_done_callback(pending.discard)
     if pending:
         await asyncio.gather(*pending)
-    stats.all_open = time.monotonic()
     try:
         await asyncio.wait_for(asyncio.gather(*futures), timeout_s)
     except TimeoutError:

@@ -2,14 +2,17 @@
 
 For each N in `--n` and each router (and `direct`, no router), the bench starts a fresh router in front of
 one `streamsrv` backend (bench/streamsrv.py: raw-asyncio SSE, `--rate` tokens/s per stream), opens N streaming
-requests over `--open-over` seconds with the lean client (bench/streamclient.py), and measures while all N are open
-(from the last stream opened to the first one finished):
+requests over `--open-over` seconds (default N/250 s, see OPEN_RATE) with the lean client
+(bench/streamclient.py), and measures while all N are open (from the last stream's status line to the first
+stream's end):
 
 - the router's CPU (% of one core) and RSS, from /proc, summed over its process group;
 - RSS per stream: (RSS while all N are open − RSS idle before the run) / N;
 - each token's transit time (backend write → client read) and the inter-token gap, on every
   `--sample-every`-th stream; "added" is the router's value minus direct's at the same N, same run;
-- errors (connect, HTTP status, broken or short streams, timeouts).
+- errors, by where they happened (connect, reset or closed before the status line, HTTP status, broken or
+  short streams, timeouts), and how long connects and status lines took (an accept queue's wait shows there);
+- the machine's TcpExt ListenOverflows during the run (handshakes dropped at a full accept queue, box-wide).
 
 The open-file limit: the bench raises its RLIMIT_NOFILE (soft and hard, when it may) to cover 2 fds per
 stream in the router plus headroom, before it starts anything, so every process it starts inherits it;
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import resource
 import shlex
@@ -41,6 +45,43 @@ from turbofleet.bench.streamclient import StreamStats, run_streams
 
 DEFAULT_STREAM_ROUTERS = "turbofleet,vllm,sglang"
 MODEL = "sim-model"
+#: default opening rate, streams/s. A router that accepts more slowly than streams arrive fills its accept
+#: queue (net.core.somaxconn, 4,096 here); past that the kernel drops handshakes, TCP retries them, and those
+#: still waiting after the SYN-ACK retries (about a minute) are reset. On this project's 2-core box one
+#: turbofleet process, relaying the streams already open, accepted ~500 new streams/s on a whole core and
+#: fewer when the box was busy: at 1,000/s (the old default) 9,900 streams overflowed the queue (issue 16).
+#: This measures the cost of holding streams, not a connection storm, so the default stays well below that.
+OPEN_RATE = 250.0
+
+
+def open_over(n: int, given: float | None) -> float:
+    """Seconds to open all N streams: `--open-over` when given, else N / OPEN_RATE, at least 2."""
+    return given if given is not None else max(2.0, n / OPEN_RATE)
+
+
+def listen_overflows(netstat: str = "/proc/net/netstat") -> int | None:
+    """The machine's TcpExt ListenOverflows counter (handshakes dropped because an accept queue was full), or
+    None where it cannot be read. Box-wide: another program's listener counts too."""
+    try:
+        lines = Path(netstat).read_text().splitlines()
+    except OSError:
+        return None
+    for names, values in itertools.pairwise(lines):
+        if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            if "ListenOverflows" in table:
+                return int(table["ListenOverflows"])
+    return None
+
+
+def window_warning(n: int, opening_s: float, tokens: int, rate: float) -> str | None:
+    """A warning when the streams end before the last is opened: the 'all N open' window would be empty."""
+    length = tokens / rate
+    if opening_s < 0.8 * length:
+        return None
+    return (f"N={n:,}: opening over {opening_s:g} s but a stream lasts {length:g} s ({tokens} tokens at "
+            f"{rate:g}/s): the N streams are never all open at once, so CPU, RSS and KB/stream stay empty; "
+            "raise --tokens or lower --open-over")
 
 
 def raise_nofile(streams: int) -> tuple[int, int]:
@@ -116,10 +157,19 @@ def summarize(stats: StreamStats, n: int, idle_rss: int | None, router: Sampler,
         "rss_kb_per_stream": per_stream / 1024 if per_stream is not None else None,
         "backend_cpu_pct": bcpu,
         "client_cpu_pct": ccpu,
+        "connect_ms": _spread(stats.connect_s),
+        "status_ms": _spread(stats.status_s),
         "transit_ms": {q: percentile(stats.transit_s, q) * 1e3 for q in (50, 99)} if stats.transit_s else None,
         "itl_ms": {q: percentile(stats.itl_s, q) * 1e3 for q in (50, 99)} if stats.itl_s else None,
         "samples": len(stats.transit_s),
     }
+
+
+def _spread(xs: list[float]) -> dict[str, float] | None:
+    """p50, p99 and max in ms."""
+    if not xs:
+        return None
+    return {"50": percentile(xs, 50) * 1e3, "99": percentile(xs, 99) * 1e3, "max": max(xs) * 1e3}
 
 
 def add_deltas(rows: list[dict[str, Any]]) -> None:
@@ -135,24 +185,28 @@ def add_deltas(rows: list[dict[str, Any]]) -> None:
 
 
 def report(rows: list[dict[str, Any]]) -> str:
-    headers = ["N", "router", "ok", "errors", "router CPU %", "RSS MB", "KB/stream", "transit p50/p99 ms",
-               "added p50/p99 ms", "ITL p50/p99 ms", "added ITL p99", "backend CPU %", "client CPU %"]
+    headers = ["N", "router", "ok", "errors", "listen overflows", "router CPU %", "RSS MB", "KB/stream",
+               "transit p50/p99 ms",
+               "added p50/p99 ms", "ITL p50/p99 ms", "added ITL p99", "to status p99/max ms", "backend CPU %",
+               "client CPU %"]
     out = []
     for r in rows:
         if "skipped" in r:
-            out.append([str(r["n"]), r["router"], "-", r["skipped"][:40], *["-"] * 9])
+            out.append([str(r["n"]), r["router"], "-", r["skipped"][:40], *["-"] * 11])
             continue
-        tr, itl = r.get("transit_ms"), r.get("itl_ms")
+        tr, itl, st = r.get("transit_ms"), r.get("itl_ms"), r.get("status_ms")
         add, addi = r.get("added_transit_ms"), r.get("added_itl_ms")
         out.append([
             f"{r['n']:,}", r["router"], f"{r['ok']:,}",
             str(r["errors"]) + (" (" + ", ".join(f"{k}:{v}" for k, v in sorted(r["errors_by_kind"].items())) + ")"
                                 if r["errors"] else ""),
+            str(r["listen_overflows"]) if r.get("listen_overflows") is not None else "-",
             _f(r["cpu_pct"]), _f(r["rss_mb"]), _f(r["rss_kb_per_stream"]),
             f"{_f(tr[50], 2)} / {_f(tr[99], 2)}" if tr else "-",
             f"{_f(add[50], 2)} / {_f(add[99], 2)}" if add else "-",
             f"{_f(itl[50], 1)} / {_f(itl[99], 1)}" if itl else "-",
             _f(addi[99], 2) if addi else "-",
+            f"{_f(st['99'])} / {_f(st['max'])}" if st else "-",
             _f(r["backend_cpu_pct"]), _f(r["client_cpu_pct"]),
         ])
     return table(headers, out, align_left=2)
@@ -183,11 +237,16 @@ async def one_run(spec: RouterSpec | None, n: int, args: argparse.Namespace, d: 
         for smp in (router, bsampler, csampler):
             smp.start()
         host, _, port = url.removeprefix("http://").partition(":")
-        stats = await run_streams(host, int(port), MODEL, n, args.tokens, args.open_over or max(2.0, n / 1000),
-                                  sample_every=args.sample_every, timeout_s=args.tokens / args.rate * 4 + 120)
+        opening = open_over(n, args.open_over)
+        overflows = listen_overflows()
+        stats = await run_streams(host, int(port), MODEL, n, args.tokens, opening,
+                                  sample_every=args.sample_every, timeout_s=opening + args.tokens / args.rate * 4 + 120)
         for smp in (router, bsampler, csampler):
             await smp.stop()
-        return {"router": label, **summarize(stats, n, idle_rss, router, bsampler, csampler)}
+        after = listen_overflows()
+        return {"router": label, "open_over_s": opening,
+                "listen_overflows": after - overflows if after is not None and overflows is not None else None,
+                **summarize(stats, n, idle_rss, router, bsampler, csampler)}
     finally:
         for c in children:
             c.stop()
@@ -239,6 +298,10 @@ def run_streams_bench(args: argparse.Namespace) -> int:
     soft, hard = raise_nofile(max(ns))
     print(f"bench streams: RLIMIT_NOFILE soft={soft} hard={hard} (inherited by every process started)",
           file=sys.stderr)
+    for n in ns:
+        warning = window_warning(n, open_over(n, args.open_over), args.tokens, args.rate)
+        if warning:
+            print(f"bench streams: warning: {warning}", file=sys.stderr)
     with contextlib.ExitStack() as stack:
         return aio.run(_streams(args, [s for s in specs if s.kind != "ideal"], ns,
                                 run_log_dir(stack, args.log_dir, "tf-streams-")))

@@ -8,8 +8,10 @@ ones close after their response; wait up to `shutdown_grace` for the requests in
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
+import time
 
 from aiohttp import web
 
@@ -25,6 +27,73 @@ log = logging.getLogger("turbofleet.proxy")
 _DRAIN_POLL_S = 0.05
 #: what aiohttp gets to finish handlers once ours are done or ended (non-inference routes, stragglers)
 _FINAL_S = 2.0
+#: the listen backlog asked for; the kernel caps it at net.core.somaxconn (issue 16: aiohttp's default, 128,
+#: and then 2048 overflowed when thousands of streams connected within seconds while the loop relayed)
+LISTEN_BACKLOG = 65535
+_SOMAXCONN = "/proc/sys/net/core/somaxconn"
+
+
+#: issue 16: Python collects its oldest generation whenever the objects promoted into it have grown by a quarter.
+#: While thousands of streams open (each stream's objects live as long as the stream) that is a full
+#: collection every few seconds, and each pauses the loop for a walk over every object: 120-370 ms at 5,000
+#: streams on the dev box (measured with gc.callbacks), a pause every open stream's next token waits out.
+#: So the proxy runs the full collection itself, every GC_FULL_INTERVAL_S; young collections stay automatic
+#: with Python's thresholds (a first threshold of 10,000 made fewer but 60-90 ms gen-1 pauses while streams
+#: opened). Cyclic garbage that outlives the young generations waits at most GC_FULL_INTERVAL_S.
+GC_FULL_INTERVAL_S = 60.0
+_NEVER = 2**31 - 1
+
+
+class FullCollector:
+    """Full garbage collections on a timer instead of Python's growth rule (see GC_FULL_INTERVAL_S)."""
+
+    def __init__(self, interval: float = GC_FULL_INTERVAL_S) -> None:
+        self.interval = interval
+        self.runs = 0
+        self.last_pause_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._saved: tuple[int, int, int] | None = None
+
+    def start(self) -> None:
+        """Freeze what startup built (it lives as long as the process), take the oldest generation off
+        Python's schedule, and arm the timer."""
+        if self.interval <= 0:
+            return
+        gc.collect()
+        gc.freeze()
+        self._saved = gc.get_threshold()
+        gc.set_threshold(self._saved[0], self._saved[1], _NEVER)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self.interval, self._collect)
+
+    def _collect(self) -> None:
+        t = time.perf_counter()
+        gc.collect()
+        self.last_pause_s = time.perf_counter() - t
+        self.runs += 1
+        log.debug("full garbage collection: %.1f ms", self.last_pause_s * 1e3)
+        self._arm()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._saved is not None:
+            gc.set_threshold(*self._saved)
+            gc.unfreeze()
+            self._saved = None
+
+
+def accept_queue(backlog: int = LISTEN_BACKLOG, somaxconn_path: str = _SOMAXCONN) -> tuple[int, int | None]:
+    """(the accept queue the listener gets, net.core.somaxconn or None where it cannot be read)."""
+    try:
+        with open(somaxconn_path) as fh:
+            cap = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return backlog, None
+    return min(backlog, cap), cap
 
 
 async def drain(runner: web.AppRunner, grace: float) -> int:
@@ -68,11 +137,17 @@ async def _serve(settings: Settings) -> None:
         header_timeout=settings.header_timeout,
     )
     await runner.setup()
-    # issue 16: the kernel caps the accept queue at net.core.somaxconn; 2048 overflowed when thousands of
-    # streams connect within seconds while the loop is busy relaying (clients then saw resets)
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=65535, reuse_address=True,
+    # issue 16: connections the loop has not accepted yet wait in the kernel's accept queue; when it is full
+    # the kernel drops handshakes (TCP retries them, and resets those still waiting after ~1 min)
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG, reuse_address=True,
                        reuse_port=settings.reuse_port or None)  # issue 16: one of --processes N
     await site.start()
+    queue, cap = accept_queue()
+    log.info("accept queue %d connections (listen backlog %d, net.core.somaxconn %s): a burst of new "
+             "connections beyond it, faster than the proxy accepts them, is retried by TCP and then reset",
+             queue, LISTEN_BACKLOG, cap if cap is not None else "unknown")
+    collector = FullCollector()
+    collector.start()
     log.info(
         "turbofleet proxy on http://%s:%d (policy %s, registry %s)",
         settings.host,
@@ -92,6 +167,7 @@ async def _serve(settings: Settings) -> None:
         settings.shutdown_grace,
     )
     await drain(runner, settings.shutdown_grace)
+    collector.stop()
     await runner.cleanup()
     log.info("stopped")
 

@@ -60,12 +60,12 @@ def _where(proxy: Proc, name: str) -> str:
 
 
 def _published_sessions(redis: RedisServer, replica: str) -> int:
-    r = redis_lib.Redis(port=redis.port)
+    r = redis_lib.Redis(port=redis.port, decode_responses=True)
     try:
         fields = r.hgetall(f"{PREFIX}:inflight:{replica}")
     finally:
         r.close()
-    return sum(int(v) for k, v in fields.items() if k.decode().startswith(SESSIONS_FIELD))
+    return sum(int(v) for k, v in fields.items() if str(k).startswith(SESSIONS_FIELD))
 
 
 def test_two_replicas_place_sessions_as_evenly_as_one(tmp_path: Path, redis_server: RedisServer,

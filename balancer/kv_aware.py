@@ -65,8 +65,7 @@ import os
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import replace
-from typing import NamedTuple
+from dataclasses import dataclass, replace
 
 from turbofleet.balancer.backlog import Backlog, Routed
 from turbofleet.balancer.measured import MeasuredBacklog
@@ -136,7 +135,10 @@ PRIOR_HIT = 0.25
 DEFAULT_DRAG_WEIGHT = 0.0
 
 
-class Mark(NamedTuple):
+# slots dataclasses written once and never changed, for the reason balancer/backlog.py gives: one of each is made
+# per decision
+@dataclass(slots=True)
+class Mark:
     """Why a block is listed on a worker before it exists there: the request that listed it optimistically."""
 
     #: tokens routed to the worker before that request: once the worker has prefilled them, it is computing it
@@ -145,7 +147,8 @@ class Mark(NamedTuple):
     matched: int
 
 
-class Pending(NamedTuple):
+@dataclass(slots=True)
+class Pending:
     """A routed request awaiting its outcome."""
 
     #: blocks the index matched when it was routed
@@ -237,11 +240,10 @@ class KvAware(PolicyBase):
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
         decision = self._choose(request, workers, None)
         assert decision is not None  # only an unfiltered choice gives up
-        return self._noted(decision)
+        return self._noted(decision) if self.audit else decision
 
     def _noted(self, decision: Decision) -> Decision:
-        if not self.audit:
-            return decision
+        """The decision with the audit note of its dispatch (see AUDIT_ENV)."""
         note, self._audit_note = self._audit_note, ""
         return replace(decision, reason=f"{decision.reason}{note}")
 
@@ -293,12 +295,12 @@ class KvAware(PolicyBase):
         if len(workers) <= self.exact_limit:
             return None
         decision = self._choose(request, workers, request.model)
-        return None if decision is None else self._noted(decision)
+        return self._noted(decision) if decision is not None and self.audit else decision
 
     def _choose(self, request: RouteRequest, workers: Sequence[WorkerView], model: str | None) -> Decision | None:
         """The decision; `model` is set when `workers` is not filtered (see `choose_unfiltered`)."""
-        window = self._window(workers)
         n = len(workers)
+        window = workers if n <= self.exact_limit else self._window(workers)
         if model is not None:
             sampled = len(window)
             window = [w for w in window if w.state == READY and model in w.models]
@@ -338,7 +340,7 @@ class KvAware(PolicyBase):
         ahead = self.measured.values(window) if self._measuring() else self.backlog.values(window)
         busy = [b if b > (t := qt * load) else t for b, load in zip(ahead, loads, strict=True)]
         floor = min(busy)
-        room = self._room(window, hashes)  # issue 14: an unmatched prompt goes where the cache has room
+        room = self._room(window, hashes) if self.room_weight else None  # issue 14: where the cache has room
         ranked = busy if room is None else [b + r for b, r in zip(busy, room, strict=True)]
         drag = self._drag(window, hashes)  # issue 14 round 2: a long prefill drags the requests waiting there
         if drag is not None:
@@ -347,11 +349,11 @@ class KvAware(PolicyBase):
         session_cap = 0
         exact = window is workers
         if key is None:
-            a = self._in_turn(ranked, min(ranked), exact)
+            a = self._in_turn(ranked, floor if room is None else min(ranked), exact)
         else:
             self._placements = self._placements * SESSION_DECAY + 1.0
             counts = self.sessions.counts
-            others = sum(w.sessions for w in workers)
+            others = sum([w.sessions for w in workers])  # a list: faster to sum than a generator
             if others:  # other replicas' sessions (handed in through WorkerView): place on the fleet's count
                 counts = {w.id: counts.get(w.id, 0) + w.sessions for w in workers}
             session_cap = self.cap(len(self.sessions) + others + 1, n)
@@ -450,6 +452,7 @@ class KvAware(PolicyBase):
         tick = backlog.tick
         state = backlog.state
         usable = self._usable
+        listed = self._listed
         measuring = self._measuring()
         # placing a session: each session already on a worker keeps sending requests there, so it weighs
         # like a request ahead for every request a session sends on average
@@ -508,7 +511,8 @@ class KvAware(PolicyBase):
                         left = st.left(drain, tick)
                         if left > busy and not measuring:
                             busy = left
-                        m = usable(wid, hashes, depth, st.routed - left)
+                        if listed.get(wid):  # else no block there is only optimistically listed
+                            m = usable(wid, hashes, depth, st.routed - left)
                     cost = busy + qs * sessions + (work if m == depth else ww * (blocks - m + min(discount, m)))
                     if rw:
                         cost += rw * (blocks - m) * self._fill(w)
@@ -538,7 +542,8 @@ class KvAware(PolicyBase):
                 f" [backlog modelled={self.backlog.of(worker_id):.0f} measured={self.measured.value(worker_id):.0f}"
                 f" uncached={uncached:.0f}]"
             )
-        self.measured.add((worker_id, hashes[-1]), uncached)
+        key = (worker_id, hashes[-1])
+        self.measured.add(key, uncached)
         routed = self.backlog.add(worker_id, uncached)
         if routed.ahead > 0.0:  # the worker is busy: this request's blocks appear only once it starts (`_usable`)
             marks = self._listed.get(worker_id)
@@ -551,7 +556,7 @@ class KvAware(PolicyBase):
                 marks.setdefault(h, mark)
         pending = self._pending
         # the same prompt twice at once keeps one entry (the later): the earlier one's outcome is not learned from
-        pending[(worker_id, hashes[-1])] = Pending(matched, age, routed)
+        pending[key] = Pending(matched, age, routed)
         if len(pending) > MAX_PENDING:
             pending.popitem(last=False)
 

@@ -67,15 +67,18 @@ class MeasuredBacklog:
             entries.clear()
             self._sums.clear()
             self._counts.clear()
+        wid = key[0]
+        sums = self._sums
         old = entries.get(key)
         if old is None:
             entries[key] = (tokens, 1)
         else:  # the same prompt again at once: count both, at the later prediction
             entries[key] = (tokens, old[1] + 1)
-            self._sums[key[0]] = self._sums.get(key[0], 0.0) - old[0] * old[1]
+            sums[wid] = sums.get(wid, 0.0) - old[0] * old[1]
             tokens = tokens * (old[1] + 1)
-        self._sums[key[0]] = self._sums.get(key[0], 0.0) + tokens
-        self._counts[key[0]] = self._counts.get(key[0], 0) + 1
+        sums[wid] = sums.get(wid, 0.0) + tokens
+        counts = self._counts
+        counts[wid] = counts.get(wid, 0) + 1
 
     def started(self, key: Key) -> float | None:
         """The request's first token came (or it ended): its prefill is done. Returns its tokens, None when

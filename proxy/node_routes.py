@@ -235,7 +235,10 @@ def node_status(app: web.Application) -> dict[str, dict[str, Any]]:
     outliers = app[OUTLIERS]
     out_now = outliers.out()
     # the state routing sees: heartbeat liveness (to_view) and this replica's ejections (Outliers.apply)
-    states = {v.id: v.state for v in outliers.apply(registry.snapshot())}
+    views = outliers.apply(registry.snapshot())
+    states = {v.id: v.state for v in views}
+    # issue 18: the active sessions the other proxy replicas placed there, as this replica last read them
+    others_sessions = {v.id: v.sessions for v in views}
     status: dict[str, dict[str, Any]] = {}
     for rec in registry.records():
         state = states.get(rec.url, rec.state)
@@ -258,6 +261,7 @@ def node_status(app: web.Application) -> dict[str, dict[str, Any]]:
             "gpu": rec.gpu,
             "last_heartbeat": rec.last_heartbeat,
             "heartbeat_ttl": rec.heartbeat_ttl,
+            "others_sessions": others_sessions.get(rec.url, 0),
         }
     return status
 

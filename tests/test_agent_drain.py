@@ -95,7 +95,13 @@ def test_sigterm_during_traffic_loses_nothing(tmp_path: Path) -> None:
         exited = time.monotonic()
         assert a.popen.returncode == 0, a.output()
         assert a.url not in status(proxy.url), "a is deregistered"
-        time.sleep(1.0)  # traffic goes on against b alone
+        # traffic goes on against b alone: until a request started after a's exit has finished there
+
+        def served_by_b_after_exit() -> bool:
+            with lock:
+                return any(r.worker == b.url and r.started > exited for r in results)
+
+        wait_until(served_by_b_after_exit, 10, what="a request started after a exited to finish on b")
         stop.set()
         for t in threads:
             t.join(35)

@@ -79,3 +79,19 @@ def test_a_response_without_a_usage_report_still_cuts_and_teaches() -> None:
 def test_one_drain_formula(drain: float, ticks: int, left: float) -> None:
     """`Queue.left` drains at `drain` tokens per decision since it was written, never below zero."""
     assert Queue(backlog=500.0, at=5, routed=900.0).left(drain, 5 + ticks) == left
+
+
+def test_values_agree_with_queue_left() -> None:
+    """`Backlog.values` writes out `Queue.left` for a whole window: both give each worker's backlog alike,
+    drained or not, for workers with and without a queue."""
+    b = Backlog()
+    for i, (tokens, ticks) in enumerate([(800.0, 3), (50.0, 40), (2000.0, 0), (0.0, 7)]):
+        b.add(f"w{i}", tokens)
+        b.tick += ticks
+    window = views("w0", "w1", "w2", "w3", "absent")
+    for drain in (0.0, 1.5, 30.0):
+        b._drain = drain
+        want = [b.state[w.id].left(drain, b.tick) if w.id in b.state else 0.0 for w in window]
+        assert b.values(window) == want
+        assert [b.of(w.id) for w in window] == want
+    assert b.values(window)[1] == 0.0 and b.values(window)[2] > 0.0  # one drained empty, one not

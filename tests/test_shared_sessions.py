@@ -60,12 +60,17 @@ def _where(proxy: Proc, name: str) -> str:
 
 
 def _published_sessions(redis: RedisServer, replica: str) -> int:
-    r = redis_lib.Redis(port=redis.port)
+    r = redis_lib.Redis(port=redis.port, decode_responses=True)
     try:
         fields = r.hgetall(f"{PREFIX}:inflight:{replica}")
     finally:
         r.close()
-    return sum(int(v) for k, v in fields.items() if k.decode().startswith(SESSIONS_FIELD))
+    return sum(int(v) for k, v in fields.items() if str(k).startswith(SESSIONS_FIELD))
+
+
+def _others_sessions(proxy: Proc) -> int:
+    """The sessions the proxy knows other replicas placed, over the fleet (its /nodes/status)."""
+    return sum(int(s["others_sessions"]) for s in http_json("GET", proxy.url + "/nodes/status")[1].values())
 
 
 def test_two_replicas_place_sessions_as_evenly_as_one(tmp_path: Path, redis_server: RedisServer,
@@ -86,7 +91,8 @@ def test_two_replicas_place_sessions_as_evenly_as_one(tmp_path: Path, redis_serv
         deadline = time.monotonic() + 6
         while _published_sessions(redis_server, "A") < 30 and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.5)  # two of B's read intervals (SYNC_INTERVAL 0.2 s) after they landed
+        if _published_sessions(redis_server, "A") >= 30:  # B's /nodes/status shows when it has read them
+            wait_until(lambda: _others_sessions(b) >= 30, 5, what="B to read A's 30 sessions")
         placed.update(_where(b, f"b{i}") for i in range(30))
     finally:
         a.stop()

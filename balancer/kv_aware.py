@@ -349,7 +349,7 @@ class KvAware(PolicyBase):
         session_cap = 0
         exact = window is workers
         if key is None:
-            a = self._in_turn(ranked, floor if room is None else min(ranked), exact)
+            a = self._in_turn(ranked, floor if ranked is busy else min(ranked), exact)
         else:
             self._placements = self._placements * SESSION_DECAY + 1.0
             counts = self.sessions.counts

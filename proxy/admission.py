@@ -113,7 +113,7 @@ class Ticket:
     route: RouteRequest
     seq: int = 0
     tag: float = 0.0
-    #: times a later request was placed before this one while it was first in line
+    #: times a request behind this one in fair order was placed before it (the fairness bound)
     skipped: int = 0
     #: the worker the queue placed it on (None: the policy chooses among free workers)
     worker: str | None = None
@@ -122,6 +122,9 @@ class Ticket:
     admitted_at: float | None = None
     #: routed: the registry counts it now, the queue's reservation is over
     placed: bool = False
+    #: uncached prompt tokens it brings to `worker` (the policy's estimate), counted in that worker's
+    #: prefill backlog from placement until it is routed (the policy counts it from then)
+    tokens: float = 0.0
     #: the asyncio side's waiter (proxy.flow); opaque here
     waiter: Any = field(default=None, repr=False)
 
@@ -201,21 +204,43 @@ class FairQueue:
             out.extend(c.ordered(len(c.tickets) if n is None else n - len(out)))
         return out
 
-    def pick(self, cost: Callable[[Ticket], float] | None = None) -> Ticket | None:
+    def head_priority(self) -> str | None:
+        """The class of the ticket that would be served next (None when empty)."""
+        return next((name for name, c in zip(PRIORITIES, self._classes, strict=True) if c.tickets), None)
+
+    def pick(
+        self, cost: Callable[[Ticket], float] | None = None, fits: Callable[[Ticket], bool] | None = None
+    ) -> Ticket | None:
         """Take the next ticket to serve on a worker that just freed up; `cost(ticket)` is what serving it
-        there costs (lower is better; the policy's prefix-cache model). Without `cost`: the head."""
+        there costs (lower is better; the policy's prefix-cache model), `fits(ticket)` whether the worker has
+        room for it (its prefill backlog). Without `cost`: the first that fits.
+
+        The fairness bound: every ticket in reach that a pick passes over (ahead of the one taken, in fair
+        order) counts it; one passed over `window` times goes before any cheaper one. None when none fits, or
+        when the head, passed over `window` times already, does not: nobody passes it again, so the worker
+        drains until it does."""
         cls = next((c for c in self._classes if c.tickets), None)
         if cls is None:
             return None
         window = cls.ordered(self.window)
         head = window[0]
-        best = head
-        if cost is not None and len(window) > 1 and head.skipped < self.window:
-            costs = [cost(t) for t in window]
-            low = min(costs)
-            best = window[costs.index(low)]  # ties go to fair order
-        if best is not head:
-            head.skipped += 1
+        if head.skipped >= self.window:
+            if fits is not None and not fits(head):
+                return None
+            best = head
+        else:
+            ok = window if fits is None else [t for t in window if fits(t)]
+            if not ok:
+                return None
+            due = next((t for t in ok if t.skipped >= self.window), None)
+            best = due if due is not None else ok[0]
+            if due is None and cost is not None and len(ok) > 1:
+                costs = [cost(t) for t in ok]
+                best = ok[costs.index(min(costs))]  # ties go to fair order
+        for t in window:
+            if t is best:
+                break
+            t.skipped += 1
         cls.remove(best, True, self.weights.get(best.tenant, 1.0))
         return best
 

@@ -11,7 +11,14 @@ import pytest
 from turbofleet.balancer.kv_aware import KvAware
 from turbofleet.balancer.policy import Outcome, RouteRequest, WorkerView
 from turbofleet.balancer.prefix import block_hashes
-from turbofleet.balancer.saturation import BACKOFF, ConcurrencyLimits, free_slots, saturated
+from turbofleet.balancer.saturation import (
+    BACKOFF,
+    JOIN,
+    ConcurrencyLimits,
+    fits_backlog,
+    free_slots,
+    saturated,
+)
 from turbofleet.proxy.admission import (
     FairQueue,
     QueueBudgets,
@@ -125,9 +132,11 @@ def test_placement_picks_the_best_fit_within_the_window_and_bounds_skips() -> No
     assert q.pick(lambda t: 0.0 if t is ts[2] else 1.0) is ts[2]
     # ts[5] is beyond the window (3 in fair order): not reachable however cheap
     assert q.pick(lambda t: 0.0 if t is ts[5] else 1.0) is ts[0]
-    # the head may be skipped at most `window` times, then it goes whatever the cost
+    # a ticket may be passed over at most `window` times, then it goes whatever the cost; ts[1] was passed
+    # over once already, by the first pick
     head = ts[1]
-    for _ in range(3):
+    assert head.skipped == 1
+    for _ in range(2):
         picked = q.pick(lambda t: 1.0 if t is head else 0.0)
         assert picked is not head
         q.push(picked)  # type: ignore[arg-type]
@@ -296,3 +305,113 @@ def test_kv_aware_prefill_backlog_counts_routed_tokens_until_the_first_token() -
     assert p.prefill_backlog("w") > 0
     p.first_token("w", hashes)
     assert p.prefill_backlog("w") == 0
+
+
+def test_a_cold_worker_is_priced_at_the_prior_then_its_first_tokens_then_its_answers() -> None:
+    """Round 3: before any answer on a worker has ended, admission still prices its backlog: at the
+    conservative prior, then at the fastest first token seen over the policy's predicted uncached tokens
+    (which errs slow: the TTFT includes queueing), and once an answer ends, at the engine-counted rate."""
+    lim = ConcurrencyLimits(prior_per_token=2e-4)
+    assert lim.seconds_per_token("w") is None
+    assert lim.assumed_seconds_per_token("w") == 2e-4
+    lim.first_token("w", 0.9, 3000.0)  # queued behind others: 0.3 ms per token
+    assert lim.assumed_seconds_per_token("w") == pytest.approx(3e-4)
+    lim.first_token("w", 0.5, 5000.0)  # faster: kept
+    lim.first_token("w", 2.0, 1000.0)  # slower: ignored
+    lim.first_token("w", None, 1000.0)  # failed / not streamed: no signal
+    lim.first_token("w", 0.1, None)  # the policy did not list it: no signal
+    assert lim.assumed_seconds_per_token("w") == pytest.approx(1e-4)
+    assert lim.seconds_per_token("w") is None  # a hint is not the learned rate
+    lim.observe("w", 0.4, in_flight=1, tokens=2000)  # the engine's own count: 0.2 ms per token
+    assert lim.assumed_seconds_per_token("w") == pytest.approx(2e-4)
+    lim.first_token("w", 0.01, 5000.0)  # a learned rate is not overridden by a prediction
+    assert lim.assumed_seconds_per_token("w") == pytest.approx(2e-4)
+    assert lim.assumed_seconds_per_token("other") == 2e-4
+    with pytest.raises(ValueError):
+        ConcurrencyLimits(prior_per_token=0.0)
+
+
+def test_kv_aware_first_token_returns_the_tokens_its_dispatch_counted() -> None:
+    """The first-token hook hands back the uncached tokens the measured backlog held for the request (the
+    proxy's first rate estimate), and `uncached_tokens` predicts them before routing."""
+    p = KvAware(block_chars=32, backlog="measured")
+    text = "another prompt nobody has seen " * 20
+    hashes = block_hashes(text, 32)
+    req = RouteRequest("m", prefix_hashes=hashes, prompt_tokens=len(text) // 4)
+    w = WorkerView("w", frozenset({"m"}))
+    predicted = p.uncached_tokens(req, w)
+    p.choose(req, [w])
+    assert p.prefill_backlog("w") == pytest.approx(predicted)
+    assert p.first_token("w", hashes) == pytest.approx(predicted)
+    assert p.first_token("w", hashes) is None  # already started
+    assert p.first_token("w", ()) is None
+    p.observe(Outcome("w", hashes, ok=True, prompt_tokens=len(text) // 4, cached_tokens=0, ttft_s=0.1,
+                      latency_s=0.5))
+    assert p.uncached_tokens(req, w) < predicted  # the worker holds the prompt now
+    assert p.uncached_tokens(RouteRequest("m", prompt_tokens=77), w) == 77.0  # no hashes: its own count
+
+
+def test_head_priority_is_the_class_served_next() -> None:
+    q = FairQueue()
+    assert q.head_priority() is None
+    q.push(ticket(priority="batch"))
+    assert q.head_priority() == "batch"
+    q.push(ticket(priority="interactive"))
+    assert q.head_priority() == "interactive"
+    q.pick()
+    assert q.head_priority() == "batch"
+
+
+def test_a_prompt_joins_a_worker_only_if_its_own_prefill_fits_the_backlog_target() -> None:
+    """Round 3: the backlog with the request's own prefill must stay within JOIN x the class's target; a
+    prompt that alone exceeds that gets only a worker with next to nothing queued (a short prompt batched
+    with it would wait for both)."""
+    assert fits_backlog(0.3, 0.5, 1.0)
+    assert fits_backlog(0.3, JOIN - 0.31, 1.0)
+    assert not fits_backlog(0.3, JOIN - 0.29, 1.0)
+    assert not fits_backlog(1.0, 0.0, 1.0)  # the backlog alone is at the target
+    assert fits_backlog(0.0, 3.0, 1.0) and fits_backlog(0.04, 3.0, 1.0)  # an empty worker takes a long prompt
+    assert not fits_backlog(0.06, 3.0, 1.0)
+    assert fits_backlog(5.0, 5.0, 0.0)  # no target
+    lim = ConcurrencyLimits(fixed=8)
+    ws = [WorkerView("a", frozenset({"m"})), WorkerView("b", frozenset({"m"})), WorkerView("c", frozenset({"m"}))]
+    backlog = {"a": 0.5, "b": 0.0, "c": 0.2}
+    own = {"a": JOIN - 0.4, "b": JOIN - 0.4, "c": 0.1}  # c holds most of the prompt's prefix
+    got = free_slots("m", ws, lim, backlog_s=backlog.__getitem__, backlog_max=1.0, own_s=lambda w: own[w.id])
+    assert got == {"b": 8, "c": 8}
+    # without its own prefill (the class's room, not one request's), a stays open
+    assert free_slots("m", ws, lim, backlog_s=backlog.__getitem__, backlog_max=1.0) == {"a": 8, "b": 8, "c": 8}
+
+
+def test_placement_passes_over_what_does_not_fit_and_a_blocked_head_holds_the_worker() -> None:
+    """`fits`: a ticket that does not fit the freed worker is passed over (counting as a skip of the head);
+    once the head was passed over `window` times and still does not fit, nothing is placed there: the worker
+    drains until the head fits."""
+    q = FairQueue(window=2)
+    big, s1, s2, s3 = (ticket("a") for _ in range(4))
+    for t in (big, s1, s2, s3):
+        q.push(t)
+    small = lambda t: t is not big  # noqa: E731
+    assert q.pick(fits=small) is s1
+    assert q.pick(fits=small) is s2
+    assert q.pick(fits=small) is None  # skipped twice: the head holds the worker
+    assert len(q) == 2
+    assert q.pick(fits=lambda t: True) is big  # an emptied worker takes it
+    assert q.pick(fits=lambda t: False) is None
+    assert q.pick() is s3
+
+
+def test_no_ticket_in_reach_is_passed_over_more_than_window_times() -> None:
+    """Not only the head: a ticket behind it that cheaper ones keep passing (a cold prompt among warm ones)
+    counts each pass too, so once the head goes, it goes next, not after another `window` passes."""
+    q = FairQueue(window=3)
+    head, cold = ticket("a"), ticket("b")
+    warm = [ticket("c") for _ in range(8)]
+    for t in (head, cold, *warm):
+        q.push(t)
+    cost = lambda t: 1.0 if t is cold else 0.5 if t is head else 0.0  # noqa: E731
+    for i in range(3):
+        assert q.pick(cost) is warm[i]
+    assert head.skipped == 3 and cold.skipped == 3
+    assert q.pick(cost) is head  # the fairness bound
+    assert q.pick(cost) is cold  # passed over as often: before any cheaper one

@@ -24,7 +24,7 @@ from typing import Any
 
 from turbofleet.balancer.policy import RouteRequest
 
-from .identity import DEFAULT_PRIORITY, PRIORITIES, Identity, priority_rank
+from .identity import ANONYMOUS, DEFAULT_PRIORITY, PRIORITIES, Identity, priority_rank
 
 PRIORITY_HEADER = "X-Priority"
 TENANT_HEADER = "X-Tenant"
@@ -40,8 +40,9 @@ MAX_TENANT = 64
 
 
 def classify(identity: Identity | None, headers: Mapping[str, str], body_user: Any) -> tuple[str, str]:
-    """(tenant, priority class) of a request."""
-    if identity is not None:
+    """(tenant, priority class) of a request. `ANONYMOUS` (what the edge sets when no keys are configured) is no
+    key: the tenant comes from the header or the body, as without an identity."""
+    if identity is not None and identity != ANONYMOUS:
         tenant = identity.tenant
         default, ceiling = identity.priority, identity.max_priority
     else:

@@ -29,7 +29,7 @@ from turbofleet.proxy.admission import (
     guard,
     retry_after,
 )
-from turbofleet.proxy.identity import Identity
+from turbofleet.proxy.identity import ANONYMOUS, Identity
 
 
 def ticket(tenant: str = "a", priority: str = "default", t: float = 0.0, hashes: tuple[int, ...] = ()) -> Ticket:
@@ -44,6 +44,10 @@ def ticket(tenant: str = "a", priority: str = "default", t: float = 0.0, hashes:
         (None, {}, "bob", ("bob", "default")),
         (None, {"X-Priority": "Interactive"}, None, ("anonymous", "interactive")),
         (None, {"X-Priority": "bogus"}, None, ("anonymous", "default")),
+        # the edge's ANONYMOUS (no keys configured) is no key: the header or body names the tenant
+        (ANONYMOUS, {"X-Tenant": "acme"}, "bob", ("acme", "default")),
+        (ANONYMOUS, {"X-Priority": "interactive"}, "bob", ("bob", "interactive")),
+        (ANONYMOUS, {}, None, ("anonymous", "default")),
         # the key's default class, and its cap on what a header may ask for
         (Identity("t1", priority="batch", max_priority="default"), {}, None, ("t1", "batch")),
         (Identity("t1", priority="batch", max_priority="default"), {"X-Priority": "interactive"}, None,

@@ -11,7 +11,8 @@ concurrency filter, with the engine's own report as an upper bound:
   fastest seconds per token seen lately (a decaying minimum): a long prompt that takes 2 s to prefill on an
   idle worker is not congestion, and must not shrink the limit (it would starve decode batching);
 - an answer whose delay stayed under `target_ttft` while the limit was binding (the worker held at least
-  limit - 1 requests when it finished) adds 1/limit: about +1 per window of `limit` answers (a slow start,
+  limit - 1 requests when it finished; of the part of it most requests may fill, `busy_share`, when a reserve
+  is kept for the interactive class) adds 1/limit: about +1 per window of `limit` answers (a slow start,
   +1 per answer, was tried: on the sim trace it let the engines' backlogs grow to 3 s);
 - one whose delay passed `target_ttft` multiplies the limit by `BACKOFF` (0.8), at most once per window of
   `limit` answers, so one burst of slow answers (all queued behind the same prefill) counts as one signal;
@@ -73,12 +74,16 @@ class ConcurrencyLimits:
         max_limit: int = 256,
         fixed: int = 0,
         prior_per_token: float = PRIOR_S_PER_TOKEN,
+        busy_share: float = 1.0,
     ) -> None:
         if target_ttft <= 0 or min_limit < 1 or max_limit < min_limit or initial < 1 or fixed < 0:
             raise ValueError("target_ttft, initial and min_limit must be positive, max_limit >= min_limit")
         if not prior_per_token > 0:
             raise ValueError("prior_per_token must be positive")
         self.prior_per_token = prior_per_token
+        #: the limit binds when the worker holds `class_limit(limit, busy_share) - 1` (the part most requests
+        #: may fill: below 1 when a reserve is kept for the interactive class)
+        self.busy_share = min(1.0, max(0.05, busy_share))
         self.target_ttft = target_ttft
         self.initial = min(max(initial, min_limit), max_limit)
         self.min_limit = min_limit
@@ -120,7 +125,7 @@ class ConcurrencyLimits:
             if st.since_decrease >= st.limit:
                 st.limit = max(float(self.min_limit), st.limit * BACKOFF)
                 st.since_decrease = 0
-        elif in_flight >= st.limit - 1:
+        elif in_flight >= (st.limit if self.busy_share >= 1.0 else class_limit(int(st.limit), self.busy_share)) - 1:
             st.limit = min(float(self.max_limit), st.limit + 1.0 / st.limit)
 
     def report(self, worker_id: str, running: int, waiting: int) -> None:

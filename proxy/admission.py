@@ -210,7 +210,11 @@ class FairQueue:
         return next((name for name, c in zip(PRIORITIES, self._classes, strict=True) if c.tickets), None)
 
     def pick(
-        self, cost: Callable[[Ticket], float] | None = None, fits: Callable[[Ticket], bool] | None = None
+        self,
+        cost: Callable[[Ticket], float] | None = None,
+        fits: Callable[[Ticket], bool] | None = None,
+        *,
+        past_head: bool = False,
     ) -> Ticket | None:
         """Take the next ticket to serve on a worker that just freed up; `cost(ticket)` is what serving it
         there costs (lower is better; the policy's prefix-cache model), `fits(ticket)` whether the worker has
@@ -218,18 +222,19 @@ class FairQueue:
 
         The fairness bound: every ticket in reach that a pick passes over (ahead of the one taken, in fair
         order) counts it; one passed over `window` times goes before any cheaper one. None when none fits, or
-        when the head, passed over `window` times already, does not: nobody passes it again, so the worker
-        drains until it does."""
+        when the head, passed over `window` times already, does not fit: it is due, and this worker is to
+        drain until it does. `past_head`: another worker is draining for that head already, so this one takes
+        what fits behind it (backfilling)."""
         cls = next((c for c in self._classes if c.tickets), None)
         if cls is None:
             return None
         window = cls.ordered(self.window)
         head = window[0]
-        if head.skipped >= self.window:
-            if fits is not None and not fits(head):
-                return None
+        if head.skipped >= self.window and (fits is None or fits(head)):
             best = head
         else:
+            if head.skipped >= self.window and not past_head:
+                return None
             ok = window if fits is None else [t for t in window if fits(t)]
             if not ok:
                 return None

@@ -93,6 +93,7 @@ class Flow:
             initial=settings.worker_concurrency_initial,
             max_limit=settings.worker_concurrency_max,
             fixed=settings.worker_concurrency,
+            busy_share=1.0 - min(0.9, max(0.0, settings.interactive_reserve)),
         )
         self.budgets = QueueBudgets(settings.queue_timeout)
         self.queue_max = settings.queue_max
@@ -320,12 +321,16 @@ class Flow:
             slots = free_slots(model, views, self.limits, self._reserved, **fit)
             total = sum(slots.values()) - self._unplaced.get(model, 0)
             cap = self.backlog_max * fit["share"] if fit["backlog_s"] is not None else 0.0
+            held = False
             while total > 0 and slots and q.head_priority() == prio:
                 wid = min(slots, key=lambda w: (self._backlog_s(w), -slots[w]))
                 view = by_id[wid]
                 fits = self._fits(view, cap) if cap else None
-                t = q.pick(_placement_cost(cost, view) if cost is not None else None, fits)
-                if t is None:  # nothing in reach fits this worker's backlog now: try the next
+                t = q.pick(_placement_cost(cost, view) if cost is not None else None, fits, past_head=held)
+                if t is None:
+                    # nothing in reach fits this worker's backlog now, or a due head does not: then this
+                    # worker (the least backlogged) drains for it, and the others take what fits behind it
+                    held = True
                     del slots[wid]
                     continue
                 if t.waiter is None or t.waiter.done():  # its client left, or its budget ran out, this very moment

@@ -387,22 +387,24 @@ def test_a_prompt_joins_a_worker_only_if_its_own_prefill_fits_the_backlog_target
     assert free_slots("m", ws, lim, backlog_s=backlog.__getitem__, backlog_max=1.0) == {"a": 8, "b": 8, "c": 8}
 
 
-def test_placement_passes_over_what_does_not_fit_and_a_blocked_head_holds_the_worker() -> None:
-    """`fits`: a ticket that does not fit the freed worker is passed over (counting as a skip of the head);
-    once the head was passed over `window` times and still does not fit, nothing is placed there: the worker
-    drains until the head fits."""
+def test_placement_passes_over_what_does_not_fit_and_a_due_head_holds_a_worker() -> None:
+    """`fits`: a ticket that does not fit the freed worker is passed over (counting as a pass of the head);
+    once the head was passed over `window` times and still does not fit, that worker takes nothing (it
+    drains until the head fits); another worker, told one drains for the head already (`past_head`), takes
+    what fits behind it."""
     q = FairQueue(window=2)
-    big, s1, s2, s3 = (ticket("a") for _ in range(4))
-    for t in (big, s1, s2, s3):
+    big, s1, s2, s3, s4 = (ticket("a") for _ in range(5))
+    for t in (big, s1, s2, s3, s4):
         q.push(t)
     small = lambda t: t is not big  # noqa: E731
     assert q.pick(fits=small) is s1
     assert q.pick(fits=small) is s2
-    assert q.pick(fits=small) is None  # skipped twice: the head holds the worker
+    assert q.pick(fits=small) is None  # passed over twice: the head holds this worker
+    assert q.pick(fits=small, past_head=True) is s3  # another one backfills
     assert len(q) == 2
     assert q.pick(fits=lambda t: True) is big  # an emptied worker takes it
     assert q.pick(fits=lambda t: False) is None
-    assert q.pick() is s3
+    assert q.pick() is s4
 
 
 def test_no_ticket_in_reach_is_passed_over_more_than_window_times() -> None:
@@ -419,3 +421,15 @@ def test_no_ticket_in_reach_is_passed_over_more_than_window_times() -> None:
     assert head.skipped == 3 and cold.skipped == 3
     assert q.pick(cost) is head  # the fairness bound
     assert q.pick(cost) is cold  # passed over as often: before any cheaper one
+
+
+def test_the_limit_grows_when_the_part_most_requests_may_fill_binds() -> None:
+    """With a reserve kept for the interactive class, default requests fill only `busy_share` of the limit:
+    a worker held at that, with short queueing delays, is binding, and the limit grows."""
+    plain = ConcurrencyLimits(initial=10)
+    reserved = ConcurrencyLimits(initial=10, busy_share=0.8)  # default requests fill 8 of 10
+    for lim in (plain, reserved):
+        for _ in range(30):
+            lim.observe("w", 0.05, in_flight=8, tokens=100)
+    assert plain.limit("w") == 10  # 8 of 10 is not binding for a worker everyone may fill
+    assert reserved.limit("w") > 10

@@ -25,7 +25,9 @@ A fixed limit (`fixed > 0`) turns learning off. The learned limit never leaves [
 The prefill rate (seconds per uncached token) also prices each worker's prefill backlog for admission
 (`free_slots(backlog_s=...)`). Before any answer on a worker has ended, `assumed_seconds_per_token` stands
 in for it: the fastest first token seen there over the policy's predicted uncached tokens (`first_token`;
-the TTFT includes queueing, so this errs slow, the safe side), else `prior_per_token` (a conservative guess, a
+the TTFT includes queueing and what was batched with it, so this errs slow, the safe side; capped at the
+prior, as a prompt of a few uncached tokens batched with a long one can look 100x slower), else
+`prior_per_token` (a conservative guess, a
 slow engine's rate): a cold fleet's first burst is held to about `backlog_max` of prefill per worker instead
 of being let into the engines whole.
 """
@@ -157,14 +159,16 @@ class ConcurrencyLimits:
             st.hint = sample
 
     def assumed_seconds_per_token(self, worker_id: str) -> float:
-        """The rate admission prices a worker's backlog with: `seconds_per_token`, else the first-token hint,
-        else the conservative prior (see the module docstring)."""
+        """The rate admission prices a worker's backlog with: `seconds_per_token`, else the first-token hint
+        (at most the prior), else the conservative prior (see the module docstring)."""
         st = self._state.get(worker_id)
         if st is None:
             return self.prior_per_token
         if st.per_token is not None:
             return st.per_token
-        return st.hint if st.hint is not None else self.prior_per_token
+        # a first token's TTFT also holds the prefill of what was batched with it: a hint slower than the
+        # (already slow) prior is that, not the engine
+        return min(st.hint, self.prior_per_token) if st.hint is not None else self.prior_per_token
 
     def forget(self, worker_id: str) -> None:
         self._state.pop(worker_id, None)

@@ -433,3 +433,13 @@ def test_the_limit_grows_when_the_part_most_requests_may_fill_binds() -> None:
             lim.observe("w", 0.05, in_flight=8, tokens=100)
     assert plain.limit("w") == 10  # 8 of 10 is not binding for a worker everyone may fill
     assert reserved.limit("w") > 10
+
+
+def test_a_first_token_hint_slower_than_the_prior_is_batching_not_the_engine() -> None:
+    """A prompt of a few uncached tokens prefilled in one batch with a long one gets its first token late: its
+    TTFT over its own tokens is no rate; admission never prices a worker slower than the prior on hints."""
+    lim = ConcurrencyLimits(prior_per_token=2e-4)
+    lim.first_token("w", 1.6, 64.0)  # 25 ms a token
+    assert lim.assumed_seconds_per_token("w") == 2e-4
+    lim.first_token("w", 0.1, 1000.0)  # 0.1 ms a token: faster than the prior, taken
+    assert lim.assumed_seconds_per_token("w") == pytest.approx(1e-4)

@@ -318,8 +318,8 @@ def test_a_cold_worker_is_priced_at_the_prior_then_its_first_tokens_then_its_ans
     lim = ConcurrencyLimits(prior_per_token=2e-4)
     assert lim.seconds_per_token("w") is None
     assert lim.assumed_seconds_per_token("w") == 2e-4
-    lim.first_token("w", 0.9, 3000.0)  # queued behind others: 0.3 ms per token
-    assert lim.assumed_seconds_per_token("w") == pytest.approx(3e-4)
+    lim.first_token("w", 0.45, 3000.0)  # queued behind others: 0.15 ms per token
+    assert lim.assumed_seconds_per_token("w") == pytest.approx(1.5e-4)
     lim.first_token("w", 0.5, 5000.0)  # faster: kept
     lim.first_token("w", 2.0, 1000.0)  # slower: ignored
     lim.first_token("w", None, 1000.0)  # failed / not streamed: no signal

@@ -114,7 +114,7 @@ class Ticket:
     route: RouteRequest
     seq: int = 0
     tag: float = 0.0
-    #: times a request behind this one in fair order was placed before it (the fairness bound)
+    #: times a later request was placed before this one while it was first in line (the fairness bound)
     skipped: int = 0
     #: the worker the queue placed it on (None: the policy chooses among free workers)
     worker: str | None = None
@@ -220,10 +220,9 @@ class FairQueue:
         there costs (lower is better; the policy's prefix-cache model), `fits(ticket)` whether the worker has
         room for it (its prefill backlog). Without `cost`: the first that fits.
 
-        The fairness bound: every ticket in reach that a pick passes over (ahead of the one taken, in fair
-        order) counts it; one passed over `window` times goes before any cheaper one. None when none fits, or
-        when the head, passed over `window` times already, does not fit: it is due, and this worker is to
-        drain until it does. `past_head`: another worker is draining for that head already, so this one takes
+        The fairness bound: the head is passed over at most `window` times; then it goes before any cheaper
+        one. None when none fits, or when the head, passed over `window` times already, does not fit: it is
+        due, and this worker is to drain until it does. `past_head`: another worker is draining for that head already, so this one takes
         what fits behind it (backfilling)."""
         cls = next((c for c in self._classes if c.tickets), None)
         if cls is None:
@@ -238,15 +237,12 @@ class FairQueue:
             ok = window if fits is None else [t for t in window if fits(t)]
             if not ok:
                 return None
-            due = next((t for t in ok if t.skipped >= self.window), None)
-            best = due if due is not None else ok[0]
-            if due is None and cost is not None and len(ok) > 1:
+            best = ok[0]
+            if cost is not None and len(ok) > 1:
                 costs = [cost(t) for t in ok]
                 best = ok[costs.index(min(costs))]  # ties go to fair order
-        for t in window:
-            if t is best:
-                break
-            t.skipped += 1
+        if best is not head:
+            head.skipped += 1
         cls.remove(best, True, self.weights.get(best.tenant, 1.0))
         return best
 

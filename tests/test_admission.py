@@ -136,11 +136,9 @@ def test_placement_picks_the_best_fit_within_the_window_and_bounds_skips() -> No
     assert q.pick(lambda t: 0.0 if t is ts[2] else 1.0) is ts[2]
     # ts[5] is beyond the window (3 in fair order): not reachable however cheap
     assert q.pick(lambda t: 0.0 if t is ts[5] else 1.0) is ts[0]
-    # a ticket may be passed over at most `window` times, then it goes whatever the cost; ts[1] was passed
-    # over once already, by the first pick
+    # the head may be skipped at most `window` times, then it goes whatever the cost
     head = ts[1]
-    assert head.skipped == 1
-    for _ in range(2):
+    for _ in range(3):
         picked = q.pick(lambda t: 1.0 if t is head else 0.0)
         assert picked is not head
         q.push(picked)  # type: ignore[arg-type]
@@ -405,22 +403,6 @@ def test_placement_passes_over_what_does_not_fit_and_a_due_head_holds_a_worker()
     assert q.pick(fits=lambda t: True) is big  # an emptied worker takes it
     assert q.pick(fits=lambda t: False) is None
     assert q.pick() is s4
-
-
-def test_no_ticket_in_reach_is_passed_over_more_than_window_times() -> None:
-    """Not only the head: a ticket behind it that cheaper ones keep passing (a cold prompt among warm ones)
-    counts each pass too, so once the head goes, it goes next, not after another `window` passes."""
-    q = FairQueue(window=3)
-    head, cold = ticket("a"), ticket("b")
-    warm = [ticket("c") for _ in range(8)]
-    for t in (head, cold, *warm):
-        q.push(t)
-    cost = lambda t: 1.0 if t is cold else 0.5 if t is head else 0.0  # noqa: E731
-    for i in range(3):
-        assert q.pick(cost) is warm[i]
-    assert head.skipped == 3 and cold.skipped == 3
-    assert q.pick(cost) is head  # the fairness bound
-    assert q.pick(cost) is cold  # passed over as often: before any cheaper one
 
 
 def test_the_limit_grows_when_the_part_most_requests_may_fill_binds() -> None:

@@ -222,8 +222,8 @@ class FairQueue:
 
         The fairness bound: the head is passed over at most `window` times; then it goes before any cheaper
         one. None when none fits, or when the head, passed over `window` times already, does not fit: it is
-        due, and this worker is to drain until it does. `past_head`: another worker is draining for that head already, so this one takes
-        what fits behind it (backfilling)."""
+        due, and this worker is to drain until it does. `past_head`: another worker is draining for that head
+        already, so this one takes what fits behind it (backfilling)."""
         cls = next((c for c in self._classes if c.tickets), None)
         if cls is None:
             return None

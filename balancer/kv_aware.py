@@ -279,11 +279,14 @@ class KvAware(PolicyBase):
 
     wants_first_token = True
 
-    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> None:
+    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> float | None:
         """The relay's hook (issue 14): the request routed to `worker_id` with these hashes got its first
-        token, so its prefill is done and it leaves the measured backlog."""
+        token, so its prefill is done and it leaves the measured backlog. Returns its uncached prompt tokens
+        as predicted at dispatch (None when it was not listed): with its TTFT, the proxy's first estimate of
+        the worker's prefill rate (issue 10)."""
         if prefix_hashes:
-            self.measured.started((worker_id, prefix_hashes[-1]))
+            return self.measured.started((worker_id, prefix_hashes[-1]))
+        return None
 
     def choose_unfiltered(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision | None:
         """`choose` on a whole fleet snapshot, skipping workers that are not ready or do not serve the model.
@@ -650,6 +653,16 @@ class KvAware(PolicyBase):
         first-token hook) when the policy measures, else modelled. The proxy's admission turns it into
         seconds with the worker's prefill rate (balancer/saturation.py)."""
         return self.measured.value(worker_id) if self._measuring() else self.backlog.of(worker_id)
+
+    def uncached_tokens(self, request: RouteRequest, worker: WorkerView) -> float:
+        """The prompt tokens `worker` would have to prefill for `request`, by the prefix index (what
+        `_dispatch` would add to its backlog); the request's own count when it has no hashes. Changes no
+        state: the proxy's queue counts a request it placed on a worker before it is routed (issue 10)."""
+        hashes = request.prefix_hashes
+        if not hashes:
+            return float(request.prompt_tokens or 0)
+        m = self._usable(worker.id, hashes, self.index.match(worker.id, hashes))
+        return (len(hashes) + 0.5 - m) * self.tokens_per_block
 
     def queue_cost(self, request: RouteRequest, worker: WorkerView) -> float:
         """What serving `request` on `worker` costs, in prompt tokens of prefill, by the cost model `choose`

@@ -162,8 +162,9 @@ class Policy(Protocol):
     #: whether the proxy should call `first_token` when a streamed request's first token arrives
     wants_first_token: bool
 
-    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> None:
-        """A streamed request routed to `worker_id` got its first token: its prefill is done (issue 14)."""
+    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> float | None:
+        """A streamed request routed to `worker_id` got its first token: its prefill is done (issue 14).
+        May return the request's uncached prompt tokens as predicted at dispatch (None: not known)."""
 
 
 class PolicyBase:
@@ -185,8 +186,8 @@ class PolicyBase:
 
     wants_first_token: bool = False
 
-    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> None:
-        pass
+    def first_token(self, worker_id: str, prefix_hashes: tuple[int, ...]) -> float | None:
+        return None
 
 
 #: the reason a policy gives when the session's pinned worker is not among the eligible workers; `route`,

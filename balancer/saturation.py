@@ -11,7 +11,8 @@ concurrency filter, with the engine's own report as an upper bound:
   fastest seconds per token seen lately (a decaying minimum): a long prompt that takes 2 s to prefill on an
   idle worker is not congestion, and must not shrink the limit (it would starve decode batching);
 - an answer whose delay stayed under `target_ttft` while the limit was binding (the worker held at least
-  limit - 1 requests when it finished) adds 1/limit: about +1 per window of `limit` answers (a slow start,
+  limit - 1 requests when it finished; of the part of it most requests may fill, `busy_share`, when a reserve
+  is kept for the interactive class) adds 1/limit: about +1 per window of `limit` answers (a slow start,
   +1 per answer, was tried: on the sim trace it let the engines' backlogs grow to 3 s);
 - one whose delay passed `target_ttft` multiplies the limit by `BACKOFF` (0.8), at most once per window of
   `limit` answers, so one burst of slow answers (all queued behind the same prefill) counts as one signal;
@@ -20,6 +21,15 @@ concurrency filter, with the engine's own report as an upper bound:
   longer order them. LMDeploy refreshes that report only every ~10 s, so it is a bound, not the signal.
 
 A fixed limit (`fixed > 0`) turns learning off. The learned limit never leaves [min_limit, max_limit].
+
+The prefill rate (seconds per uncached token) also prices each worker's prefill backlog for admission
+(`free_slots(backlog_s=...)`). Before any answer on a worker has ended, `assumed_seconds_per_token` stands
+in for it: the fastest first token seen there over the policy's predicted uncached tokens (`first_token`;
+the TTFT includes queueing and what was batched with it, so this errs slow, the safe side; capped at the
+prior, as a prompt of a few uncached tokens batched with a long one can look 100x slower), else
+`prior_per_token` (a conservative guess, a
+slow engine's rate): a cold fleet's first burst is held to about `backlog_max` of prefill per worker instead
+of being let into the engines whole.
 """
 
 from __future__ import annotations
@@ -37,6 +47,10 @@ HEADROOM = 0.25
 #: how fast the fastest-seconds-per-token estimate forgets (per answer): it follows a worker that got slower
 #: within ~350 answers, slowly enough that sustained queueing is not absorbed into it
 DRIFT = 0.002
+#: the prefill rate assumed for a worker nothing has been seen of yet, seconds per uncached token: 5,000
+#: tokens/s, slow for a GPU engine (a 1.5B model on an H200 prefills ~10x faster; the sim's default is this),
+#: so a cold worker's first burst is cut short rather than let in whole; replaced at its first token
+PRIOR_S_PER_TOKEN = 2e-4
 
 
 @dataclass(slots=True)
@@ -46,6 +60,8 @@ class _State:
     since_decrease: int = 0
     #: the fastest prefill seen lately, seconds per uncached prompt token (None until one is seen)
     per_token: float | None = None
+    #: until `per_token` is known: the fastest first token seen over its predicted uncached tokens
+    hint: float | None = None
 
 
 class ConcurrencyLimits:
@@ -59,9 +75,17 @@ class ConcurrencyLimits:
         min_limit: int = 1,
         max_limit: int = 256,
         fixed: int = 0,
+        prior_per_token: float = PRIOR_S_PER_TOKEN,
+        busy_share: float = 1.0,
     ) -> None:
         if target_ttft <= 0 or min_limit < 1 or max_limit < min_limit or initial < 1 or fixed < 0:
             raise ValueError("target_ttft, initial and min_limit must be positive, max_limit >= min_limit")
+        if not prior_per_token > 0:
+            raise ValueError("prior_per_token must be positive")
+        self.prior_per_token = prior_per_token
+        #: the limit binds when the worker holds `class_limit(limit, busy_share) - 1` (the part most requests
+        #: may fill: below 1 when a reserve is kept for the interactive class)
+        self.busy_share = min(1.0, max(0.05, busy_share))
         self.target_ttft = target_ttft
         self.initial = min(max(initial, min_limit), max_limit)
         self.min_limit = min_limit
@@ -103,7 +127,7 @@ class ConcurrencyLimits:
             if st.since_decrease >= st.limit:
                 st.limit = max(float(self.min_limit), st.limit * BACKOFF)
                 st.since_decrease = 0
-        elif in_flight >= st.limit - 1:
+        elif in_flight >= (st.limit if self.busy_share >= 1.0 else class_limit(int(st.limit), self.busy_share)) - 1:
             st.limit = min(float(self.max_limit), st.limit + 1.0 / st.limit)
 
     def report(self, worker_id: str, running: int, waiting: int) -> None:
@@ -121,8 +145,53 @@ class ConcurrencyLimits:
         st = self._state.get(worker_id)
         return None if st is None else st.per_token
 
+    def first_token(self, worker_id: str, ttft_s: float | None, tokens: float | None) -> None:
+        """A streamed request on the worker got its first token after `ttft_s`; `tokens`: its uncached prompt
+        tokens as the policy predicted them. Until an answer's end gives the worker's rate (`observe`, from
+        the engine's own token counts), the fastest of these stands in for it."""
+        if ttft_s is None or ttft_s <= 0 or not tokens or tokens <= 0:
+            return
+        st = self._of(worker_id)
+        if st.per_token is not None:
+            return
+        sample = ttft_s / tokens
+        if st.hint is None or sample < st.hint:
+            st.hint = sample
+
+    def assumed_seconds_per_token(self, worker_id: str) -> float:
+        """The rate admission prices a worker's backlog with: `seconds_per_token`, else the first-token hint
+        (at most the prior), else the conservative prior (see the module docstring)."""
+        st = self._state.get(worker_id)
+        if st is None:
+            return self.prior_per_token
+        if st.per_token is not None:
+            return st.per_token
+        # a first token's TTFT also holds the prefill of what was batched with it: a hint slower than the
+        # (already slow) prior is that, not the engine
+        return min(st.hint, self.prior_per_token) if st.hint is not None else self.prior_per_token
+
     def forget(self, worker_id: str) -> None:
         self._state.pop(worker_id, None)
+
+
+#: a worker whose prefill backlog is under this share of the class's target counts as empty (`fits_backlog`)
+IDLE_SHARE = 0.05
+#: a request may join a worker while the backlog there with its own prefill stays within this many times the
+#: class's target (`fits_backlog`): a request already waiting there is delayed by at most that much
+JOIN = 1.5
+
+
+def fits_backlog(backlog_s: float, own_s: float, cap: float) -> bool:
+    """Whether a request whose own prefill takes `own_s` may join a worker with `backlog_s` of prefill queued,
+    under the class's backlog target `cap` (0: no target). The backlog must be under the target, and with the
+    request's own prefill within `JOIN` x the target, unless the worker has next to nothing queued: a prompt
+    that alone takes longer gets an empty worker, where it delays no other request's first token (an engine
+    prefills what is waiting in one batch, so a short prompt queued with a long one waits for both)."""
+    if cap <= 0:
+        return True
+    if backlog_s >= cap:
+        return False
+    return backlog_s <= cap * IDLE_SHARE or backlog_s + own_s <= cap * JOIN
 
 
 def class_limit(limit: int, share: float) -> int:
@@ -139,6 +208,7 @@ def free_slots(
     share: float = 1.0,
     backlog_s: Callable[[str], float] | None = None,
     backlog_max: float = 0.0,
+    own_s: Callable[[WorkerView], float] | None = None,
 ) -> dict[str, int]:
     """Ready workers serving `model` that can take more requests now -> how many more. `reserved`: requests
     this proxy admitted to a worker that the registry does not count yet. A model none of whose ready workers
@@ -147,15 +217,19 @@ def free_slots(
     `share` (0..1]: the part of each worker's limit, and of `backlog_max`, the asking class may fill (the rest
     is kept for the interactive class). `backlog_s(worker)`: seconds of prefill queued on the worker ahead of a
     new request; a worker whose backlog is at `backlog_max` x `share` or more is full whatever its count (its
-    engine's FIFO prefill queue is where a new request would wait); 0 turns that limit off."""
+    engine's FIFO prefill queue is where a new request would wait); 0 turns that limit off. `own_s(worker)`:
+    the asking request's own prefill there, when it is known: the worker must also fit it (`fits_backlog`)."""
     out: dict[str, int] = {}
     cap = backlog_max * min(1.0, share) if backlog_s is not None and backlog_max > 0 else 0.0
     for w in workers:
         if w.state != READY or model not in w.models:
             continue
         free = class_limit(limits.limit(w.id), share) - w.in_flight - (reserved.get(w.id, 0) if reserved else 0)
-        if free > 0 and cap and backlog_s is not None and backlog_s(w.id) >= cap:
-            free = 0
+        if free > 0 and cap and backlog_s is not None:
+            b = backlog_s(w.id)
+            own = own_s(w) if own_s is not None and cap * IDLE_SHARE < b < cap else 0.0
+            if not fits_backlog(b, own, cap):
+                free = 0
         if free > 0:
             out[w.id] = free
     return out

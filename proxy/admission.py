@@ -24,7 +24,7 @@ from typing import Any
 
 from turbofleet.balancer.policy import RouteRequest
 
-from .identity import DEFAULT_PRIORITY, PRIORITIES, Identity, priority_rank
+from .identity import ANONYMOUS, DEFAULT_PRIORITY, PRIORITIES, Identity, priority_rank
 
 PRIORITY_HEADER = "X-Priority"
 TENANT_HEADER = "X-Tenant"
@@ -40,8 +40,9 @@ MAX_TENANT = 64
 
 
 def classify(identity: Identity | None, headers: Mapping[str, str], body_user: Any) -> tuple[str, str]:
-    """(tenant, priority class) of a request."""
-    if identity is not None:
+    """(tenant, priority class) of a request. `ANONYMOUS` (what the edge sets when no keys are configured) is no
+    key: the tenant comes from the header or the body, as without an identity."""
+    if identity is not None and identity != ANONYMOUS:
         tenant = identity.tenant
         default, ceiling = identity.priority, identity.max_priority
     else:
@@ -113,7 +114,7 @@ class Ticket:
     route: RouteRequest
     seq: int = 0
     tag: float = 0.0
-    #: times a later request was placed before this one while it was first in line
+    #: times a later request was placed before this one while it was first in line (the fairness bound)
     skipped: int = 0
     #: the worker the queue placed it on (None: the policy chooses among free workers)
     worker: str | None = None
@@ -122,6 +123,9 @@ class Ticket:
     admitted_at: float | None = None
     #: routed: the registry counts it now, the queue's reservation is over
     placed: bool = False
+    #: uncached prompt tokens it brings to `worker` (the policy's estimate), counted in that worker's
+    #: prefill backlog from placement until it is routed (the policy counts it from then)
+    tokens: float = 0.0
     #: the asyncio side's waiter (proxy.flow); opaque here
     waiter: Any = field(default=None, repr=False)
 
@@ -201,19 +205,42 @@ class FairQueue:
             out.extend(c.ordered(len(c.tickets) if n is None else n - len(out)))
         return out
 
-    def pick(self, cost: Callable[[Ticket], float] | None = None) -> Ticket | None:
+    def head_priority(self) -> str | None:
+        """The class of the ticket that would be served next (None when empty)."""
+        return next((name for name, c in zip(PRIORITIES, self._classes, strict=True) if c.tickets), None)
+
+    def pick(
+        self,
+        cost: Callable[[Ticket], float] | None = None,
+        fits: Callable[[Ticket], bool] | None = None,
+        *,
+        past_head: bool = False,
+    ) -> Ticket | None:
         """Take the next ticket to serve on a worker that just freed up; `cost(ticket)` is what serving it
-        there costs (lower is better; the policy's prefix-cache model). Without `cost`: the head."""
+        there costs (lower is better; the policy's prefix-cache model), `fits(ticket)` whether the worker has
+        room for it (its prefill backlog). Without `cost`: the first that fits.
+
+        The fairness bound: the head is passed over at most `window` times; then it goes before any cheaper
+        one. None when none fits, or when the head, passed over `window` times already, does not fit: it is
+        due, and this worker is to drain until it does. `past_head`: another worker is draining for that head
+        already, so this one takes what fits behind it (backfilling)."""
         cls = next((c for c in self._classes if c.tickets), None)
         if cls is None:
             return None
         window = cls.ordered(self.window)
         head = window[0]
-        best = head
-        if cost is not None and len(window) > 1 and head.skipped < self.window:
-            costs = [cost(t) for t in window]
-            low = min(costs)
-            best = window[costs.index(low)]  # ties go to fair order
+        if head.skipped >= self.window and (fits is None or fits(head)):
+            best = head
+        else:
+            if head.skipped >= self.window and not past_head:
+                return None
+            ok = window if fits is None else [t for t in window if fits(t)]
+            if not ok:
+                return None
+            best = ok[0]
+            if cost is not None and len(ok) > 1:
+                costs = [cost(t) for t in ok]
+                best = ok[costs.index(min(costs))]  # ties go to fair order
         if best is not head:
             head.skipped += 1
         cls.remove(best, True, self.weights.get(best.tenant, 1.0))

@@ -37,7 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from turbofleet.balancer.policy import READY, Decision, Policy, RouteRequest, WorkerView
-from turbofleet.balancer.saturation import ConcurrencyLimits, free_slots
+from turbofleet.balancer.saturation import ConcurrencyLimits, fits_backlog, free_slots
 
 from .admission import (
     BUDGET_HEADER,
@@ -93,6 +93,7 @@ class Flow:
             initial=settings.worker_concurrency_initial,
             max_limit=settings.worker_concurrency_max,
             fixed=settings.worker_concurrency,
+            busy_share=1.0 - min(0.9, max(0.0, settings.interactive_reserve)),
         )
         self.budgets = QueueBudgets(settings.queue_timeout)
         self.queue_max = settings.queue_max
@@ -100,11 +101,15 @@ class Flow:
         self._cost: Any = getattr(policy, "queue_cost", None)
         #: worker -> uncached prompt tokens queued there (kv_aware's measured or modelled prefill backlog)
         self._backlog_tokens: Callable[[str], float] | None = getattr(policy, "prefill_backlog", None)
+        #: (request, worker) -> the uncached tokens it would bring there (kv_aware's prefix index)
+        self._uncached: Callable[[RouteRequest, WorkerView], float] | None = getattr(policy, "uncached_tokens", None)
         self.backlog_max = max(0.0, settings.prefill_backlog_max)
         self.reserve = min(0.9, max(0.0, settings.interactive_reserve))
         self._queues: dict[str, FairQueue] = {}
         #: worker -> requests the queue placed there that the registry does not count yet
         self._reserved: dict[str, int] = {}
+        #: worker -> their uncached prompt tokens (the policy's backlog counts them once they are routed)
+        self._pending: dict[str, float] = {}
         #: model -> admitted requests the policy will place (not counted by the registry yet)
         self._unplaced: dict[str, int] = {}
         #: model -> this replica's admitted requests not done
@@ -129,7 +134,7 @@ class Flow:
         if q is None:
             q = self._queues[t.model] = FairQueue(self.window)
         if not q:
-            free = self._free(t.model, self._views(), t.priority)
+            free = self._free(t.model, self._views(), t.priority, t.route)
             if free is None or free > 0:
                 self._admitted(t, None, queued=False)
                 return t
@@ -178,6 +183,8 @@ class Flow:
             self._unplaced[t.model] = self._unplaced.get(t.model, 0) + 1
         else:
             self._reserved[worker] = self._reserved.get(worker, 0) + 1
+            if t.tokens:
+                self._pending[worker] = self._pending.get(worker, 0.0) + t.tokens
         self._local[t.model] = self._local.get(t.model, 0) + 1
         t.admitted_at = asyncio.get_running_loop().time()
         self.metrics.inc("turbofleet_queue_admitted_total", queued="yes" if queued else "no", priority=t.priority)
@@ -194,8 +201,11 @@ class Flow:
             left = self._reserved.get(t.worker, 0) - 1
             if left > 0:
                 self._reserved[t.worker] = left
+                if t.tokens:
+                    self._pending[t.worker] = max(0.0, self._pending.get(t.worker, 0.0) - t.tokens)
             else:
                 self._reserved.pop(t.worker, None)
+                self._pending.pop(t.worker, None)  # none left there: exactly 0, no float drift
 
     def _release(self, t: Ticket) -> None:
         self._unreserve(t)
@@ -213,7 +223,8 @@ class Flow:
             for w in snapshot:
                 if w.id == placed_on and w.state == READY and model in w.models:
                     return [w]
-        free = free_slots(model, snapshot, self.limits, self._reserved, **self._fit(t.priority))
+        free = free_slots(model, snapshot, self.limits, self._reserved, **self._fit(t.priority),
+                          own_s=self._own(t.route))
         if not free:
             return snapshot  # another replica took the slot meanwhile: the policy's cap decides (overshoot)
         return [w for w in snapshot if w.id in free]
@@ -231,6 +242,17 @@ class Flow:
         streamed (a non-streaming answer's first byte is its last)."""
         if self.enabled:
             self.limits.observe(worker, ttft_s, self.registry.in_flight(worker) + 1, uncached_tokens)
+
+    def first_token(self, worker: str, ttft_s: float | None, uncached_tokens: float | None) -> None:
+        """A streamed request on `worker` got its first token after `ttft_s` (the policy predicted
+        `uncached_tokens` for it): its prefill left the worker's backlog, so queued requests may fit now; until
+        an answer there has ended, this is also the first estimate of the worker's prefill rate."""
+        if not self.enabled:
+            return
+        self.limits.first_token(worker, ttft_s, uncached_tokens)
+        for model, q in self._queues.items():
+            if q:
+                self._pump(model)
 
     def done(self, t: Ticket | None) -> None:
         """The request ended: its slot is free for the next queued request."""
@@ -252,11 +274,13 @@ class Flow:
         return self.outliers.apply(self.registry.snapshot())
 
     def _backlog_s(self, worker: str) -> float:
-        """Seconds of prefill queued on `worker` ahead of a new request (0 while its rate is unknown)."""
-        per_token = self.limits.seconds_per_token(worker)
-        if per_token is None or self._backlog_tokens is None:
+        """Seconds of prefill queued on `worker` ahead of a new request: the policy's backlog plus what the
+        queue placed there that is not routed yet, at the worker's assumed rate (`ConcurrencyLimits.
+        assumed_seconds_per_token`: learned, else its first tokens', else a conservative prior)."""
+        if self._backlog_tokens is None:
             return 0.0
-        return self._backlog_tokens(worker) * per_token
+        tokens = self._backlog_tokens(worker) + self._pending.get(worker, 0.0)
+        return tokens * self.limits.assumed_seconds_per_token(worker) if tokens > 0 else 0.0
 
     def _fit(self, priority: str) -> dict[str, Any]:
         """free_slots' class-dependent limits: below interactive, a class fills only (1 - reserve) of each
@@ -265,39 +289,70 @@ class Flow:
         on = self.backlog_max > 0 and self._backlog_tokens is not None
         return {"share": share, "backlog_s": self._backlog_s if on else None, "backlog_max": self.backlog_max}
 
-    def _free(self, model: str, views: Sequence[WorkerView], priority: str) -> int | None:
+    def _own(self, route: RouteRequest) -> Callable[[WorkerView], float] | None:
+        """The request's own prefill on a worker, seconds (by the policy's prefix index), when it can tell."""
+        uncached = self._uncached
+        if uncached is None or not self.backlog_max:
+            return None
+        return lambda w: uncached(route, w) * self.limits.assumed_seconds_per_token(w.id)
+
+    def _free(self, model: str, views: Sequence[WorkerView], priority: str, route: RouteRequest) -> int | None:
         """Free slots for `model` after reservations, for a request of `priority`; None when it has no ready
         worker (routing answers)."""
         if not any(w.state == READY and model in w.models for w in views):
             return None
-        free = free_slots(model, views, self.limits, self._reserved, **self._fit(priority))
+        free = free_slots(model, views, self.limits, self._reserved, **self._fit(priority), own_s=self._own(route))
         return sum(free.values()) - self._unplaced.get(model, 0)
 
     def _pump(self, model: str) -> None:
+        """Place queued requests on workers with room for the class at the head of the queue (strict
+        priority: a class below it waits while it waits), each on the free worker with the least prefill
+        backlog, choosing among the first in fair order the one that worker fits best."""
         q = self._queues.get(model)
         if not q:
             return
         views = self._views()
-        slots = free_slots(model, views, self.limits, self._reserved)
-        total = sum(slots.values()) - self._unplaced.get(model, 0)
-        if not slots or total <= 0:
-            return
         by_id = {w.id: w for w in views}
         cost = self._cost
-        while total > 0 and slots and q:
-            wid = max(slots, key=slots.__getitem__)
-            view = by_id[wid]
-            t = q.pick(_placement_cost(cost, view) if cost is not None else None)
-            if t is None:
-                break
-            if t.waiter is None or t.waiter.done():  # its client left, or its budget ran out, this very moment
-                continue
-            self._admitted(t, wid, queued=True)
-            t.waiter.set_result(None)
-            total -= 1
-            slots[wid] -= 1
-            if slots[wid] <= 0:
-                del slots[wid]
+        while q:
+            prio = q.head_priority()
+            assert prio is not None
+            fit = self._fit(prio)
+            slots = free_slots(model, views, self.limits, self._reserved, **fit)
+            total = sum(slots.values()) - self._unplaced.get(model, 0)
+            cap = self.backlog_max * fit["share"] if fit["backlog_s"] is not None else 0.0
+            held = False
+            while total > 0 and slots and q.head_priority() == prio:
+                wid = min(slots, key=lambda w: (self._backlog_s(w), -slots[w]))
+                view = by_id[wid]
+                fits = self._fits(view, cap) if cap else None
+                t = q.pick(_placement_cost(cost, view) if cost is not None else None, fits, past_head=held)
+                if t is None:
+                    # nothing in reach fits this worker's backlog now, or a due head does not: then this
+                    # worker (the least backlogged) drains for it, and the others take what fits behind it
+                    held = True
+                    del slots[wid]
+                    continue
+                if t.waiter is None or t.waiter.done():  # its client left, or its budget ran out, this very moment
+                    continue
+                t.tokens = float(self._uncached(t.route, view)) if self._uncached is not None else 0.0
+                self._admitted(t, wid, queued=True)
+                t.waiter.set_result(None)
+                total -= 1
+                # the worker's room after this one: its count, and its backlog with this request's tokens
+                left = free_slots(model, [view], self.limits, self._reserved, **fit).get(wid, 0)
+                if left > 0:
+                    slots[wid] = left
+                else:
+                    del slots[wid]
+            if not q or q.head_priority() == prio:
+                return  # the queue is empty, or its head's class has no room left
+
+    def _fits(self, view: WorkerView, cap: float) -> Callable[[Ticket], bool]:
+        """Whether a queued request fits `view`'s prefill backlog with its own prefill (`fits_backlog`)."""
+        backlog = self._backlog_s(view.id)
+        own = self._own
+        return lambda t: fits_backlog(backlog, (f(view) if (f := own(t.route)) else 0.0), cap)
 
     def _drain(self, model: str) -> float | None:
         views = [w for w in self._views() if w.state == READY and model in w.models]

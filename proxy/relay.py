@@ -122,7 +122,7 @@ class Relay:
         # a policy that never pins saves the pin lookup (a Redis round trip for a new session)
         self._uses_pins = policy.uses_pins
         # issue 14: a policy may want each streamed request's first token (the measured prefill backlog)
-        self._first_token: Callable[[str, tuple[int, ...]], None] | None = (
+        self._first_token: Callable[[str, tuple[int, ...]], float | None] | None = (
             policy.first_token if policy.wants_first_token else None
         )
         self._kinds: dict[str, str] = {}
@@ -364,7 +364,8 @@ class Relay:
             trace.ttft = time.monotonic() - trace.t0
             self.metrics.observe("turbofleet_ttft_seconds", trace.ttft, worker=worker)
             if self._first_token is not None and facts.stream and status == 200:
-                self._first_token(worker, trace.hashes)  # issue 14: its prefill is done
+                tokens = self._first_token(worker, trace.hashes)  # issue 14: its prefill is done
+                self.flow.first_token(worker, trace.ttft, tokens)  # issue 10: room in its backlog, its rate
             if trace.retry:  # the retry got its answer: it no longer counts against the budget
                 trace.retry = False
                 self.retrying -= 1

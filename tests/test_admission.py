@@ -11,7 +11,14 @@ import pytest
 from turbofleet.balancer.kv_aware import KvAware
 from turbofleet.balancer.policy import Outcome, RouteRequest, WorkerView
 from turbofleet.balancer.prefix import block_hashes
-from turbofleet.balancer.saturation import BACKOFF, ConcurrencyLimits, free_slots, saturated
+from turbofleet.balancer.saturation import (
+    BACKOFF,
+    JOIN,
+    ConcurrencyLimits,
+    fits_backlog,
+    free_slots,
+    saturated,
+)
 from turbofleet.proxy.admission import (
     FairQueue,
     QueueBudgets,
@@ -22,7 +29,7 @@ from turbofleet.proxy.admission import (
     guard,
     retry_after,
 )
-from turbofleet.proxy.identity import Identity
+from turbofleet.proxy.identity import ANONYMOUS, Identity
 
 
 def ticket(tenant: str = "a", priority: str = "default", t: float = 0.0, hashes: tuple[int, ...] = ()) -> Ticket:
@@ -37,6 +44,10 @@ def ticket(tenant: str = "a", priority: str = "default", t: float = 0.0, hashes:
         (None, {}, "bob", ("bob", "default")),
         (None, {"X-Priority": "Interactive"}, None, ("anonymous", "interactive")),
         (None, {"X-Priority": "bogus"}, None, ("anonymous", "default")),
+        # the edge's ANONYMOUS (no keys configured) is no key: the header or body names the tenant
+        (ANONYMOUS, {"X-Tenant": "acme"}, "bob", ("acme", "default")),
+        (ANONYMOUS, {"X-Priority": "interactive"}, "bob", ("bob", "interactive")),
+        (ANONYMOUS, {}, None, ("anonymous", "default")),
         # the key's default class, and its cap on what a header may ask for
         (Identity("t1", priority="batch", max_priority="default"), {}, None, ("t1", "batch")),
         (Identity("t1", priority="batch", max_priority="default"), {"X-Priority": "interactive"}, None,
@@ -296,3 +307,121 @@ def test_kv_aware_prefill_backlog_counts_routed_tokens_until_the_first_token() -
     assert p.prefill_backlog("w") > 0
     p.first_token("w", hashes)
     assert p.prefill_backlog("w") == 0
+
+
+def test_a_cold_worker_is_priced_at_the_prior_then_its_first_tokens_then_its_answers() -> None:
+    """Round 3: before any answer on a worker has ended, admission still prices its backlog: at the
+    conservative prior, then at the fastest first token seen over the policy's predicted uncached tokens
+    (which errs slow: the TTFT includes queueing), and once an answer ends, at the engine-counted rate."""
+    lim = ConcurrencyLimits(prior_per_token=2e-4)
+    assert lim.seconds_per_token("w") is None
+    assert lim.assumed_seconds_per_token("w") == 2e-4
+    lim.first_token("w", 0.45, 3000.0)  # queued behind others: 0.15 ms per token
+    assert lim.assumed_seconds_per_token("w") == pytest.approx(1.5e-4)
+    lim.first_token("w", 0.5, 5000.0)  # faster: kept
+    lim.first_token("w", 2.0, 1000.0)  # slower: ignored
+    lim.first_token("w", None, 1000.0)  # failed / not streamed: no signal
+    lim.first_token("w", 0.1, None)  # the policy did not list it: no signal
+    assert lim.assumed_seconds_per_token("w") == pytest.approx(1e-4)
+    assert lim.seconds_per_token("w") is None  # a hint is not the learned rate
+    lim.observe("w", 0.4, in_flight=1, tokens=2000)  # the engine's own count: 0.2 ms per token
+    assert lim.assumed_seconds_per_token("w") == pytest.approx(2e-4)
+    lim.first_token("w", 0.01, 5000.0)  # a learned rate is not overridden by a prediction
+    assert lim.assumed_seconds_per_token("w") == pytest.approx(2e-4)
+    assert lim.assumed_seconds_per_token("other") == 2e-4
+    with pytest.raises(ValueError):
+        ConcurrencyLimits(prior_per_token=0.0)
+
+
+def test_kv_aware_first_token_returns_the_tokens_its_dispatch_counted() -> None:
+    """The first-token hook hands back the uncached tokens the measured backlog held for the request (the
+    proxy's first rate estimate), and `uncached_tokens` predicts them before routing."""
+    p = KvAware(block_chars=32, backlog="measured")
+    text = "another prompt nobody has seen " * 20
+    hashes = block_hashes(text, 32)
+    req = RouteRequest("m", prefix_hashes=hashes, prompt_tokens=len(text) // 4)
+    w = WorkerView("w", frozenset({"m"}))
+    predicted = p.uncached_tokens(req, w)
+    p.choose(req, [w])
+    assert p.prefill_backlog("w") == pytest.approx(predicted)
+    assert p.first_token("w", hashes) == pytest.approx(predicted)
+    assert p.first_token("w", hashes) is None  # already started
+    assert p.first_token("w", ()) is None
+    p.observe(Outcome("w", hashes, ok=True, prompt_tokens=len(text) // 4, cached_tokens=0, ttft_s=0.1,
+                      latency_s=0.5))
+    assert p.uncached_tokens(req, w) < predicted  # the worker holds the prompt now
+    assert p.uncached_tokens(RouteRequest("m", prompt_tokens=77), w) == 77.0  # no hashes: its own count
+
+
+def test_head_priority_is_the_class_served_next() -> None:
+    q = FairQueue()
+    assert q.head_priority() is None
+    q.push(ticket(priority="batch"))
+    assert q.head_priority() == "batch"
+    q.push(ticket(priority="interactive"))
+    assert q.head_priority() == "interactive"
+    q.pick()
+    assert q.head_priority() == "batch"
+
+
+def test_a_prompt_joins_a_worker_only_if_its_own_prefill_fits_the_backlog_target() -> None:
+    """Round 3: the backlog with the request's own prefill must stay within JOIN x the class's target; a
+    prompt that alone exceeds that gets only a worker with next to nothing queued (a short prompt batched
+    with it would wait for both)."""
+    assert fits_backlog(0.3, 0.5, 1.0)
+    assert fits_backlog(0.3, JOIN - 0.31, 1.0)
+    assert not fits_backlog(0.3, JOIN - 0.29, 1.0)
+    assert not fits_backlog(1.0, 0.0, 1.0)  # the backlog alone is at the target
+    assert fits_backlog(0.0, 3.0, 1.0) and fits_backlog(0.04, 3.0, 1.0)  # an empty worker takes a long prompt
+    assert not fits_backlog(0.06, 3.0, 1.0)
+    assert fits_backlog(5.0, 5.0, 0.0)  # no target
+    lim = ConcurrencyLimits(fixed=8)
+    ws = [WorkerView("a", frozenset({"m"})), WorkerView("b", frozenset({"m"})), WorkerView("c", frozenset({"m"}))]
+    backlog = {"a": 0.5, "b": 0.0, "c": 0.2}
+    own = {"a": JOIN - 0.4, "b": JOIN - 0.4, "c": 0.1}  # c holds most of the prompt's prefix
+    got = free_slots("m", ws, lim, backlog_s=backlog.__getitem__, backlog_max=1.0, own_s=lambda w: own[w.id])
+    assert got == {"b": 8, "c": 8}
+    # without its own prefill (the class's room, not one request's), a stays open
+    assert free_slots("m", ws, lim, backlog_s=backlog.__getitem__, backlog_max=1.0) == {"a": 8, "b": 8, "c": 8}
+
+
+def test_placement_passes_over_what_does_not_fit_and_a_due_head_holds_a_worker() -> None:
+    """`fits`: a ticket that does not fit the freed worker is passed over (counting as a pass of the head);
+    once the head was passed over `window` times and still does not fit, that worker takes nothing (it
+    drains until the head fits); another worker, told one drains for the head already (`past_head`), takes
+    what fits behind it."""
+    q = FairQueue(window=2)
+    big, s1, s2, s3, s4 = (ticket("a") for _ in range(5))
+    for t in (big, s1, s2, s3, s4):
+        q.push(t)
+    small = lambda t: t is not big  # noqa: E731
+    assert q.pick(fits=small) is s1
+    assert q.pick(fits=small) is s2
+    assert q.pick(fits=small) is None  # passed over twice: the head holds this worker
+    assert q.pick(fits=small, past_head=True) is s3  # another one backfills
+    assert len(q) == 2
+    assert q.pick(fits=lambda t: True) is big  # an emptied worker takes it
+    assert q.pick(fits=lambda t: False) is None
+    assert q.pick() is s4
+
+
+def test_the_limit_grows_when_the_part_most_requests_may_fill_binds() -> None:
+    """With a reserve kept for the interactive class, default requests fill only `busy_share` of the limit:
+    a worker held at that, with short queueing delays, is binding, and the limit grows."""
+    plain = ConcurrencyLimits(initial=10)
+    reserved = ConcurrencyLimits(initial=10, busy_share=0.8)  # default requests fill 8 of 10
+    for lim in (plain, reserved):
+        for _ in range(30):
+            lim.observe("w", 0.05, in_flight=8, tokens=100)
+    assert plain.limit("w") == 10  # 8 of 10 is not binding for a worker everyone may fill
+    assert reserved.limit("w") > 10
+
+
+def test_a_first_token_hint_slower_than_the_prior_is_batching_not_the_engine() -> None:
+    """A prompt of a few uncached tokens prefilled in one batch with a long one gets its first token late: its
+    TTFT over its own tokens is no rate; admission never prices a worker slower than the prior on hints."""
+    lim = ConcurrencyLimits(prior_per_token=2e-4)
+    lim.first_token("w", 1.6, 64.0)  # 25 ms a token
+    assert lim.assumed_seconds_per_token("w") == 2e-4
+    lim.first_token("w", 0.1, 1000.0)  # 0.1 ms a token: faster than the prior, taken
+    assert lim.assumed_seconds_per_token("w") == pytest.approx(1e-4)

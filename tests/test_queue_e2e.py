@@ -87,6 +87,30 @@ def test_priority_order_and_route_header(tmp_path: Path, sim: Proc) -> None:
         p.stop()
 
 
+def test_tenants_by_header_get_fair_shares_without_keys(tmp_path: Path, sim: Proc) -> None:
+    """No API keys configured: `X-Tenant` names the tenant, so a tenant that queued three requests does not
+    make a later tenant's one wait behind all three (start-time fair queuing)."""
+    p = proxy(tmp_path, sim, "--queue-timeout", "60")
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            busy = pool.submit(chat, p.port, 20)  # holds the only slot ~1 s
+            wait_until(lambda: gauge(p, "turbofleet_in_flight_requests") == 1, what="first request in flight")
+            flood = []
+            for n in range(1, 4):
+                flood.append(pool.submit(chat, p.port, 4, {"X-Tenant": "big"}))
+                wait_until(lambda n=n: gauge(p, "turbofleet_queue_depth") == n, what=f"{n} queued")
+            small = pool.submit(chat, p.port, 4, {"X-Tenant": "small"})
+            wait_until(lambda: gauge(p, "turbofleet_queue_depth") == 4, what="4 queued")
+            assert busy.result()[0] == 200
+            ends = [f.result() for f in flood]
+            mine = small.result()
+        assert mine[0] == 200 and all(r[0] == 200 for r in ends)
+        # one slot: big's first, then small's (its fair share), then big's other two
+        assert ends[0][3] < mine[3] < ends[1][3] < ends[2][3]
+    finally:
+        p.stop()
+
+
 def test_budget_queue_full_and_early_shedding(tmp_path: Path, sim: Proc) -> None:
     p = proxy(tmp_path, sim, "--queue-timeout", "30", "--queue-max", "3")
     try:

@@ -88,12 +88,13 @@ class Flow:
         self.outliers = outliers
         self.metrics = metrics
         self.enabled = settings.admission.lower() not in ("off", "false", "0", "no")
+        self.reserve = min(0.9, max(0.0, settings.interactive_reserve))
         self.limits = ConcurrencyLimits(
             target_ttft=settings.target_ttft,
             initial=settings.worker_concurrency_initial,
             max_limit=settings.worker_concurrency_max,
             fixed=settings.worker_concurrency,
-            busy_share=1.0 - min(0.9, max(0.0, settings.interactive_reserve)),
+            busy_share=1.0 - self.reserve,
         )
         self.budgets = QueueBudgets(settings.queue_timeout)
         self.queue_max = settings.queue_max
@@ -104,7 +105,6 @@ class Flow:
         #: (request, worker) -> the uncached tokens it would bring there (kv_aware's prefix index)
         self._uncached: Callable[[RouteRequest, WorkerView], float] | None = getattr(policy, "uncached_tokens", None)
         self.backlog_max = max(0.0, settings.prefill_backlog_max)
-        self.reserve = min(0.9, max(0.0, settings.interactive_reserve))
         self._queues: dict[str, FairQueue] = {}
         #: worker -> requests the queue placed there that the registry does not count yet
         self._reserved: dict[str, int] = {}
@@ -250,9 +250,7 @@ class Flow:
         if not self.enabled:
             return
         self.limits.first_token(worker, ttft_s, uncached_tokens)
-        for model, q in self._queues.items():
-            if q:
-                self._pump(model)
+        self._pump_all()
 
     def done(self, t: Ticket | None) -> None:
         """The request ended: its slot is free for the next queued request."""
@@ -265,6 +263,10 @@ class Flow:
             held = asyncio.get_running_loop().time() - started
             mean = self._service.get(t.model)
             self._service[t.model] = held if mean is None else mean + SERVICE_LEARN * (held - mean)
+        self._pump_all()
+
+    def _pump_all(self) -> None:
+        """A worker may have room now: place what each model's queue can."""
         for model, q in self._queues.items():
             if q:
                 self._pump(model)

@@ -82,8 +82,8 @@ def test_one_drain_formula(drain: float, ticks: int, left: float) -> None:
 
 
 def test_values_agree_with_queue_left() -> None:
-    """`Backlog.values` writes out `Queue.left` for a whole window: both give each worker's backlog alike,
-    drained or not, for workers with and without a queue."""
+    """`Backlog.values` gives each worker in the window its `Queue.left`, drained or not, for workers with and
+    without a queue."""
     b = Backlog()
     for i, (tokens, ticks) in enumerate([(800.0, 3), (50.0, 40), (2000.0, 0), (0.0, 7)]):
         b.add(f"w{i}", tokens)

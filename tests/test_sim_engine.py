@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from turbofleet.worker.sim.cache import PrefixCache
+from tests.sim_engine_kit import running_engines
 from turbofleet.worker.sim.config import EngineConfig
 from turbofleet.worker.sim.engine import Engine, Seq
-from turbofleet.worker.sim.stats import SimStats
 from turbofleet.worker.sim.tokens import VOCAB, output_words, tokenize
 
 FAST = EngineConfig(
@@ -24,17 +23,12 @@ MakeEngine = Callable[..., Engine]
 
 @pytest.fixture
 async def make_engine() -> AsyncIterator[MakeEngine]:
-    engines: list[Engine] = []
+    async with running_engines() as start:
 
-    def make(cfg: EngineConfig = FAST) -> Engine:
-        e = Engine(cfg, PrefixCache(cfg.block_size, cfg.cache_blocks, cfg.prefix_cache), SimStats())
-        e.start()
-        engines.append(e)
-        return e
+        def make(cfg: EngineConfig = FAST) -> Engine:
+            return start(cfg)
 
-    yield make
-    for e in engines:
-        await e.stop()
+        yield make
 
 
 def prompt(n: int, tag: str = "p") -> list[str]:

@@ -16,13 +16,12 @@ from typing import Any
 import pytest
 
 from tests.procs_kit import wait_until
+from tests.sim_engine_kit import running_engines
 from turbofleet.worker.sim import fit, gpushare
-from turbofleet.worker.sim.cache import PrefixCache
 from turbofleet.worker.sim.config import EngineConfig
 from turbofleet.worker.sim.engine import Engine
 from turbofleet.worker.sim.gpushare import GpuShare, parse_table, slowdown
 from turbofleet.worker.sim.main import add_arguments, config_from_args
-from turbofleet.worker.sim.stats import SimStats
 from turbofleet.worker.sim.tokens import output_words
 
 
@@ -105,17 +104,8 @@ MakeEngine = Callable[[EngineConfig], Engine]
 
 @pytest.fixture
 async def make_engine() -> AsyncIterator[MakeEngine]:
-    engines: list[Engine] = []
-
-    def make(cfg: EngineConfig) -> Engine:
-        e = Engine(cfg, PrefixCache(cfg.block_size, cfg.cache_blocks, cfg.prefix_cache), SimStats())
-        e.start()
-        engines.append(e)
-        return e
-
-    yield make
-    for e in engines:
-        await e.stop()
+    async with running_engines() as make:
+        yield make
 
 
 async def until(pred: Callable[[], bool], within: float = 5.0) -> None:

@@ -175,9 +175,9 @@ def _gpu_share(
     tables: dict[str, tuple[float, ...]] = {}
     if getattr(args, "profile", None):
         for part, values in (profiles.load(args.profile).get("gpu_share") or {}).items():
-            if part in ("prefill", "cached", "decode"):
+            if part in profiles.SHARE_PARTS:
                 tables[part] = tuple(float(v) for v in values)
-    for part in ("prefill", "cached", "decode"):
+    for part in profiles.SHARE_PARTS:
         text = getattr(args, f"gpu_slowdown_{part}", None)
         if text:
             try:

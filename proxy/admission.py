@@ -9,8 +9,7 @@
   flooding the queue only lines up behind itself;
 - placement (`FairQueue.pick`): when a worker frees up, the queued request it fits best among the first
   `window` in fair order (the one whose prefix it holds, by the policy's cost), never skipping the head more
-  than `window` times: the fairness bound; a request that has spent `URGENT_SHARE` of its queue budget
-  goes before cheaper ones, earliest deadline first, when the worker fits it (`now`);
+  than `window` times: the fairness bound;
 - when to give up early (`expected_wait`): the requests ahead of it over the drain rate; a request whose
   expected wait exceeds its budget is told 429 at once, with that wait as Retry-After.
 """
@@ -36,12 +35,6 @@ DEFAULT_BUDGETS = {"interactive": 2.0, "default": 5.0, "batch": 30.0}
 #: enough for a loaded event loop and the client's own reading to still see it within the budget
 GUARD_SHARE = 0.1
 GUARD_MAX_S = 0.25
-#: a queued request that has waited this share of its budget is urgent (`FairQueue.pick`): it goes before any
-#: cheaper request behind it that the worker fits, earliest deadline first, instead of being passed over until
-#: its budget runs out (a burst of short prompts otherwise starves a longer one, of any tenant, to a 429)
-URGENT_SHARE = 0.4
-#: how far past the placement window `pick` looks for urgent requests (a multiple of the window)
-URGENT_REACH = 4
 #: tenant names longer than this are cut (they label metrics)
 MAX_TENANT = 64
 
@@ -222,7 +215,6 @@ class FairQueue:
         fits: Callable[[Ticket], bool] | None = None,
         *,
         past_head: bool = False,
-        now: float | None = None,
     ) -> Ticket | None:
         """Take the next ticket to serve on a worker that just freed up; `cost(ticket)` is what serving it
         there costs (lower is better; the policy's prefix-cache model), `fits(ticket)` whether the worker has
@@ -231,19 +223,14 @@ class FairQueue:
         The fairness bound: the head is passed over at most `window` times; then it goes before any cheaper
         one. None when none fits, or when the head, passed over `window` times already, does not fit: it is
         due, and this worker is to drain until it does. `past_head`: another worker is draining for that head
-        already, so this one takes what fits behind it (backfilling). `now` (the proxy clock): a request that
-        has waited `URGENT_SHARE` of its budget (looked for among the first `URGENT_REACH` x `window`) and fits
-        goes before cheaper ones, the earliest deadline first, after a due head."""
+        already, so this one takes what fits behind it (backfilling)."""
         cls = next((c for c in self._classes if c.tickets), None)
         if cls is None:
             return None
         window = cls.ordered(self.window)
         head = window[0]
-        urgent = self._urgent(cls, now, fits) if now is not None else None
         if head.skipped >= self.window and (fits is None or fits(head)):
             best = head
-        elif urgent is not None and not (head.skipped >= self.window and not past_head):
-            best = urgent
         else:
             if head.skipped >= self.window and not past_head:
                 return None
@@ -258,12 +245,6 @@ class FairQueue:
             head.skipped += 1
         cls.remove(best, True, self.weights.get(best.tenant, 1.0))
         return best
-
-    def _urgent(self, cls: _Class, now: float, fits: Callable[[Ticket], bool] | None) -> Ticket | None:
-        """The urgent ticket (see `pick`) with the earliest deadline that fits, if any."""
-        reach = cls.ordered(self.window * URGENT_REACH)
-        due = [t for t in reach if now - t.enqueued >= URGENT_SHARE * t.budget and (fits is None or fits(t))]
-        return min(due, key=lambda t: (t.deadline, t.tag, t.seq)) if due else None
 
     def ahead(self, t: Ticket) -> int:
         """Tickets that would be served before `t`."""

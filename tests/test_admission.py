@@ -425,28 +425,3 @@ def test_a_first_token_hint_slower_than_the_prior_is_batching_not_the_engine() -
     assert lim.assumed_seconds_per_token("w") == 2e-4
     lim.first_token("w", 0.1, 1000.0)  # 0.1 ms a token: faster than the prior, taken
     assert lim.assumed_seconds_per_token("w") == pytest.approx(1e-4)
-
-
-def test_an_urgent_request_goes_before_cheaper_ones_earliest_deadline_first() -> None:
-    def tk(tenant: str, enqueued: float) -> Ticket:
-        return Ticket("m", tenant, "default", enqueued, 1.5, RouteRequest("m"))
-
-    q = FairQueue(window=4)
-    long_, small = tk("big", 0.0), tk("small", 0.2)
-    rest = [tk("big", 0.25) for _ in range(3)]
-    for t in [long_, small, *rest]:
-        q.push(t)
-    cheap = {id(t) for t in rest}
-
-    def cost(t: Ticket) -> float:
-        return 0.0 if id(t) in cheap else 1.0
-
-    # before any has spent URGENT_SHARE of its budget, the cheapest goes (and the head counts a skip)
-    assert q.pick(cost, now=0.3) in rest
-    # at 0.7 s both long_ (deadline 1.5) and small (1.7) are urgent: the earliest deadline first
-    assert q.pick(cost, now=0.7) is long_
-    # an urgent one the worker does not fit waits; a cheaper one that fits goes
-    assert q.pick(cost, lambda t: t is not small, now=0.8) in rest
-    assert q.pick(cost, now=0.8) is small
-    # without `now` (no clock), placement is as before: cost within the window
-    assert q.pick(cost) in rest and len(q) == 0

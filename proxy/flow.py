@@ -37,7 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from turbofleet.balancer.policy import READY, Decision, Policy, RouteRequest, WorkerView
-from turbofleet.balancer.saturation import JOIN, ConcurrencyLimits, fits_backlog, free_slots
+from turbofleet.balancer.saturation import ConcurrencyLimits, fits_backlog, free_slots
 
 from .admission import (
     BUDGET_HEADER,
@@ -328,8 +328,6 @@ class Flow:
                 wid = min(slots, key=lambda w: (self._backlog_s(w), -slots[w]))
                 view = by_id[wid]
                 fits = self._fits(view, cap) if cap else None
-                if cap and not held:
-                    self._due_if_lone(q, view, cap)
                 t = q.pick(_placement_cost(cost, view) if cost is not None else None, fits, past_head=held)
                 if t is None:
                     # nothing in reach fits this worker's backlog now, or a due head does not: then this
@@ -351,16 +349,6 @@ class Flow:
                     del slots[wid]
             if not q or q.head_priority() == prio:
                 return  # the queue is empty, or its head's class has no room left
-
-    def _due_if_lone(self, q: FairQueue, view: WorkerView, cap: float) -> None:
-        """A head whose own prefill fits only an empty worker (over `JOIN` x the class's target) is due at
-        once: the least backlogged worker drains for it now, instead of after `window` cheaper requests have
-        gone past it, by which time its budget is mostly spent (a long prompt of any tenant waited out its
-        budget so, while shorter ones behind it kept every worker's backlog above empty)."""
-        head = q.order(1)
-        own = self._own(head[0].route) if head else None
-        if own is not None and head[0].skipped < q.window and own(view) > cap * JOIN:
-            head[0].skipped = q.window
 
     def _fits(self, view: WorkerView, cap: float) -> Callable[[Ticket], bool]:
         """Whether a queued request fits `view`'s prefill backlog with its own prefill (`fits_backlog`)."""

@@ -8,8 +8,8 @@
   max(the class's virtual time, its tenant's last finish tag) + 1, served smallest tag first), so a tenant
   flooding the queue only lines up behind itself;
 - placement (`FairQueue.pick`): when a worker frees up, the queued request it fits best among the first
-  `window` in fair order (the one whose prefix it holds, by the policy's cost), never skipping the head, or a
-  tenant's first request in reach for another tenant's, more than `window` times: the fairness bound;
+  `window` in fair order (the one whose prefix it holds, by the policy's cost), never skipping the head more
+  than `window` times: the fairness bound;
 - when to give up early (`expected_wait`): the requests ahead of it over the drain rate; a request whose
   expected wait exceeds its budget is told 429 at once, with that wait as Retry-After.
 """
@@ -229,12 +229,8 @@ class FairQueue:
             return None
         window = cls.ordered(self.window)
         head = window[0]
-        # a tenant's first request in reach that other tenants' requests went past `window` times is due too
-        due = next((t for t in window[1:] if t.skipped >= self.window and (fits is None or fits(t))), None)
         if head.skipped >= self.window and (fits is None or fits(head)):
             best = head
-        elif due is not None and not (head.skipped >= self.window and not past_head):
-            best = due
         else:
             if head.skipped >= self.window and not past_head:
                 return None
@@ -247,7 +243,6 @@ class FairQueue:
                 best = ok[costs.index(min(costs))]  # ties go to fair order
         if best is not head:
             head.skipped += 1
-            _count_passes(window, best)
         cls.remove(best, True, self.weights.get(best.tenant, 1.0))
         return best
 
@@ -260,21 +255,6 @@ class FairQueue:
             elif rank == t.rank:
                 n += sum(1 for o in c.tickets.values() if (o.tag, o.seq) < (t.tag, t.seq))
         return n
-
-
-def _count_passes(window: list[Ticket], best: Ticket) -> None:
-    """`best` went before the tickets ahead of it in fair order: each other tenant's first ticket among those
-    (the head aside, counted by `pick`) counts a pass, so the fairness bound holds per tenant: a tenant's
-    request is passed over by other tenants' cheaper ones at most `window` times, wherever it is in line
-    (only the head's passes counted before: a small tenant's request behind the head could be passed over by
-    a big tenant's until its budget ran out). Passes within one tenant stay free (its own order)."""
-    seen = {window[0].tenant, best.tenant}
-    for t in window[1:]:
-        if t is best:
-            break
-        if t.tenant not in seen:
-            seen.add(t.tenant)
-            t.skipped += 1
 
 
 def expected_wait(ahead: int, drain_per_s: float | None) -> float | None:

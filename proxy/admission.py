@@ -9,7 +9,7 @@
   flooding the queue only lines up behind itself;
 - placement (`FairQueue.pick`): when a worker frees up, the queued request it fits best among the first
   `window` in fair order (the one whose prefix it holds, by the policy's cost), never skipping the head more
-  than `window` times, nor once it has waited half its budget: the fairness bound;
+  than `window` times: the fairness bound;
 - when to give up early (`expected_wait`): the requests ahead of it over the drain rate; a request whose
   expected wait exceeds its budget is told 429 at once, with that wait as Retry-After.
 """
@@ -35,10 +35,6 @@ DEFAULT_BUDGETS = {"interactive": 2.0, "default": 5.0, "batch": 30.0}
 #: enough for a loaded event loop and the client's own reading to still see it within the budget
 GUARD_SHARE = 0.1
 GUARD_MAX_S = 0.25
-#: the head of a class that has waited this share of its queue budget goes before cheaper requests, like one
-#: passed over `window` times (`FairQueue.pick`): where slots free up slowly (the count limit binding), eight
-#: passes took longer than a 1.5 s budget, and the head was told 429 while cheaper ones behind it were served
-LATE_SHARE = 0.5
 #: tenant names longer than this are cut (they label metrics)
 MAX_TENANT = 64
 
@@ -219,7 +215,6 @@ class FairQueue:
         fits: Callable[[Ticket], bool] | None = None,
         *,
         past_head: bool = False,
-        now: float | None = None,
     ) -> Ticket | None:
         """Take the next ticket to serve on a worker that just freed up; `cost(ticket)` is what serving it
         there costs (lower is better; the policy's prefix-cache model), `fits(ticket)` whether the worker has
@@ -228,15 +223,13 @@ class FairQueue:
         The fairness bound: the head is passed over at most `window` times; then it goes before any cheaper
         one. None when none fits, or when the head, passed over `window` times already, does not fit: it is
         due, and this worker is to drain until it does. `past_head`: another worker is draining for that head
-        already, so this one takes what fits behind it (backfilling). `now` (the proxy clock): a head that has
-        waited `LATE_SHARE` of its budget goes first too, when the worker fits it (no worker is held for it)."""
+        already, so this one takes what fits behind it (backfilling)."""
         cls = next((c for c in self._classes if c.tickets), None)
         if cls is None:
             return None
         window = cls.ordered(self.window)
         head = window[0]
-        late = now is not None and now - head.enqueued >= LATE_SHARE * head.budget
-        if (head.skipped >= self.window or late) and (fits is None or fits(head)):
+        if head.skipped >= self.window and (fits is None or fits(head)):
             best = head
         else:
             if head.skipped >= self.window and not past_head:

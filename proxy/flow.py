@@ -316,7 +316,6 @@ class Flow:
         views = self._views()
         by_id = {w.id: w for w in views}
         cost = self._cost
-        now = asyncio.get_running_loop().time()
         while q:
             prio = q.head_priority()
             assert prio is not None
@@ -329,8 +328,7 @@ class Flow:
                 wid = min(slots, key=lambda w: (self._backlog_s(w), -slots[w]))
                 view = by_id[wid]
                 fits = self._fits(view, cap) if cap else None
-                t = q.pick(_placement_cost(cost, view) if cost is not None else None, fits, past_head=held,
-                           now=now)
+                t = q.pick(_placement_cost(cost, view) if cost is not None else None, fits, past_head=held)
                 if t is None:
                     # nothing in reach fits this worker's backlog now, or a due head does not: then this
                     # worker (the least backlogged) drains for it, and the others take what fits behind it

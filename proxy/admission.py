@@ -9,7 +9,8 @@
   flooding the queue only lines up behind itself;
 - placement (`FairQueue.pick`): when a worker frees up, the queued request it fits best among the first
   `window` in fair order (the one whose prefix it holds, by the policy's cost), never skipping the head more
-  than `window` times: the fairness bound;
+  than `window` times: the fairness bound; a tenant placed well under its share lately goes first
+  (`UNDER_SHARE`, max-min fairness: the tag order puts its request in front, the cost order alone would not);
 - when to give up early (`expected_wait`): the requests ahead of it over the drain rate; a request whose
   expected wait exceeds its budget is told 429 at once, with that wait as Retry-After.
 """

@@ -9,7 +9,8 @@
   flooding the queue only lines up behind itself;
 - placement (`FairQueue.pick`): when a worker frees up, the queued request it fits best among the first
   `window` in fair order (the one whose prefix it holds, by the policy's cost), never skipping the head more
-  than `window` times: the fairness bound;
+  than `window` times: the fairness bound; a tenant placed well under its share lately goes first
+  (`UNDER_SHARE`, max-min fairness: the tag order puts its request in front, the cost order alone would not);
 - when to give up early (`expected_wait`): the requests ahead of it over the drain rate; a request whose
   expected wait exceeds its budget is told 429 at once, with that wait as Retry-After.
 """
@@ -36,6 +37,12 @@ DEFAULT_BUDGETS = {"interactive": 2.0, "default": 5.0, "batch": 30.0}
 #: enough for a loaded event loop and the client's own reading to still see it within the budget
 GUARD_SHARE = 0.1
 GUARD_MAX_S = 0.25
+#: a tenant with requests in the placement window placed (per weight) less than this share of the mean of
+#: the tenants there, lately, goes first among those the worker fits (`FairQueue.pick`, max-min fairness):
+#: the tag order alone put a small tenant's request first in line, but the cost order then passed it over
+UNDER_SHARE = 0.5
+#: how fast a class forgets its placements per tenant (per placement: ~50 placements)
+SERVED_DECAY = 0.98
 #: tenant names longer than this are cut (they label metrics)
 MAX_TENANT = 64
 
@@ -142,12 +149,31 @@ class Ticket:
 class _Class:
     """One priority class of one model: tickets by tag, tenants' finish tags, virtual time."""
 
-    __slots__ = ("finish", "tickets", "vtime")
+    __slots__ = ("finish", "served", "tickets", "vtime")
 
     def __init__(self) -> None:
         self.tickets: dict[int, Ticket] = {}
         self.finish: dict[str, float] = {}
         self.vtime = 0.0
+        #: tenant -> placements lately, over its weight (decaying by SERVED_DECAY a placement)
+        self.served: dict[str, float] = {}
+
+    def count_served(self, tenant: str, weight: float) -> None:
+        for k in list(self.served):
+            v = self.served[k] * SERVED_DECAY
+            if v < 1e-3:
+                del self.served[k]
+            else:
+                self.served[k] = v
+        self.served[tenant] = self.served.get(tenant, 0.0) + 1.0 / weight
+
+    def under_served(self, tenants: set[str]) -> set[str]:
+        """Those of `tenants` (all with requests in reach) placed less than UNDER_SHARE of their mean lately."""
+        if len(tenants) < 2:
+            return set()
+        got = {t: self.served.get(t, 0.0) for t in tenants}
+        mean = sum(got.values()) / len(got)
+        return {t for t, v in got.items() if v < UNDER_SHARE * mean}
 
     def push(self, t: Ticket, weight: float) -> None:
         t.tag = max(self.vtime, self.finish.get(t.tenant, 0.0))
@@ -250,6 +276,9 @@ class FairQueue:
             ok = window if fits is None else [t for t in window if fits(t)]
             if not ok:
                 return None
+            under = cls.under_served({t.tenant for t in ok})
+            if under:  # max-min fairness: a tenant well under its share lately goes before the others
+                ok = [t for t in ok if t.tenant in under]
             best = ok[0]
             if cost is not None and len(ok) > 1:
                 costs = [cost(t) for t in ok]
@@ -257,6 +286,7 @@ class FairQueue:
         if best is not head:
             head.skipped += 1
         cls.remove(best, True, self.weights.get(best.tenant, 1.0))
+        cls.count_served(best.tenant, self.weights.get(best.tenant, 1.0))
         return best
 
     def ahead(self, t: Ticket) -> int:

@@ -425,3 +425,24 @@ def test_a_first_token_hint_slower_than_the_prior_is_batching_not_the_engine() -
     assert lim.assumed_seconds_per_token("w") == 2e-4
     lim.first_token("w", 0.1, 1000.0)  # 0.1 ms a token: faster than the prior, taken
     assert lim.assumed_seconds_per_token("w") == pytest.approx(1e-4)
+
+
+def test_a_tenant_well_under_its_share_of_placements_goes_first() -> None:
+    """Max-min fairness in placement: once the big tenant has been placed lately and the small one not, the
+    small tenant's request goes before the big tenant's cheaper ones; tenants placed alike keep the cost
+    order."""
+    q = FairQueue(window=8)
+    for _ in range(6):
+        q.push(ticket("big"))
+    for _ in range(4):  # the big tenant alone: placed by cost
+        assert q.pick(lambda t: 0.0).tenant == "big"  # type: ignore[union-attr]
+    small = ticket("small")
+    q.push(small)
+    assert q.order()[0] is small  # first in tag order (start-time fair queuing) but the dearest here
+    assert q.pick(lambda t: 1.0 if t is small else 0.0) is small
+
+    even = FairQueue(window=8)
+    a, b = ticket("a"), ticket("b")
+    even.push(a)
+    even.push(b)
+    assert even.pick(lambda t: 1.0 if t is a else 0.0) is b  # never placed either: the cost decides

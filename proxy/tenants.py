@@ -13,7 +13,9 @@ with no limits. Every field but the key is optional; a limit of 0 or none means 
 Limits: requests/min and tokens/min are token buckets (bursts up to one minute's worth), counted fleet-wide
 in Redis when the registry is Redis (one bucket per key, one atomic Lua script per decision) and per replica
 otherwise; tokens are charged from the answer's `usage` (prompt + completion) after it, so a request is
-admitted while the key's token bucket is not in debt. The concurrency cap is per replica.
+admitted while the key's token bucket is not in debt. The concurrency cap counts the fleet's requests with the
+Redis registry (each replica shares its count per key, `proxy/limits.py`) and this replica's on the memory
+registry; with Redis down, each replica falls back to its own count.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ concurrency filter, with the engine's own report as an upper bound:
   +1 per answer, was tried: on the sim trace it let the engines' backlogs grow to 3 s);
 - one whose delay passed `target_ttft` multiplies the limit by `BACKOFF` (0.8), at most once per window of
   `limit` answers, so one burst of slow answers (all queued behind the same prefill) counts as one signal;
+- a non-streamed answer (its first byte is its last) that ended within `target_ttft` counts as a fast one; a
+  slower one says nothing, as its decode cannot be told from queueing;
 - a report of requests waiting in the engine (`waiting > 0`) caps the limit at what the engine ran then plus a
   quarter (pipelining headroom): requests beyond what it batches only wait there, where the proxy can no
   longer order them. LMDeploy refreshes that report only every ~10 s, so it is a bound, not the signal.
@@ -106,11 +108,23 @@ class ConcurrencyLimits:
         st = self._state.get(worker_id)
         return self.initial if st is None else max(self.min_limit, int(st.limit))
 
-    def observe(self, worker_id: str, ttft_s: float | None, in_flight: int, tokens: int | None = None) -> None:
-        """A streaming request on the worker finished; `ttft_s` None when it failed, the client left, or it was
-        not streamed (no signal). `in_flight`: what the worker held when it finished, this one included;
-        `tokens`: its uncached prompt tokens, when the worker said."""
+    def observe(self, worker_id: str, ttft_s: float | None, in_flight: int, tokens: int | None = None,
+                *, whole: bool = False) -> None:
+        """A request on the worker finished; `ttft_s` None when it failed or the client left (no signal).
+        `in_flight`: what the worker held when it finished, this one included; `tokens`: its uncached prompt
+        tokens, when the worker said.
+
+        `whole`: the request was not streamed, so `ttft_s` is the whole answer (prefill, queueing and decode
+        together). Such an answer can only say "fast": one that ended within `target_ttft` had a first token
+        within it too, so it counts for growth; a slower one says nothing (its decode cannot be told from
+        queueing), and it never feeds the prefill rate. Without this, a fleet serving only JSON answers would
+        keep its initial limit forever and queue what it could serve."""
         if ttft_s is None:
+            return
+        if whole:
+            if self.fixed or ttft_s > self.target_ttft:
+                return
+            self._grow(self._of(worker_id), in_flight)
             return
         st = self._of(worker_id)
         own = 0.0
@@ -127,7 +141,12 @@ class ConcurrencyLimits:
             if st.since_decrease >= st.limit:
                 st.limit = max(float(self.min_limit), st.limit * BACKOFF)
                 st.since_decrease = 0
-        elif in_flight >= (st.limit if self.busy_share >= 1.0 else class_limit(int(st.limit), self.busy_share)) - 1:
+        else:
+            self._grow(st, in_flight)
+
+    def _grow(self, st: _State, in_flight: int) -> None:
+        """A fast answer: +1/limit, when the limit was binding as it finished."""
+        if in_flight >= (st.limit if self.busy_share >= 1.0 else class_limit(int(st.limit), self.busy_share)) - 1:
             st.limit = min(float(self.max_limit), st.limit + 1.0 / st.limit)
 
     def report(self, worker_id: str, running: int, waiting: int) -> None:

@@ -161,6 +161,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--pin-cores", action="store_true", help="overhead: router on core 0 (taskset), load generator on core 1"
     )
+    g.add_argument("--router-cpus", default="0",
+                   help="overhead --pin-cores: the router's cores, taskset syntax (default 0)")
+    g.add_argument("--load-cpus", default="1",
+                   help="overhead --pin-cores: the load generator's and backends' cores (default 1; wrk runs a "
+                        "thread per core)")
     g.add_argument(
         "--backend",
         choices=("auto", "nginx", "sim"),

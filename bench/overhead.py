@@ -2,7 +2,8 @@
 
 Backends answer at once (nginx serving a fixed body when installed, else `sim-worker --instant`), so the router
 is the bottleneck. With --pin-cores the router gets core 0 alone; the load generator (wrk, else a Python
-client) and the backends share core 1. `direct` is the load generator against one backend, no router.
+client) and the backends share core 1 (`--router-cpus` and `--load-cpus` move them, on a box with more cores:
+wrk then runs one thread per load core). `direct` is the load generator against one backend, no router.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ from turbofleet.bench.stats import percentile
 NGINX = "/usr/sbin/nginx"
 STREAM_CHUNKS = 100
 ROUTER_CPUS, LOAD_CPUS = "0", "1"
+
+
+def cpu_list(spec: str) -> list[int]:
+    """`taskset -c` syntax ("0", "0-3", "0,2-5") as a sorted list of cores."""
+    cores: set[int] = set()
+    for part in spec.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ValueError(f"not a CPU list: {spec!r}")
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(cores)
 
 
 def request_body(model: str, stream: bool) -> dict[str, Any]:
@@ -161,8 +173,9 @@ def parse_wrk(out: str) -> dict[str, Any]:
     }
 
 
-async def wrk_load(url: str, script: Path, connections: int, duration: float, pin: bool) -> dict[str, Any]:
-    threads = 1 if pin else 2
+async def wrk_load(url: str, script: Path, connections: int, duration: float, pin: str | None) -> dict[str, Any]:
+    """`pin`: the load cores (taskset syntax), None for unpinned."""
+    threads = len(cpu_list(pin)) if pin else 2
     argv = [
         "wrk",
         f"-t{threads}",
@@ -174,7 +187,7 @@ async def wrk_load(url: str, script: Path, connections: int, duration: float, pi
         url,
     ]
     if pin:
-        argv = ["taskset", "-c", LOAD_CPUS, *argv]
+        argv = ["taskset", "-c", pin, *argv]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await proc.communicate()
     return {**parse_wrk(out.decode(errors="replace")), "tool": "wrk"}
@@ -218,11 +231,16 @@ async def python_load(url: str, body: dict[str, Any], connections: int, duration
     }
 
 
+def load_cpus(args: argparse.Namespace) -> str | None:
+    """Where the load generator and the backends run: None unpinned."""
+    return (getattr(args, "load_cpus", None) or LOAD_CPUS) if args.pin_cores else None
+
+
 async def start_backends(
     args: argparse.Namespace, d: Path, model: str, stream: bool, use_nginx: bool
 ) -> tuple[list[Child], list[str]]:
     ports = [free_port() for _ in range(args.workers)]
-    cpus = LOAD_CPUS if args.pin_cores else None
+    cpus = load_cpus(args)
     if use_nginx:
         conf = nginx_conf(d, ports, model, stream)
         children = [spawn("nginx", [NGINX, "-c", str(conf), "-p", str(d)], d, cpus)]
@@ -256,10 +274,10 @@ async def measure(url: str, args: argparse.Namespace, d: Path, model: str, strea
             await asyncio.sleep(0.3)
     if shutil.which("wrk"):
         script = wrk_script(d, body)
-        await wrk_load(target, script, args.connections, min(2.0, args.duration), args.pin_cores)  # warm-up
-        return await wrk_load(target, script, args.connections, args.duration, args.pin_cores)
+        await wrk_load(target, script, args.connections, min(2.0, args.duration), load_cpus(args))  # warm-up
+        return await wrk_load(target, script, args.connections, args.duration, load_cpus(args))
     if args.pin_cores:
-        os.sched_setaffinity(0, {int(LOAD_CPUS)})
+        os.sched_setaffinity(0, set(cpu_list(load_cpus(args) or LOAD_CPUS)))
     return await python_load(target, body, args.connections, args.duration)
 
 
@@ -284,7 +302,7 @@ async def one_router(
         run_id=uuid.uuid4().hex[:8],
         proxy_args=shlex.split(args.proxy_args or ""),
     )
-    cpus = ROUTER_CPUS if args.pin_cores else None
+    cpus = (getattr(args, "router_cpus", None) or ROUTER_CPUS) if args.pin_cores else None
     children = [spawn(f"{label.replace(':', '-')}-{i}", argv, d, cpus) for i, argv in enumerate(launch.argvs)]
     try:
         async with aiohttp.ClientSession() as s:
@@ -333,6 +351,8 @@ async def _overhead(args: argparse.Namespace, specs: list[RouterSpec], d: Path, 
                 "connections": args.connections,
                 "duration_s": args.duration,
                 "pin_cores": args.pin_cores,
+                "router_cpus": getattr(args, "router_cpus", None) if args.pin_cores else None,
+                "load_cpus": load_cpus(args),
                 "rows": rows,
             },
         )
@@ -347,6 +367,9 @@ def run_overhead(args: argparse.Namespace) -> int:
 
     try:
         specs = parse_routers(args.routers or DEFAULT_OVERHEAD_ROUTERS)
+        for spec in (getattr(args, "router_cpus", None), getattr(args, "load_cpus", None)):
+            if spec:
+                cpu_list(spec)
     except ValueError as e:
         print(f"bench overhead: {e}", file=sys.stderr)
         return 2

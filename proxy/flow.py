@@ -237,11 +237,12 @@ class Flow:
         ms = ((t.admitted_at or t.enqueued) - t.enqueued) * 1e3
         return replace(decision, reason=f"queued {ms:.0f}ms, {decision.reason}")
 
-    def observe(self, worker: str, ttft_s: float | None, uncached_tokens: int | None = None) -> None:
-        """A try on `worker` ended (its slot is already released); `ttft_s` None when it failed or was not
-        streamed (a non-streaming answer's first byte is its last)."""
+    def observe(self, worker: str, ttft_s: float | None, uncached_tokens: int | None = None, *,
+                whole: bool = False) -> None:
+        """A try on `worker` ended (its slot is already released); `ttft_s` None when it failed; `whole` when
+        it was not streamed (its first byte is its last: `ttft_s` is the whole answer, a growth-only signal)."""
         if self.enabled:
-            self.limits.observe(worker, ttft_s, self.registry.in_flight(worker) + 1, uncached_tokens)
+            self.limits.observe(worker, ttft_s, self.registry.in_flight(worker) + 1, uncached_tokens, whole=whole)
 
     def first_token(self, worker: str, ttft_s: float | None, uncached_tokens: float | None) -> None:
         """A streamed request on `worker` got its first token after `ttft_s` (the policy predicted

@@ -316,7 +316,7 @@ class Relay:
                         cached_tokens=_cached_tokens(usage),
                     )
                 )
-                self.flow.observe(worker, trace.ttft if trace.ok and facts.stream else None, _uncached(usage))
+                self.flow.observe(worker, trace.ttft if trace.ok else None, _uncached(usage), whole=not facts.stream)
         finally:
             if trace.retry:
                 self.retrying -= 1

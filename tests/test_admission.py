@@ -175,6 +175,22 @@ def test_limit_grows_while_fast_and_binding() -> None:
     assert idle.limit("w") == 4
 
 
+def test_a_fast_whole_answer_grows_the_limit_and_a_slow_one_says_nothing() -> None:
+    lim = ConcurrencyLimits(target_ttft=1.0, initial=4)
+    for _ in range(40):  # JSON answers: the first byte is the last
+        lim.observe("w", 0.2, in_flight=lim.limit("w"), tokens=100, whole=True)
+    assert lim.limit("w") > 4
+    grown = lim.limit("w")
+    for _ in range(200):  # slower than the target: decode and queueing together, not a congestion signal
+        lim.observe("w", 5.0, in_flight=grown, tokens=100, whole=True)
+    assert lim.limit("w") == grown
+    assert lim.seconds_per_token("w") is None  # a whole answer never prices the worker's prefill
+    idle = ConcurrencyLimits(target_ttft=1.0, initial=4)
+    for _ in range(40):
+        idle.observe("w", 0.2, in_flight=1, whole=True)  # not binding: no evidence it can take more
+    assert idle.limit("w") == 4
+
+
 def test_limit_backs_off_once_per_window_on_slow_answers() -> None:
     lim = ConcurrencyLimits(target_ttft=1.0, initial=10)
     for _ in range(9):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 from collections.abc import Callable
@@ -117,6 +118,19 @@ def test_parse_wrk() -> None:
     assert r["errors"] == 8 and r["requests"] == 37000
     with pytest.raises(ValueError):
         overhead.parse_wrk("wrk: connection refused")
+
+
+def test_cpu_lists_for_pinning() -> None:
+    assert overhead.cpu_list("0") == [0]
+    assert overhead.cpu_list("2-5") == [2, 3, 4, 5]
+    assert overhead.cpu_list("0,3-4,1") == [0, 1, 3, 4]
+    for bad in ("", "a", "1-", "-2", "1-b"):
+        with pytest.raises(ValueError):
+            overhead.cpu_list(bad)
+    args = argparse.Namespace(pin_cores=True, load_cpus="2-7", router_cpus="0-1")
+    assert overhead.load_cpus(args) == "2-7"
+    assert overhead.load_cpus(argparse.Namespace(pin_cores=False, load_cpus="2-7")) is None
+    assert overhead.load_cpus(argparse.Namespace(pin_cores=True)) == overhead.LOAD_CPUS
 
 
 def test_generated_backend_files(tmp_path: Path) -> None:

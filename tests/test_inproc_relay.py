@@ -55,6 +55,19 @@ async def test_a_whole_answer_passes_through() -> None:
         await _settled(client)
 
 
+async def test_fast_whole_answers_grow_the_learned_limit() -> None:
+    # a fleet serving only JSON answers must learn too: with the limit binding (one slot, in use by each
+    # request until it ends), fast non-streamed answers raise it as fast streamed ones do
+    one_slot = {"worker_concurrency_initial": 1, "interactive_reserve": 0.0}
+    async with fake_workers(1) as [w], proxy_client([w], **one_slot) as client:
+        limits = client.app[RELAY].flow.limits
+        assert limits.limit(w.url) == 1
+        for _ in range(3):
+            assert (await _chat(client, False))[0] == 200
+        assert limits.limit(w.url) >= 2
+        await _settled(client)
+
+
 async def test_a_retryable_status_is_retried_on_another_worker_and_blamed() -> None:
     async with fake_workers(2) as [bad, good], proxy_client([bad, good]) as client:
         bad.behave(STATUS, 503, b'{"error": {"message": "overloaded"}}')

@@ -57,6 +57,17 @@ def _requests(log: str) -> list[dict[str, Any]]:
     return out
 
 
+def test_json_timestamps_match_isoformat_to_the_millisecond() -> None:
+    from datetime import UTC, datetime
+
+    fmt = reqlog.JsonFormatter()
+    for created in (0.0, 1.0005, 1796285090.623882, 1796285090.999999, 1796285091.0, 1796285090.0001):
+        want = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+        record.created = created
+        assert json.loads(fmt.format(record))["ts"] == want, created
+
+
 def test_one_json_line_per_request_with_route_tokens_and_tries(tmp_path: Path) -> None:
     """Stdout is a file here, so the default is JSON. A dead worker first in round-robin order makes one request
     take two tries."""

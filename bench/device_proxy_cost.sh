@@ -44,11 +44,14 @@ sysctl -qw net.core.somaxconn=65535 2>/dev/null  # the accept queue for N stream
 } 2>&1 | tee "$OUT/machine.txt"
 TF="python3 -m turbofleet"
 run() { echo "+ $*"; timeout "$1" "${@:2}"; echo "rc=$?"; }
+if [ -z "${ONLY_STREAMS:-}" ]; then  # ONLY_STREAMS=1: the streams run alone
 run 120 $TF bench overhead --routers "$PEER,${BASE}turbofleet,bare-memory,$PEER,${BASE}turbofleet" --pin-cores --router-cpus 0 \
     --load-cpus 2-9 --duration 5 --peers-venv "$VENV" --json "$OUT/overhead-json-1core.json"
 run 90 $TF bench overhead --routers "$PEER,turbofleet,turbofleet-p2" --pin-cores --router-cpus 0-1 \
     --load-cpus 2-9 --duration 5 --peers-venv "$VENV" --json "$OUT/overhead-json-2cores.json"
 run 60 $TF bench overhead --stream --routers "$PEER,${BASE}turbofleet" --pin-cores --router-cpus 0 \
     --load-cpus 2-9 --duration 5 --peers-venv "$VENV" --json "$OUT/overhead-stream-1core.json"
-run 300 $TF bench streams --n "$N" --rate "$RATE" --tokens "$TOKENS" --open-over 25 --routers "turbofleet,$PEER" \
+fi
+run "${STREAMS_TIMEOUT:-300}" $TF bench streams --n "$N" --rate "$RATE" --tokens "$TOKENS" --open-over 25 \
+    --routers "${STREAM_ROUTERS:-turbofleet,$PEER}" \
     --peers-venv "$VENV" --json "$OUT/streams-$N.json"

@@ -136,9 +136,6 @@ class Ticket:
     tokens: float = 0.0
     #: the asyncio side's waiter (proxy.flow); opaque here
     waiter: Any = field(default=None, repr=False)
-    #: admitted at once (nothing queued): the workers that had room then, so routing, which follows in the
-    #: same turn of the event loop, need not count them again (proxy.flow)
-    room: Any = field(default=None, repr=False)
 
     @property
     def rank(self) -> int:

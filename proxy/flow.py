@@ -134,9 +134,8 @@ class Flow:
         if q is None:
             q = self._queues[t.model] = FairQueue(self.window)
         if not q:
-            room = self._room(t.model, self._views(), t.priority, t.route)
-            if room is None or sum(room.values()) > self._unplaced.get(t.model, 0):
-                t.room = room
+            free = self._free(t.model, self._views(), t.priority, t.route)
+            if free is None or free > 0:
                 self._admitted(t, None, queued=False)
                 return t
         if self.closed:
@@ -224,10 +223,8 @@ class Flow:
             for w in snapshot:
                 if w.id == placed_on and w.state == READY and model in w.models:
                     return [w]
-        free, t.room = t.room, None
-        if free is None:  # not admitted at once, or a retry: count again
-            free = free_slots(model, snapshot, self.limits, self._reserved, **self._fit(t.priority),
-                              own_s=self._own(t.route))
+        free = free_slots(model, snapshot, self.limits, self._reserved, **self._fit(t.priority),
+                          own_s=self._own(t.route))
         if not free:
             return snapshot  # another replica took the slot meanwhile: the policy's cap decides (overshoot)
         return [w for w in snapshot if w.id in free]
@@ -302,13 +299,13 @@ class Flow:
             return None
         return lambda w: uncached(route, w) * self.limits.assumed_seconds_per_token(w.id)
 
-    def _room(self, model: str, views: Sequence[WorkerView], priority: str,
-              route: RouteRequest) -> dict[str, int] | None:
-        """Workers of `model` with room for a request of `priority` -> free slots after reservations; None
-        when it has no ready worker (routing answers)."""
+    def _free(self, model: str, views: Sequence[WorkerView], priority: str, route: RouteRequest) -> int | None:
+        """Free slots for `model` after reservations, for a request of `priority`; None when it has no ready
+        worker (routing answers)."""
         if not any(w.state == READY and model in w.models for w in views):
             return None
-        return free_slots(model, views, self.limits, self._reserved, **self._fit(priority), own_s=self._own(route))
+        free = free_slots(model, views, self.limits, self._reserved, **self._fit(priority), own_s=self._own(route))
+        return sum(free.values()) - self._unplaced.get(model, 0)
 
     def _pump(self, model: str) -> None:
         """Place queued requests on workers with room for the class at the head of the queue (strict

@@ -236,6 +236,11 @@ def load_cpus(args: argparse.Namespace) -> str | None:
     return (getattr(args, "load_cpus", None) or LOAD_CPUS) if args.pin_cores else None
 
 
+def router_cpus(args: argparse.Namespace) -> str | None:
+    """Where the router runs: None unpinned."""
+    return (getattr(args, "router_cpus", None) or ROUTER_CPUS) if args.pin_cores else None
+
+
 async def start_backends(
     args: argparse.Namespace, d: Path, model: str, stream: bool, use_nginx: bool
 ) -> tuple[list[Child], list[str]]:
@@ -276,8 +281,9 @@ async def measure(url: str, args: argparse.Namespace, d: Path, model: str, strea
         script = wrk_script(d, body)
         await wrk_load(target, script, args.connections, min(2.0, args.duration), load_cpus(args))  # warm-up
         return await wrk_load(target, script, args.connections, args.duration, load_cpus(args))
-    if args.pin_cores:
-        os.sched_setaffinity(0, set(cpu_list(load_cpus(args) or LOAD_CPUS)))
+    pin = load_cpus(args)
+    if pin:
+        os.sched_setaffinity(0, set(cpu_list(pin)))
     return await python_load(target, body, args.connections, args.duration)
 
 
@@ -302,7 +308,7 @@ async def one_router(
         run_id=uuid.uuid4().hex[:8],
         proxy_args=shlex.split(args.proxy_args or ""),
     )
-    cpus = (getattr(args, "router_cpus", None) or ROUTER_CPUS) if args.pin_cores else None
+    cpus = router_cpus(args)
     children = [spawn(f"{label.replace(':', '-')}-{i}", argv, d, cpus) for i, argv in enumerate(launch.argvs)]
     try:
         async with aiohttp.ClientSession() as s:
@@ -351,7 +357,7 @@ async def _overhead(args: argparse.Namespace, specs: list[RouterSpec], d: Path, 
                 "connections": args.connections,
                 "duration_s": args.duration,
                 "pin_cores": args.pin_cores,
-                "router_cpus": getattr(args, "router_cpus", None) if args.pin_cores else None,
+                "router_cpus": router_cpus(args),
                 "load_cpus": load_cpus(args),
                 "rows": rows,
             },

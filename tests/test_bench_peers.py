@@ -131,6 +131,9 @@ def test_cpu_lists_for_pinning() -> None:
     assert overhead.load_cpus(args) == "2-7"
     assert overhead.load_cpus(argparse.Namespace(pin_cores=False, load_cpus="2-7")) is None
     assert overhead.load_cpus(argparse.Namespace(pin_cores=True)) == overhead.LOAD_CPUS
+    assert overhead.router_cpus(args) == "0-1"
+    assert overhead.router_cpus(argparse.Namespace(pin_cores=False, router_cpus="0-1")) is None
+    assert overhead.router_cpus(argparse.Namespace(pin_cores=True)) == overhead.ROUTER_CPUS
 
 
 def test_generated_backend_files(tmp_path: Path) -> None:

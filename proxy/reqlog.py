@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -43,12 +44,17 @@ class JsonFormatter(logging.Formatter):
         self._prefix = ""
 
     def _ts(self, created: float) -> str:
-        """ISO 8601 in UTC to the millisecond; the part up to the second is formatted once a second."""
-        second = int(created)
+        """ISO 8601 in UTC to the millisecond, as `datetime.fromtimestamp(created, UTC).isoformat(timespec=
+        "milliseconds")` writes it (rounded to the microsecond first, then cut); the part up to the second is
+        formatted once a second."""
+        frac, whole = math.modf(created)  # datetime's own steps, so that both round alike
+        second, us = int(whole), round(frac * 1e6)
+        if us >= 1_000_000:
+            second, us = second + 1, us - 1_000_000
         if second != self._second:
             self._second = second
             self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._prefix}.{int((created - second) * 1000):03d}+00:00"
+        return f"{self._prefix}.{us // 1000:03d}+00:00"
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {

@@ -61,7 +61,9 @@ def test_json_timestamps_match_isoformat_to_the_millisecond() -> None:
     from datetime import UTC, datetime
 
     fmt = reqlog.JsonFormatter()
-    for created in (0.0, 1.0005, 1796285090.623882, 1796285090.999999, 1796285091.0, 1796285090.0001):
+    # the last four round up at the microsecond, as datetime does, before the cut to milliseconds
+    for created in (0.0, 1.0005, 1796285090.623882, 1796285090.999999, 1796285091.0, 1796285090.0001,
+                    1796285090.9999995, 1796285090.0009997, 1.9999995, 1207042215.4939995):
         want = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
         record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
         record.created = created

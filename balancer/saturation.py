@@ -1,8 +1,8 @@
 """When is a worker full? A per-worker concurrency limit, learned from what the worker delivers (issue 10).
 
-Pure and synchronous, like every balancer module: the proxy hands in each finished streaming request's time to
-first token (with its prompt's uncached tokens) and the worker's own report (running, waiting), and asks
-whether a worker can take one more.
+Pure and synchronous, like every balancer module: the proxy hands in each finished request's time to first
+token (with its prompt's uncached tokens; for a non-streamed answer, its whole time) and the worker's own
+report (running, waiting), and asks whether a worker can take one more.
 
 The limit is AIMD on queueing delay, in the spirit of Netflix's concurrency-limits and Envoy's adaptive
 concurrency filter, with the engine's own report as an upper bound:

@@ -39,6 +39,19 @@ from .probe import Load, read_health, read_load, read_models
 log = logging.getLogger("turbofleet.worker")
 
 
+#: a heartbeat never waits longer than this (ProxyClient's own timeout for the other node calls)
+HEARTBEAT_TIMEOUT_MAX = 5.0
+HEARTBEAT_TIMEOUT_MIN = 0.2
+
+
+def heartbeat_timeout(interval: float, ttl: float) -> float:
+    """How long one heartbeat may wait for its proxy. A beat lost in a brief network fault (a black-holed link
+    drops its packets; TCP retransmits them only seconds later) holds the next beat to that proxy while it is
+    in flight, so it must be given up in time for the next one, on a fresh connection, to land within the
+    TTL: half the time the TTL leaves after one interval, at most HEARTBEAT_TIMEOUT_MAX (issue 18)."""
+    return max(HEARTBEAT_TIMEOUT_MIN, min(HEARTBEAT_TIMEOUT_MAX, (ttl - interval) / 2))
+
+
 class WorkerState(StrEnum):
     """The states the proxy routes a worker by, as the wire spells them. The worker speaks to the proxy over
     HTTP only and imports none of its code, so it keeps these values itself: they are the proxy's
@@ -321,7 +334,8 @@ class Agent:
 
     async def _heartbeat(self, proxy: ProxyClient, load: Load) -> None:
         try:
-            await proxy.heartbeat(self.url, load.to_json())
+            await proxy.heartbeat(self.url, load.to_json(),
+                                  heartbeat_timeout(self.cfg.heartbeat_interval, self.cfg.heartbeat_ttl))
         except NotRegistered:
             if self.deregistering:
                 return  # the 404 answers our own removal

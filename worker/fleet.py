@@ -42,11 +42,12 @@ class ProxyClient:
     def __repr__(self) -> str:
         return f"ProxyClient({self.base})"
 
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, limit_s: float | None = None
+    ) -> Any:
+        t = self.timeout if limit_s is None else aiohttp.ClientTimeout(total=limit_s)
         try:
-            async with self.session.request(
-                method, self.base + path, json=body, headers=self.headers, timeout=self.timeout
-            ) as r:
+            async with self.session.request(method, self.base + path, json=body, headers=self.headers, timeout=t) as r:
                 raw = await r.read()
                 status = r.status
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
@@ -66,8 +67,9 @@ class ProxyClient:
     async def add(self, description: dict[str, Any]) -> None:
         await self._call("POST", "/nodes/add", description)
 
-    async def heartbeat(self, url: str, load: dict[str, Any]) -> None:
-        await self._call("POST", "/nodes/heartbeat", {"url": url, "load": load})
+    async def heartbeat(self, url: str, load: dict[str, Any], limit_s: float | None = None) -> None:
+        """`limit_s`: how long this beat may take (default: the client's timeout), see agent.heartbeat_timeout."""
+        await self._call("POST", "/nodes/heartbeat", {"url": url, "load": load}, limit_s)
 
     async def set_state(self, url: str, state: str) -> None:
         await self._call("POST", "/nodes/state", {"url": url, "state": state})

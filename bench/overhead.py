@@ -260,7 +260,30 @@ async def start_backends(
     return children, urls
 
 
-async def measure(url: str, args: argparse.Namespace, d: Path, model: str, stream: bool) -> dict[str, Any]:
+def group_cpu_s(groups: list[int]) -> float:
+    """CPU seconds (user + system, every thread) used so far by the processes of these process groups (each
+    spawned router is its own group: a wrapper and what it started are counted together)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                # the command name may hold spaces: the fields after it start past its closing ')'
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) in groups:  # pgrp; utime and stime are the 14th and 15th fields of the whole line
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+async def measure(url: str, args: argparse.Namespace, d: Path, model: str, stream: bool,
+                  groups: list[int] | None = None) -> dict[str, Any]:
+    """The load against `url`. `groups`: the router's process groups; their CPU time during the measured
+    run, per request answered, is `router_cpu_us_per_req` (a router's cost that a busy shared box distorts
+    far less than its requests/s: the router is pinned to its own core and only its own cycles count)."""
     body = request_body(model, stream)
     target = url + "/v1/chat/completions"
     async with aiohttp.ClientSession() as s:  # ready means it relays one request
@@ -280,11 +303,17 @@ async def measure(url: str, args: argparse.Namespace, d: Path, model: str, strea
     if shutil.which("wrk"):
         script = wrk_script(d, body)
         await wrk_load(target, script, args.connections, min(2.0, args.duration), load_cpus(args))  # warm-up
-        return await wrk_load(target, script, args.connections, args.duration, load_cpus(args))
-    pin = load_cpus(args)
-    if pin:
-        os.sched_setaffinity(0, set(cpu_list(pin)))
-    return await python_load(target, body, args.connections, args.duration)
+        cpu0 = group_cpu_s(groups) if groups else 0.0
+        out = await wrk_load(target, script, args.connections, args.duration, load_cpus(args))
+    else:
+        pin = load_cpus(args)
+        if pin:
+            os.sched_setaffinity(0, set(cpu_list(pin)))
+        cpu0 = group_cpu_s(groups) if groups else 0.0
+        out = await python_load(target, body, args.connections, args.duration)
+    if groups and out.get("requests"):
+        out["router_cpu_us_per_req"] = round((group_cpu_s(groups) - cpu0) * 1e6 / out["requests"], 1)
+    return out
 
 
 async def one_router(
@@ -317,7 +346,8 @@ async def one_router(
                 async with s.post(launch.urls[0] + path, json=reg) as resp:
                     if resp.status != 200:
                         raise RuntimeError(f"{path} -> HTTP {resp.status}")
-        return {"router": label, "stream": stream, **await measure(launch.urls[0], args, d, model, stream)}
+        groups = [c.popen.pid for c in children]
+        return {"router": label, "stream": stream, **await measure(launch.urls[0], args, d, model, stream, groups)}
     finally:
         for c in children:
             c.stop()

@@ -112,12 +112,13 @@ def compare(runs: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def overhead(rows: Sequence[Mapping[str, Any]]) -> str:
-    headers = ["router", "mode", "req/s", "p50 ms", "p99 ms", "errors", "tool"]
+    headers = ["router", "mode", "req/s", "p50 ms", "p99 ms", "errors", "cpu µs/req", "tool"]
     out = []
     for r in rows:
         if "skipped" in r:
             out.append(
-                [r["router"], "stream" if r.get("stream") else "json", f"skipped: {r['skipped']}", "-", "-", "-", "-"]
+                [r["router"], "stream" if r.get("stream") else "json", f"skipped: {r['skipped']}", "-", "-", "-", "-",
+                 "-"]
             )
             continue
         out.append(
@@ -128,6 +129,7 @@ def overhead(rows: Sequence[Mapping[str, Any]]) -> str:
                 _f(r["p50_ms"], 2),
                 _f(r["p99_ms"], 2),
                 str(r.get("errors", 0)),
+                _f(r.get("router_cpu_us_per_req"), 0),
                 r.get("tool", ""),
             ]
         )

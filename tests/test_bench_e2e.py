@@ -193,3 +193,6 @@ def test_overhead_direct_and_turbofleet(tmp_path: Path) -> None:
     for r in rows.values():
         assert r["requests_per_s"] > 0 and r["errors"] == 0 and r["p50_ms"] > 0
     assert data["rows"][0]["tool"] in ("wrk", "python")
+    # the router's own CPU per request is measured (a Python proxy spends tens of µs at least), never direct's
+    assert "router_cpu_us_per_req" not in rows["direct"]
+    assert 10 < rows["turbofleet:round_robin"]["router_cpu_us_per_req"] < 1e6

@@ -7,8 +7,13 @@ called with. A label a call leaves out is exported as "" (so an older call site 
 added); a label the metric does not have is a programming error (ValueError).
 
 Children (one labelled series) are cached by the call's label tuple, so the hot path costs one dict lookup and
-prometheus-client's own locked add. Every `Metrics` owns its `CollectorRegistry`: no process-global state, one
-app per registry, and tests may build as many as they like.
+one add. The series are this module's own plain objects (`_Count`, `_Hist`, `_Value`: no lock, no checks: the
+proxy updates them from its one event-loop thread, and every call site is ours), exposed through
+prometheus-client's collector API: its `CollectorRegistry`, metric families and text exposition, so a scrape
+reads exactly what prometheus-client's own Counter/Histogram/Gauge would show. prometheus-client's own
+objects cost ~1 µs per update in its locked, checked path, and a request makes a dozen (issue 16: the
+perimeter's cost). Every `Metrics` owns its registry: no process-global state, one app per registry, and
+tests may build as many as they like.
 
 Names follow Prometheus conventions (`_total` counters, `_seconds` histograms, base units) and share their label
 keys with smg and vllm-router where the concepts meet (`worker`, `model`, `reason`); see docs/OBSERVABILITY.md.
@@ -16,12 +21,14 @@ keys with smg and vllm-router where the concepts meet (`worker`, `model`, `reaso
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 #: seconds; finer at the low end than prometheus-client's default (a proxy's TTFT on a warm cache is milliseconds)
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -70,26 +77,116 @@ SPECS: dict[str, Spec] = {
 }
 
 
+class _Count:
+    """One counter series."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, value: float = 1.0) -> None:
+        self.value += value
+
+
+class _Value:
+    """One gauge series (set by its owner)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class _Hist:
+    """One histogram series: a count per bucket (not cumulative; the last is +Inf) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value ("le")
+        self.sum += value
+
+
+@dataclass
+class _Family:
+    """A metric's series by label values, in creation order."""
+
+    name: str
+    spec: Spec
+    series: dict[tuple[str, ...], Any] = field(default_factory=dict)
+
+    def child(self, values: tuple[str, ...]) -> Any:
+        found = self.series.get(values)
+        if found is None:
+            kind = self.spec.kind
+            found = _Count() if kind == "counter" else _Hist(self.spec.buckets) if kind == "histogram" else _Value()
+            self.series[values] = found
+        return found
+
+    def family(self) -> Metric:
+        spec, names = self.spec, list(self.spec.labels)
+        if spec.kind == "counter":
+            counters = CounterMetricFamily(self.name, spec.help, labels=names)
+            for values, c in self.series.items():
+                counters.add_metric(list(values), c.value)
+            return counters
+        if spec.kind == "histogram":
+            hists = HistogramMetricFamily(self.name, spec.help, labels=names)
+            les = [floatToGoString(b) for b in spec.buckets] + ["+Inf"]  # type: ignore[no-untyped-call]
+            for values, h in self.series.items():
+                running, buckets = 0, []
+                for le, n in zip(les, h.counts, strict=True):
+                    running += n
+                    buckets.append((le, float(running)))
+                hists.add_metric(list(values), buckets, h.sum)
+            return hists
+        gauges = GaugeMetricFamily(self.name, spec.help, labels=names)
+        for values, g in self.series.items():
+            gauges.add_metric(list(values), g.value)
+        return gauges
+
+
+class _Families:
+    """Every family of one `Metrics`, as a collector its registry renders."""
+
+    def __init__(self, families: dict[str, tuple[_Family, tuple[str, ...], str]]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for fam, _, _ in list(self._families.values()):
+            yield fam.family()
+
+
 class Metrics:
-    """Counters and histograms keyed by (name, labels), on one prometheus-client registry."""
+    """Counters and histograms keyed by (name, labels), rendered through one prometheus-client registry."""
 
     def __init__(self) -> None:
         # `*_created` series double the exposition and no dashboard of ours reads them (prometheus-client's
-        # own process-wide switch; idempotent)
+        # own process-wide switch; idempotent; our families have none anyway)
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
-        self._metrics: dict[str, tuple[Any, tuple[str, ...], str]] = {}
+        self._metrics: dict[str, tuple[_Family, tuple[str, ...], str]] = {}
         self._children: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         # declared metrics exist from the start: a scrape (and a dashboard) sees every family, samples or not
         for name, spec in SPECS.items():
             self._metrics[name] = (self._make(name, spec), spec.labels, spec.kind)
+        self.registry.register(_Families(self._metrics))
 
     # ------------------------------------------------------------------ the facade
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         child = self._children.get((name, tuple(labels.items())))
         if child is None:
             child = self._child(name, "counter", labels)
-        child.inc(value)
+        child.value += value
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         child = self._children.get((name, tuple(labels.items())))
@@ -109,9 +206,9 @@ class Metrics:
         found = self._metrics.get(name)
         if found is None:
             return 0.0
-        _, names, _ = found
-        value = self.registry.get_sample_value(name, {n: str(labels.get(n, "")) for n in names})
-        return float(value or 0.0)
+        fam, names, kind = found
+        child = fam.series.get(tuple(str(labels.get(n, "")) for n in names))
+        return float(child.value) if kind == "counter" and child is not None else 0.0
 
     def collect(self) -> Iterator[Metric]:
         """Every metric family with its samples (prometheus-client's own objects), for in-process readers."""
@@ -127,25 +224,24 @@ class Metrics:
         if found is None:
             spec = SPECS.get(name) or Spec(kind, name.replace("_", " "), tuple(sorted(labels)))
             found = self._metrics[name] = (self._make(name, spec), spec.labels, spec.kind)
-        metric, names, has_kind = found
+        fam, names, has_kind = found
         if has_kind != kind:
             raise ValueError(f"metric {name} is a {has_kind}, not a {kind}")
         extra = set(labels) - set(names)
         if extra:
             raise ValueError(f"metric {name} has no label {', '.join(sorted(extra))} (it has {', '.join(names)})")
-        child = metric.labels(*(str(labels.get(n, "")) for n in names)) if names else metric
+        child = fam.child(tuple(str(labels.get(n, "")) for n in names))
         # the cache is bounded by the label combinations the code produces (workers × reasons × ...)
         self._children[(name, tuple(labels.items()))] = child
         return child
 
-    def _make(self, name: str, spec: Spec) -> Any:
-        if spec.kind == "counter":
-            return Counter(name, spec.help, spec.labels, registry=self.registry)
-        if spec.kind == "histogram":
-            return Histogram(name, spec.help, spec.labels, registry=self.registry, buckets=spec.buckets)
-        if spec.kind == "gauge":
-            return Gauge(name, spec.help, spec.labels, registry=self.registry)
-        raise ValueError(f"unknown metric kind {spec.kind!r}")
+    def _make(self, name: str, spec: Spec) -> _Family:
+        if spec.kind not in ("counter", "histogram", "gauge"):
+            raise ValueError(f"unknown metric kind {spec.kind!r}")
+        fam = _Family(name, spec)
+        if not spec.labels:
+            fam.child(())  # an unlabelled series exists from the start (0), as prometheus-client's own
+        return fam
 
 
 class _Gauges:

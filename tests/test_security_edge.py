@@ -17,6 +17,7 @@ from aiohttp import web
 from tests.procs_kit import free_port
 from turbofleet.proxy import edge as edge_mod
 from turbofleet.proxy.app import build_app
+from turbofleet.proxy.auth import header_text_ok
 from turbofleet.proxy.config import Settings
 from turbofleet.proxy.edge import AccessLogger, EdgeRunner
 from turbofleet.proxy.upstream import UpstreamPool
@@ -196,3 +197,12 @@ async def test_upstream_pool_closes_idle_connections() -> None:
         await pool.close()
         await runner.cleanup()
     assert closed.is_set()
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    ("", True), ("Bearer sk-abc.123_-~", True), ("a\tb", True), (" ~", True), ("caf\xe9 \x80\xff", True),
+    ("a\x00b", False), ("a\x08", False), ("a\nb", False), ("a\rb", False), ("\x1f", False), ("a\x7fb", False),
+    ("\u0100", False), ("\u20ac", False), ("a\udcffb", False),  # beyond latin-1; a surrogate from bytes not UTF-8
+])
+def test_header_text_is_latin1_without_control_bytes(value: str, ok: bool) -> None:
+    assert header_text_ok(value) is ok

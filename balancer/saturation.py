@@ -239,19 +239,66 @@ def free_slots(
     engine's FIFO prefill queue is where a new request would wait); 0 turns that limit off. `own_s(worker)`:
     the asking request's own prefill there, when it is known: the worker must also fit it (`fits_backlog`)."""
     out: dict[str, int] = {}
-    cap = backlog_max * min(1.0, share) if backlog_s is not None and backlog_max > 0 else 0.0
+    cap = _backlog_cap(share, backlog_s, backlog_max)
     for w in workers:
         if w.state != READY or model not in w.models:
             continue
-        free = class_limit(limits.limit(w.id), share) - w.in_flight - (reserved.get(w.id, 0) if reserved else 0)
-        if free > 0 and cap and backlog_s is not None:
-            b = backlog_s(w.id)
-            own = own_s(w) if own_s is not None and cap * IDLE_SHARE < b < cap else 0.0
-            if not fits_backlog(b, own, cap):
-                free = 0
+        free = _worker_free(w, limits, reserved, share, cap, backlog_s, own_s)
         if free > 0:
             out[w.id] = free
     return out
+
+
+def free_beyond(
+    model: str,
+    workers: Sequence[WorkerView],
+    limits: ConcurrencyLimits,
+    reserved: dict[str, int] | None,
+    taken: int,
+    *,
+    share: float = 1.0,
+    backlog_s: Callable[[str], float] | None = None,
+    backlog_max: float = 0.0,
+    own_s: Callable[[WorkerView], float] | None = None,
+) -> bool | None:
+    """Whether `model` has more free slots than `taken` (the sum of `free_slots` above it, same arguments);
+    None when no ready worker serves it. Stops at the first workers that settle it: admission's question on
+    every request, usually answered by the first worker."""
+    cap = _backlog_cap(share, backlog_s, backlog_max)
+    ready = False
+    for w in workers:
+        if w.state != READY or model not in w.models:
+            continue
+        ready = True
+        free = _worker_free(w, limits, reserved, share, cap, backlog_s, own_s)
+        if free > 0:
+            taken -= free
+            if taken < 0:
+                return True
+    return False if ready else None
+
+
+def _backlog_cap(share: float, backlog_s: Callable[[str], float] | None, backlog_max: float) -> float:
+    return backlog_max * min(1.0, share) if backlog_s is not None and backlog_max > 0 else 0.0
+
+
+def _worker_free(
+    w: WorkerView,
+    limits: ConcurrencyLimits,
+    reserved: dict[str, int] | None,
+    share: float,
+    cap: float,
+    backlog_s: Callable[[str], float] | None,
+    own_s: Callable[[WorkerView], float] | None,
+) -> int:
+    """The requests `w` can take now (0 or less: none), see `free_slots`."""
+    free = class_limit(limits.limit(w.id), share) - w.in_flight - (reserved.get(w.id, 0) if reserved else 0)
+    if free > 0 and cap and backlog_s is not None:
+        b = backlog_s(w.id)
+        own = own_s(w) if own_s is not None and cap * IDLE_SHARE < b < cap else 0.0
+        if not fits_backlog(b, own, cap):
+            return 0
+    return free
 
 
 def saturated(model: str, workers: Sequence[WorkerView], limits: ConcurrencyLimits) -> bool:

@@ -37,7 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from turbofleet.balancer.policy import READY, Decision, Policy, RouteRequest, WorkerView
-from turbofleet.balancer.saturation import ConcurrencyLimits, fits_backlog, free_slots
+from turbofleet.balancer.saturation import ConcurrencyLimits, fits_backlog, free_beyond, free_slots
 
 from .admission import (
     BUDGET_HEADER,
@@ -133,11 +133,9 @@ class Flow:
         q = self._queues.get(t.model)
         if q is None:
             q = self._queues[t.model] = FairQueue(self.window)
-        if not q:
-            free = self._free(t.model, self._views(), t.priority, t.route)
-            if free is None or free > 0:
-                self._admitted(t, None, queued=False)
-                return t
+        if not q and self._room(t.model, self._views(), t.priority, t.route) is not False:
+            self._admitted(t, None, queued=False)
+            return t
         if self.closed:
             self._count_shed("shutting_down", t)
             raise _shutting_down()
@@ -227,6 +225,8 @@ class Flow:
                           own_s=self._own(t.route))
         if not free:
             return snapshot  # another replica took the slot meanwhile: the policy's cap decides (overshoot)
+        if len(free) == len(snapshot):
+            return snapshot  # every worker has room (the uncontended case): the same list, not a copy
         return [w for w in snapshot if w.id in free]
 
     def annotate(self, decision: Decision) -> Decision:
@@ -299,13 +299,11 @@ class Flow:
             return None
         return lambda w: uncached(route, w) * self.limits.assumed_seconds_per_token(w.id)
 
-    def _free(self, model: str, views: Sequence[WorkerView], priority: str, route: RouteRequest) -> int | None:
-        """Free slots for `model` after reservations, for a request of `priority`; None when it has no ready
-        worker (routing answers)."""
-        if not any(w.state == READY and model in w.models for w in views):
-            return None
-        free = free_slots(model, views, self.limits, self._reserved, **self._fit(priority), own_s=self._own(route))
-        return sum(free.values()) - self._unplaced.get(model, 0)
+    def _room(self, model: str, views: Sequence[WorkerView], priority: str, route: RouteRequest) -> bool | None:
+        """Whether `model` has a free slot after reservations for a request of `priority`; None when it has no
+        ready worker (routing answers)."""
+        return free_beyond(model, views, self.limits, self._reserved, self._unplaced.get(model, 0),
+                           **self._fit(priority), own_s=self._own(route))
 
     def _pump(self, model: str) -> None:
         """Place queued requests on workers with room for the class at the head of the queue (strict

@@ -16,6 +16,7 @@ from turbofleet.balancer.saturation import (
     JOIN,
     ConcurrencyLimits,
     fits_backlog,
+    free_beyond,
     free_slots,
     saturated,
 )
@@ -215,6 +216,28 @@ def test_engine_report_bounds_the_limit_and_fixed_limits_ignore_it() -> None:
     fixed.report("w", running=1, waiting=9)
     fixed.observe("w", 9.0, in_flight=3)
     assert fixed.limit("w") == 3
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_free_beyond_answers_what_free_slots_sums(seed: int) -> None:
+    """Admission's early-stopping question agrees with the full count on random fleets: counts, states,
+    reservations, classes and prefill backlogs."""
+    import random
+
+    rng = random.Random(seed)
+    lim = ConcurrencyLimits(fixed=rng.randint(1, 6))
+    ws = [WorkerView(f"w{i}", frozenset({rng.choice(["m", "m", "other"])}), in_flight=rng.randint(0, 7),
+                     state=rng.choice(["ready", "ready", "ready", "ejected"])) for i in range(rng.randint(0, 6))]
+    reserved = {w.id: rng.randint(0, 2) for w in ws if rng.random() < 0.5}
+    backlog = {w.id: rng.uniform(0.0, 1.5) for w in ws}
+    kw = {"share": rng.choice([1.0, 0.8, 0.5]), "backlog_max": rng.choice([0.0, 1.0]),
+          "backlog_s": backlog.__getitem__ if rng.random() < 0.7 else None,
+          "own_s": (lambda w: backlog[w.id] / 2) if rng.random() < 0.5 else None}
+    ready = any(w.state == "ready" and "m" in w.models for w in ws)
+    total = sum(free_slots("m", ws, lim, reserved, **kw).values())  # type: ignore[arg-type]
+    for taken in range(0, 8):
+        expected = (total > taken) if ready else None
+        assert free_beyond("m", ws, lim, reserved, taken, **kw) is expected, (taken, total)  # type: ignore[arg-type]
 
 
 def test_free_slots_and_saturation() -> None:

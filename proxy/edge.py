@@ -222,12 +222,14 @@ class EdgeRequestHandler(web_protocol.RequestHandler):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self._header_timer is None and not self._messages and self._current_request is None:
-            self._arm()
         super().data_received(data)
-        if self._messages and self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        if self._messages or self._current_request is not None:
+            # the headers are in (usually all in a request's first chunk: then no timer was armed for it)
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+        elif self._header_timer is None:
+            self._arm()  # a request's first bytes, not all its headers: the rest is due within header_timeout
 
     def _arm(self) -> None:
         if self.header_timeout > 0:

@@ -150,3 +150,42 @@ def test_routing_view_names_repin_causes_and_the_queues_decisions() -> None:
     w = window(read(m), h.since(10.0, 300.0)[1], 10.0)
     assert w["decisions"] == {"pin": 5.0, "re-pin: overloaded": 2.0, "re-pin: ejected": 1.0, "queued": 4.0,
                               "shed: queue_full": 2.0}
+
+
+def test_exposition_is_prometheus_clients_own() -> None:
+    """The lock-free series render exactly what prometheus-client's own Counter/Histogram/Gauge render for the
+    same updates: declared and undeclared metrics, a label left out, values that hit bucket bounds."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    m = Metrics()
+    ref = CollectorRegistry(auto_describe=False)
+    own: dict[str, object] = {}
+    for name, spec in SPECS.items():
+        make = {"counter": Counter, "histogram": Histogram, "gauge": Gauge}[spec.kind]
+        kw = {"buckets": spec.buckets} if spec.kind == "histogram" else {}
+        own[name] = make(name, spec.help, spec.labels, registry=ref, **kw)
+
+    def both(kind: str, name: str, value: float, **labels: str) -> None:
+        if name not in own:
+            make = {"inc": Counter, "observe": Histogram, "set": Gauge}[kind]
+            kw = {"buckets": BUCKETS} if kind == "observe" else {}
+            own[name] = make(name, name.replace("_", " "), tuple(sorted(labels)), registry=ref, **kw)
+        getattr(m, kind)(name, value, **labels)
+        metric: object = own[name]
+        names = SPECS[name].labels if name in SPECS else tuple(sorted(labels))
+        child = metric.labels(*(labels.get(n, "") for n in names)) if names else metric  # type: ignore[attr-defined]
+        getattr(child, kind)(value)
+
+    both("inc", "turbofleet_requests_total", 1, route="/v1/chat/completions", model="m", status="200")
+    both("inc", "turbofleet_requests_total", 2.5, route="/v1/chat/completions", model="m", status="429")
+    both("inc", "turbofleet_retry_budget_exhausted_total", 1)
+    both("inc", "turbofleet_ejections_total", 1, cause="passive", worker="http://a")  # `reason` left out
+    both("inc", "turbofleet_extra_total", 3, flavour="x")  # undeclared
+    for v in (0.0, 0.0005, 0.001, 0.0025, 0.003, 0.2, 1.0, 7.0, 60.0, 500.0):
+        both("observe", "turbofleet_ttft_seconds", v, worker="http://a")
+    both("observe", "turbofleet_request_seconds", 0.01, model="m")
+    both("observe", "turbofleet_extra_seconds", 0.3)
+    both("set", "turbofleet_extra_gauge", 4, pool="p")
+    assert m.render() == generate_latest(ref).decode()
+    assert m.counter_value("turbofleet_requests_total", route="/v1/chat/completions", model="m", status="429") == 2.5
+    assert m.counter_value("turbofleet_ttft_seconds", worker="http://a") == 0.0  # not a counter

@@ -37,22 +37,28 @@ async def read_body(request: web.Request) -> bytes:
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds the limit of {limit}.")
+    n = request.content_length
     try:
+        if n and request.content.is_eof():
+            # the whole body came with the headers (the usual case): nothing to wait for, so no timer
+            return await _read_announced(request, n)
         async with asyncio.timeout(settings.body_timeout if settings.body_timeout > 0 else None):
-            n = request.content_length
-            if n:
-                # issue 16: a body of announced length in one call (read() loops readany and copies twice)
-                try:
-                    return await request.content.readexactly(n)
-                except asyncio.IncompleteReadError as e:
-                    if e.partial:
-                        raise BadRequest(f"The request body ended after {len(e.partial)} of {n} bytes.") from None
-                    # nothing left to read: someone read the body before us (read() keeps it) or none came
-            return await request.read()
+            return await (_read_announced(request, n) if n else request.read())
     except web.HTTPRequestEntityTooLarge as e:
         raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.") from e
     except TimeoutError:
         raise RequestTimeout(f"The request body did not arrive within {settings.body_timeout:g}s.") from None
+
+
+async def _read_announced(request: web.Request, n: int) -> bytes:
+    """A body of announced length in one call (issue 16: read() loops readany and copies twice)."""
+    try:
+        return await request.content.readexactly(n)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise BadRequest(f"The request body ended after {len(e.partial)} of {n} bytes.") from None
+    # nothing left to read: someone read the body before us (read() keeps it) or none came
+    return await request.read()
 
 
 def prompt_text(data: dict[str, Any]) -> str:

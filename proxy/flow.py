@@ -118,6 +118,7 @@ class Flow:
         self._service: dict[str, float] = {}
         self._tick: asyncio.Task[None] | None = None
         self.closed = False
+        self._fit_of: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ admission
     async def admit(self, request: web.Request, facts: Any) -> Ticket | None:
@@ -288,9 +289,13 @@ class Flow:
     def _fit(self, priority: str) -> dict[str, Any]:
         """free_slots' class-dependent limits: below interactive, a class fills only (1 - reserve) of each
         worker's limit and prefill-backlog target."""
-        share = 1.0 if priority == PRIORITIES[0] else 1.0 - self.reserve
-        on = self.backlog_max > 0 and self._backlog_tokens is not None
-        return {"share": share, "backlog_s": self._backlog_s if on else None, "backlog_max": self.backlog_max}
+        fit = self._fit_of.get(priority)
+        if fit is None:  # one dict per class, made once (the hot path asks on every request)
+            share = 1.0 if priority == PRIORITIES[0] else 1.0 - self.reserve
+            on = self.backlog_max > 0 and self._backlog_tokens is not None
+            fit = self._fit_of[priority] = {"share": share, "backlog_s": self._backlog_s if on else None,
+                                            "backlog_max": self.backlog_max}
+        return fit
 
     def _own(self, route: RouteRequest) -> Callable[[WorkerView], float] | None:
         """The request's own prefill on a worker, seconds (by the policy's prefix index), when it can tell."""

@@ -17,6 +17,8 @@
 #   .venv/bin/pip wheel --no-deps -w .whl/tf .
 # Usage: bash bench/device_proxy_cost.sh PEER STREAMS_N [STREAM_RATE] [STREAM_TOKENS]
 #   PEER: vllm or sglang (the folder under .whl/ and the bench's router name)
+#   env: ONLY_STREAMS=1 or NO_STREAMS=1 (one part alone), JSON_ROUTERS (the 1-core JSON pass's --routers, e.g.
+#   several passes, or a second old tree carried under .whl/), JSON_TIMEOUT, STREAM_ROUTERS, STREAMS_TIMEOUT
 set -uo pipefail
 PEER=${1:-vllm}
 N=${2:-9900}
@@ -45,13 +47,14 @@ sysctl -qw net.core.somaxconn=65535 2>/dev/null  # the accept queue for N stream
 TF="python3 -m turbofleet"
 run() { echo "+ $*"; timeout "$1" "${@:2}"; echo "rc=$?"; }
 if [ -z "${ONLY_STREAMS:-}" ]; then  # ONLY_STREAMS=1: the streams run alone
-run 120 $TF bench overhead --routers "$PEER,${BASE}turbofleet,bare-memory,$PEER,${BASE}turbofleet" --pin-cores --router-cpus 0 \
-    --load-cpus 2-9 --duration 5 --peers-venv "$VENV" --json "$OUT/overhead-json-1core.json"
+run "${JSON_TIMEOUT:-120}" $TF bench overhead --routers "${JSON_ROUTERS:-$PEER,${BASE}turbofleet,bare-memory,$PEER,${BASE}turbofleet}" \
+    --pin-cores --router-cpus 0 --load-cpus 2-9 --duration 5 --peers-venv "$VENV" --json "$OUT/overhead-json-1core.json"
 run 90 $TF bench overhead --routers "$PEER,turbofleet,turbofleet-p2" --pin-cores --router-cpus 0-1 \
     --load-cpus 2-9 --duration 5 --peers-venv "$VENV" --json "$OUT/overhead-json-2cores.json"
 run 60 $TF bench overhead --stream --routers "$PEER,${BASE}turbofleet" --pin-cores --router-cpus 0 \
     --load-cpus 2-9 --duration 5 --peers-venv "$VENV" --json "$OUT/overhead-stream-1core.json"
 fi
+[ -n "${NO_STREAMS:-}" ] && exit 0  # NO_STREAMS=1: the overhead runs alone
 run "${STREAMS_TIMEOUT:-300}" $TF bench streams --n "$N" --rate "$RATE" --tokens "$TOKENS" --open-over 25 \
     --routers "${STREAM_ROUTERS:-turbofleet,$PEER}" \
     --peers-venv "$VENV" --json "$OUT/streams-$N.json"

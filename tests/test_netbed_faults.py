@@ -99,6 +99,8 @@ def test_proxy_cut_off_from_redis(healthy: Fleet) -> None:
     p1, p2 = f.proxy_url("p1"), f.proxy_url("p2")
     # pin a few sessions before the cut
     pins_before = {s: f.call(post, p1, body(f"session {s} turn 1", session=s)).worker for s in ("s1", "s2", "s3")}
+    # the pins are written behind (batched every ~20 ms): the cut comes after they reached Redis
+    wait_until(lambda: f.get(p1 + "/health")["registry"]["pending_writes"] == 0, 5, what="p1's pins written")
     f.bed.partition("p1", "redis")
     try:
         # both keep serving, with load, during the cut

@@ -3,14 +3,20 @@ and stop `turbofleet worker` agents launching real `turbofleet sim-worker`s, and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
 from tests.procs_kit import Proc, free_port, http_json, spawn, wait_until
 from turbofleet.bench.fleet import sim_argv
+from turbofleet.worker.agent import Agent, AgentConfig
 
 MODEL = "sim-model"
 
@@ -81,3 +87,27 @@ def state(proxy: str, url: str) -> str | None:
     """The worker's state in the proxy's /nodes/status, or None when it is not listed."""
     entry = status(proxy).get(url)
     return None if entry is None else str(entry["state"])
+
+
+@contextlib.asynccontextmanager
+async def agent_in_process(app: web.Application, **cfg: Any) -> AsyncIterator[tuple[Agent, asyncio.Task[int]]]:
+    """The real `Agent` in this process, attached to `app` on 127.0.0.1 (a double of the node API that also
+    answers the probe routes): yields the agent and its running task; on the way out a task still running is
+    cancelled and the server closed. `cfg`: AgentConfig fields beyond the proxy and probe URLs."""
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    base = str(server.make_url("")).rstrip("/")
+    agent = Agent(AgentConfig(proxies=(base,), probe_url=base, gpu_facts=False, **cfg))
+    run = asyncio.create_task(agent.run())
+    try:
+        yield agent, run
+    finally:
+        if not run.done():
+            run.cancel()
+        await server.close()
+
+
+async def stop_in_process(agent: Agent, run: asyncio.Task[int]) -> int:
+    """Ask the agent to stop, as a signal would, and wait for its exit status."""
+    agent.request_stop()
+    return await asyncio.wait_for(run, 15)

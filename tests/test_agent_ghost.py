@@ -17,10 +17,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from tests.agent_kit import agent_in_process, stop_in_process
 from turbofleet.proxy.app import build_app
 from turbofleet.proxy.config import Settings
 from turbofleet.proxy.tombstones import Tombstones
-from turbofleet.worker.agent import Agent, AgentConfig
 
 URL = "http://10.255.0.9:23333"  # the advertised URL is only a name here: nothing dials it
 
@@ -84,14 +84,8 @@ class NodeDouble:
 
 async def test_agent_never_registers_again_once_it_deregisters() -> None:
     double = NodeDouble()
-    server = TestServer(double.app, host="127.0.0.1")
-    await server.start_server()
-    base = str(server.make_url("")).rstrip("/")
-    cfg = AgentConfig(proxies=(base,), probe_url=base, advertise_url=URL, heartbeat_interval=0.05,
-                      drain_grace=5.0, gpu_facts=False)
-    agent = Agent(cfg)
-    run = asyncio.create_task(agent.run())
-    try:
+    async with agent_in_process(double.app, advertise_url=URL, heartbeat_interval=0.05, drain_grace=5.0) as (
+            agent, run):
         await asyncio.wait_for(double.registered.wait(), 10)
         double.hold_next_heartbeat = True
         # wait until the held heartbeat is in flight, then ask the agent to stop
@@ -99,12 +93,7 @@ async def test_agent_never_registers_again_once_it_deregisters() -> None:
         while not any(kind == "heartbeat held" for kind, _ in double.events):
             assert time.monotonic() < deadline, "no heartbeat was held"
             await asyncio.sleep(0.01)
-        agent.request_stop()
-        assert await asyncio.wait_for(run, 15) == 0
-    finally:
-        if not run.done():
-            run.cancel()
-        await server.close()
+        assert await stop_in_process(agent, run) == 0
     kinds = [kind for kind, _ in double.events]
     assert "remove" in kinds, kinds
     after = kinds[kinds.index("remove") + 1:]

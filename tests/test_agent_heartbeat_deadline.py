@@ -14,9 +14,9 @@ import time
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from turbofleet.worker.agent import HEARTBEAT_TIMEOUT_MAX, Agent, AgentConfig, heartbeat_timeout
+from tests.agent_kit import agent_in_process, stop_in_process
+from turbofleet.worker.agent import HEARTBEAT_TIMEOUT_MAX, heartbeat_timeout
 
 URL = "http://10.255.0.9:23333"  # only a name: nothing dials it
 
@@ -74,15 +74,9 @@ def test_heartbeat_timeout_fits_the_ttl(interval: float, ttl: float, expected: f
 
 async def test_a_lost_heartbeat_is_given_up_before_the_lease_runs_out() -> None:
     double = HoldingProxy()
-    server = TestServer(double.app, host="127.0.0.1")
-    await server.start_server()
-    base = str(server.make_url("")).rstrip("/")
     interval, ttl = 0.1, 1.0
-    cfg = AgentConfig(proxies=(base,), probe_url=base, advertise_url=URL, heartbeat_interval=interval,
-                      heartbeat_ttl=ttl, drain_grace=1.0, gpu_facts=False)
-    agent = Agent(cfg)
-    run = asyncio.create_task(agent.run())
-    try:
+    async with agent_in_process(double.app, advertise_url=URL, heartbeat_interval=interval, heartbeat_ttl=ttl,
+                                drain_grace=1.0) as (agent, run):
         await asyncio.wait_for(double.registered.wait(), 10)
         deadline = time.monotonic() + 5
         while not double.answered:
@@ -99,9 +93,4 @@ async def test_a_lost_heartbeat_is_given_up_before_the_lease_runs_out() -> None:
             await asyncio.sleep(0.01)
         after = next(t for t in double.answered if t > double.held_at)
         assert after - last_before < ttl, f"the lease would have lapsed: {after - last_before:.2f}s between beats"
-        agent.request_stop()
-        assert await asyncio.wait_for(run, 15) == 0
-    finally:
-        if not run.done():
-            run.cancel()
-        await server.close()
+        assert await stop_in_process(agent, run) == 0

@@ -26,7 +26,17 @@ from typing import Any
 import aiohttp
 
 from turbofleet.bench import aio, report
-from turbofleet.bench.fleet import DEFAULT_MODEL, Child, free_port, machine, sim_argv, spawn, start_redis, wait_ready
+from turbofleet.bench.fleet import (
+    DEFAULT_MODEL,
+    Child,
+    free_port,
+    group_cpu_seconds,
+    machine,
+    sim_argv,
+    spawn,
+    start_redis,
+    wait_ready,
+)
 from turbofleet.bench.output import run_log_dir, write_json
 from turbofleet.bench.peers import DEFAULT_OVERHEAD_ROUTERS, REDIS_KINDS, RouterSpec, build_launch, parse_routers
 from turbofleet.bench.stats import percentile
@@ -260,25 +270,6 @@ async def start_backends(
     return children, urls
 
 
-def group_cpu_s(groups: list[int]) -> float:
-    """CPU seconds (user + system, every thread) used so far by the processes of these process groups (each
-    spawned router is its own group: a wrapper and what it started are counted together)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                # the command name may hold spaces: the fields after it start past its closing ')'
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if int(fields[2]) in groups:  # pgrp; utime and stime are the 14th and 15th fields of the whole line
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
-
-
 async def measure(url: str, args: argparse.Namespace, d: Path, model: str, stream: bool,
                   groups: list[int] | None = None) -> dict[str, Any]:
     """The load against `url`. `groups`: the router's process groups; their CPU time during the measured
@@ -303,17 +294,22 @@ async def measure(url: str, args: argparse.Namespace, d: Path, model: str, strea
     if shutil.which("wrk"):
         script = wrk_script(d, body)
         await wrk_load(target, script, args.connections, min(2.0, args.duration), load_cpus(args))  # warm-up
-        cpu0 = group_cpu_s(groups) if groups else 0.0
+        cpu0 = _cpu_s(groups)
         out = await wrk_load(target, script, args.connections, args.duration, load_cpus(args))
     else:
         pin = load_cpus(args)
         if pin:
             os.sched_setaffinity(0, set(cpu_list(pin)))
-        cpu0 = group_cpu_s(groups) if groups else 0.0
+        cpu0 = _cpu_s(groups)
         out = await python_load(target, body, args.connections, args.duration)
     if groups and out.get("requests"):
-        out["router_cpu_us_per_req"] = round((group_cpu_s(groups) - cpu0) * 1e6 / out["requests"], 1)
+        out["router_cpu_us_per_req"] = round((_cpu_s(groups) - cpu0) * 1e6 / out["requests"], 1)
     return out
+
+
+def _cpu_s(groups: list[int] | None) -> float:
+    """CPU seconds the router's process groups used so far (each spawned router leads its own group)."""
+    return sum(group_cpu_seconds(set(groups)).values()) if groups else 0.0
 
 
 async def one_router(

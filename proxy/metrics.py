@@ -85,9 +85,6 @@ class _Count:
     def __init__(self) -> None:
         self.value = 0.0
 
-    def inc(self, value: float = 1.0) -> None:
-        self.value += value
-
 
 class _Value:
     """One gauge series (set by its owner)."""
@@ -158,11 +155,11 @@ class _Family:
 class _Families:
     """Every family of one `Metrics`, as a collector its registry renders."""
 
-    def __init__(self, families: dict[str, tuple[_Family, tuple[str, ...], str]]) -> None:
+    def __init__(self, families: dict[str, _Family]) -> None:
         self._families = families
 
     def collect(self) -> Iterator[Metric]:
-        for fam, _, _ in list(self._families.values()):
+        for fam in list(self._families.values()):
             yield fam.family()
 
 
@@ -174,11 +171,11 @@ class Metrics:
         # own process-wide switch; idempotent; our families have none anyway)
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
-        self._metrics: dict[str, tuple[_Family, tuple[str, ...], str]] = {}
+        self._metrics: dict[str, _Family] = {}
         self._children: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         # declared metrics exist from the start: a scrape (and a dashboard) sees every family, samples or not
         for name, spec in SPECS.items():
-            self._metrics[name] = (self._make(name, spec), spec.labels, spec.kind)
+            self._metrics[name] = self._make(name, spec)
         self.registry.register(_Families(self._metrics))
 
     # ------------------------------------------------------------------ the facade
@@ -203,12 +200,11 @@ class Metrics:
 
     def counter_value(self, name: str, **labels: str) -> float:
         """A counter's current value for exactly these labels (0 when never incremented)."""
-        found = self._metrics.get(name)
-        if found is None:
+        fam = self._metrics.get(name)
+        if fam is None or fam.spec.kind != "counter":
             return 0.0
-        fam, names, kind = found
-        child = fam.series.get(tuple(str(labels.get(n, "")) for n in names))
-        return float(child.value) if kind == "counter" and child is not None else 0.0
+        child = fam.series.get(tuple(str(labels.get(n, "")) for n in fam.spec.labels))
+        return 0.0 if child is None else float(child.value)
 
     def collect(self) -> Iterator[Metric]:
         """Every metric family with its samples (prometheus-client's own objects), for in-process readers."""
@@ -220,11 +216,11 @@ class Metrics:
 
     # ------------------------------------------------------------------ creation (once per series)
     def _child(self, name: str, kind: str, labels: dict[str, str]) -> Any:
-        found = self._metrics.get(name)
-        if found is None:
+        fam = self._metrics.get(name)
+        if fam is None:
             spec = SPECS.get(name) or Spec(kind, name.replace("_", " "), tuple(sorted(labels)))
-            found = self._metrics[name] = (self._make(name, spec), spec.labels, spec.kind)
-        fam, names, has_kind = found
+            fam = self._metrics[name] = self._make(name, spec)
+        names, has_kind = fam.spec.labels, fam.spec.kind
         if has_kind != kind:
             raise ValueError(f"metric {name} is a {has_kind}, not a {kind}")
         extra = set(labels) - set(names)

@@ -111,6 +111,7 @@ class Agent:
         self.models: list[str] = []
         self.gpu: dict[str, Any] = {}
         self.last_load = Load()
+        self._beat_limit_s = heartbeat_timeout(cfg.heartbeat_interval, cfg.heartbeat_ttl)
         self.registered_once = False
         # set before the first /nodes/remove and never cleared: from then on the agent never registers again
         # (a heartbeat that raced with the removal and got a 404 must not bring the worker back; issue 18)
@@ -334,8 +335,7 @@ class Agent:
 
     async def _heartbeat(self, proxy: ProxyClient, load: Load) -> None:
         try:
-            await proxy.heartbeat(self.url, load.to_json(),
-                                  heartbeat_timeout(self.cfg.heartbeat_interval, self.cfg.heartbeat_ttl))
+            await proxy.heartbeat(self.url, load.to_json(), self._beat_limit_s)
         except NotRegistered:
             if self.deregistering:
                 return  # the 404 answers our own removal

@@ -35,9 +35,9 @@ async def read_body(request: web.Request) -> bytes:
     body_timeout (408: a client that trickles its body holds a connection and a handler)."""
     settings = request.app[SETTINGS]
     limit = settings.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds the limit of {limit}.")
     n = request.content_length
+    if n is not None and n > limit:
+        raise PayloadTooLarge(f"Request body of {n} bytes exceeds the limit of {limit}.")
     try:
         if n and request.content.is_eof():
             # the whole body came with the headers (the usual case): nothing to wait for, so no timer

@@ -141,7 +141,7 @@ async def _health(app: web.Application) -> AsyncIterator[None]:
                             lambda: [r.url for r in app[REGISTRY].records()])
     app[HEALTH] = checker
     app[RELAY] = Relay(pool=app[POOL], registry=app[REGISTRY], policy=app[POLICY], settings=app[SETTINGS],
-                       metrics=app[METRICS], outliers=app[OUTLIERS])
+                       metrics=app[METRICS], outliers=app[OUTLIERS], tracer=app.get(tracing.TRACER))
     app[QUEUE] = app[RELAY].flow
     checker.start()
     yield

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from .identity import IDENTITY, REQUEST_ID, Identity
 from .metrics import Metrics
-from .tracing import TRACER, Tracer
+from .tracing import Tracer
 
 request_log = logging.getLogger("turbofleet.requests")
 
@@ -60,9 +60,8 @@ def _record(request: web.Request) -> _Record:
     return rec
 
 
-def request_started(request: web.Request) -> None:
-    """The relay took the request: its span starts (when tracing is on)."""
-    tracer = request.app.get(TRACER)
+def request_started(request: web.Request, tracer: Tracer | None) -> None:
+    """The relay took the request: its span starts (when tracing is on: `tracer` is the app's, or None)."""
     if tracer is None:
         return
     rec = _record(request)
@@ -71,31 +70,31 @@ def request_started(request: web.Request) -> None:
     rec.span = tracer.start_request(f"{request.method} {request.path}", request.headers, rec.wall0)
 
 
-def queued(request: web.Request, started: float, ended: float) -> None:
+def queued(request: web.Request, tracer: Tracer | None, started: float, ended: float) -> None:
     """The overload queue held the request from `started` to `ended` (monotonic seconds): a `queue` span and
     the log's queue_ms."""
     rec = _record(request)
     rec.queue_ms = round((ended - started) * 1e3, 2)
-    tracer = request.app.get(TRACER)
     if tracer is not None and rec.span is not None:
         tracer.end(tracer.child(rec.span, "queue", rec.ns(started)), rec.ns(ended))
         rec.mark = max(rec.mark, ended)
 
 
-def admitted(request: web.Request, ticket: Any) -> None:
+def admitted(request: web.Request, tracer: Tracer | None, ticket: Any) -> None:
     """The overload queue (flow.py) let the request through; one that waited there gets its `queue` span and
     queue_ms. The ticket's times are on the event loop's clock."""
     if ticket is None or getattr(ticket, "waiter", None) is None or getattr(ticket, "admitted_at", None) is None:
         return
     shift = time.monotonic() - asyncio.get_running_loop().time()
-    queued(request, ticket.enqueued + shift, ticket.admitted_at + shift)
+    queued(request, tracer, ticket.enqueued + shift, ticket.admitted_at + shift)
 
 
-def try_started(request: web.Request, worker: str, reason: str, headers: dict[str, str]) -> dict[str, str]:
+def try_started(
+    request: web.Request, tracer: Tracer | None, worker: str, reason: str, headers: dict[str, str]
+) -> dict[str, str]:
     """An upstream try is about to be sent with `headers`: with tracing, a `route` span (since the last step)
     and the try's span, whose `traceparent` goes to the worker; without, the client's own traceparent does."""
-    tracer = request.app.get(TRACER)
-    rec = request.get(_RECORD)
+    rec = None if tracer is None else request.get(_RECORD)
     if tracer is None or rec is None or rec.span is None:
         tp = request.headers.get("traceparent")
         if tp is not None:
@@ -128,26 +127,26 @@ def _end_try(tracer: Tracer, rec: _Record, status: int, ok: bool, stream: bool, 
 def try_done(
     metrics: Metrics,
     request: web.Request,
+    tracer: Tracer | None,
     model: str,
     worker: str,
     reason: str,
     ttft_s: float | None,
-    usage: dict[str, Any] | None,
+    counts: Tokens | None,
     status: int = 0,
     ok: bool = True,
     stream: bool = False,
 ) -> None:
-    """One upstream try ended (any outcome): token counters per worker, and what the request log will say."""
+    """One upstream try ended (any outcome): token counters per worker, and what the request log will say.
+    `counts` is `tokens(usage)` of the try's answer, None when it reported no usage."""
     rec = _record(request)
-    if rec.try_span is not None:
-        tracer = request.app.get(TRACER)
-        if tracer is not None:
-            _end_try(tracer, rec, status, ok, stream, ttft_s)
+    if rec.try_span is not None and tracer is not None:
+        _end_try(tracer, rec, status, ok, stream, ttft_s)
     rec.tries += 1
     rec.worker, rec.reason, rec.ttft_s = worker, reason, ttft_s
-    if not usage:
+    if counts is None:
         return
-    prompt, cached, completion = _tokens(usage)
+    prompt, cached, completion = counts
     rec.prompt_tokens, rec.cached_tokens, rec.completion_tokens = prompt, cached, completion
     if prompt is not None:
         metrics.inc("turbofleet_prompt_tokens_total", prompt, worker=worker, model=model)
@@ -157,7 +156,8 @@ def try_done(
 
 
 def request_done(
-    metrics: Metrics, request: web.Request, path: str, model: str, status: int, started: float
+    metrics: Metrics, request: web.Request, tracer: Tracer | None, path: str, model: str, status: int,
+    started: float,
 ) -> None:
     """A request ended (answered, failed, or its client left): request counters and the request log line."""
     duration = time.monotonic() - started
@@ -165,16 +165,14 @@ def request_done(
     metrics.observe("turbofleet_request_seconds", duration, model=model)
     if request_log.isEnabledFor(logging.INFO):
         request_log.info("request", extra={"fields": request_fields(request, path, model, status, duration)})
-    rec = request.get(_RECORD)
-    if rec is not None and rec.span is not None:
-        tracer = request.app.get(TRACER)
-        if tracer is not None:
-            tracer.end(rec.span, rec.ns(time.monotonic()), error=f"status {status}" if status >= 500 else None,
-                       **{"http.response.status_code": status, "gen_ai.request.model": model,
-                          "turbofleet.worker": rec.worker, "turbofleet.tries": rec.tries,
-                          "gen_ai.usage.input_tokens": rec.prompt_tokens,
-                          "gen_ai.usage.output_tokens": rec.completion_tokens})
-            rec.span = None
+    rec = None if tracer is None else request.get(_RECORD)
+    if rec is not None and rec.span is not None and tracer is not None:
+        tracer.end(rec.span, rec.ns(time.monotonic()), error=f"status {status}" if status >= 500 else None,
+                   **{"http.response.status_code": status, "gen_ai.request.model": model,
+                      "turbofleet.worker": rec.worker, "turbofleet.tries": rec.tries,
+                      "gen_ai.usage.input_tokens": rec.prompt_tokens,
+                      "gen_ai.usage.output_tokens": rec.completion_tokens})
+        rec.span = None
 
 
 def request_fields(request: web.Request, path: str, model: str, status: int, duration: float) -> dict[str, Any]:
@@ -212,13 +210,25 @@ def repin_cause(reason: str) -> str:
     return _CAUSE_END.split(rest, 1)[0] or "other"
 
 
-def _tokens(usage: dict[str, Any]) -> tuple[int | None, int | None, int | None]:
-    def num(v: Any) -> int | None:
-        return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+#: (prompt, cached, completion) tokens of one answer's usage
+Tokens = tuple[int | None, int | None, int | None]
+_NUMBER = (int, float)  # a JSON number; bool (an int subclass) is not one
 
-    prompt = num(usage.get("prompt_tokens"))
+
+def tokens(usage: dict[str, Any] | None) -> Tokens | None:
+    """The token counts a worker's `usage` reports, read once for every consumer (metrics, the request log,
+    the policy, the backlog): a count that is not a number is None, and cached is 0 when a prompt count came
+    without one. None when there is no usage at all."""
+    if not usage:
+        return None
+    v: Any = usage.get("prompt_tokens")
+    prompt = int(v) if type(v) in _NUMBER else None
     details = usage.get("prompt_tokens_details")
-    cached = num(details.get("cached_tokens")) if isinstance(details, dict) else None
+    cached = None
+    if type(details) is dict:
+        v = details.get("cached_tokens")
+        cached = int(v) if type(v) in _NUMBER else None
     if cached is None and prompt is not None:
         cached = 0
-    return prompt, cached, num(usage.get("completion_tokens"))
+    v = usage.get("completion_tokens")
+    return prompt, cached, int(v) if type(v) in _NUMBER else None

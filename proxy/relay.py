@@ -48,6 +48,7 @@ from .health import Outliers
 from .identity import REQUEST_ID, UPSTREAM_VIA, USAGE
 from .metrics import Metrics
 from .registry.base import Registry
+from .tracing import Tracer
 from .upstream import UpstreamConnectError, UpstreamConnectTimeout, UpstreamPool, UpstreamResponse
 from .verdict import RETRYABLE_STATUS, Event, Kind, Stage, Verdict, judge, shutting_down
 
@@ -58,6 +59,9 @@ UPSTREAM_ERRORS = (aiohttp.ClientError, OSError)
 _DIGITS = re.compile(r"\d+")
 #: response headers worth passing on from the worker
 PASS_HEADERS = ("Content-Type", "Retry-After")
+_PASS = tuple((h, h.lower()) for h in PASS_HEADERS)
+#: a worker's JSON answer, parsed (json.loads without its per-call encoding sniffing)
+_decode = json.JSONDecoder().decode
 ROUTE_HEADER = "X-Turbofleet-Route"
 WORKER_HEADER = "X-Turbofleet-Worker"
 #: OpenAI streaming routes, whose streams always end with `data: [DONE]`
@@ -106,6 +110,7 @@ class Relay:
         settings: Settings,
         metrics: Metrics,
         outliers: Outliers,
+        tracer: Tracer | None = None,
     ) -> None:
         self.pool = pool
         self.registry = registry
@@ -113,6 +118,8 @@ class Relay:
         self.settings = settings
         self.metrics = metrics
         self.outliers = outliers
+        #: the app's tracer (tracing.py), None when tracing is off
+        self.tracer = tracer
         self.active = 0
         #: retries waiting for their first byte (the retry budget counts these)
         self.retrying = 0
@@ -183,12 +190,12 @@ class Relay:
             raise shutting_down()
         self.active += 1
         started = time.monotonic()
-        observe.request_started(request)
+        observe.request_started(request, self.tracer)
         status = 500
         ticket = None
         try:
             ticket = await self.flow.admit(request, facts)
-            observe.admitted(request, ticket)
+            observe.admitted(request, self.tracer, ticket)
             resp, status = await self._forward_with_retries(request, path, body, facts)
             return resp
         except asyncio.CancelledError:
@@ -204,7 +211,7 @@ class Relay:
         finally:
             self.active -= 1
             self.flow.done(ticket)
-            observe.request_done(self.metrics, request, path, facts.model, status, started)
+            observe.request_done(self.metrics, request, self.tracer, path, facts.model, status, started)
 
     async def _forward_with_retries(
         self, request: web.Request, path: str, body: bytes, facts: Facts
@@ -301,10 +308,12 @@ class Relay:
                 await self.registry.release(worker, facts.session_key)
                 self.metrics.inc("turbofleet_upstream_tries_total", worker=worker, outcome=trace.outcome())
                 usage = trace.usage
+                counts = observe.tokens(usage)
                 if usage:
                     request[USAGE] = usage  # the tenant's token count (edge.py)
-                observe.try_done(self.metrics, request, facts.model, worker, decision.reason, trace.ttft, usage,
-                                 trace.status, trace.ok, facts.stream)
+                observe.try_done(self.metrics, request, self.tracer, facts.model, worker, decision.reason,
+                                 trace.ttft, counts, trace.status, trace.ok, facts.stream)
+                prompt, cached, _ = counts or (None, None, None)
                 self.policy.observe(
                     Outcome(
                         worker_id=worker,
@@ -312,11 +321,12 @@ class Relay:
                         ok=trace.ok,
                         latency_s=time.monotonic() - trace.t0,
                         ttft_s=trace.ttft,
-                        prompt_tokens=_int(usage, "prompt_tokens"),
-                        cached_tokens=_cached_tokens(usage),
+                        prompt_tokens=prompt,
+                        cached_tokens=cached,
                     )
                 )
-                self.flow.observe(worker, trace.ttft if trace.ok else None, _uncached(usage), whole=not facts.stream)
+                uncached = None if prompt is None else max(0, prompt - (cached or 0))
+                self.flow.observe(worker, trace.ttft if trace.ok else None, uncached, whole=not facts.stream)
         finally:
             if trace.retry:
                 self.retrying -= 1
@@ -334,7 +344,7 @@ class Relay:
             # ---- before the first byte reaches the client: every failure here may be retried (verdict.py)
             stream = facts.stream
             try:
-                headers = observe.try_started(request, worker, reason, self._headers(request))
+                headers = observe.try_started(request, self.tracer, worker, reason, self._headers(request))
                 upstream = await self.pool.post(worker + path, body, headers)
                 status = upstream.status
                 if status in RETRYABLE_STATUS:
@@ -400,12 +410,13 @@ class Relay:
             self.outliers.failure(worker, v.blame)
         if status == 200 and b'"usage"' in data:
             try:
-                parsed = json.loads(data)
+                parsed = _decode(data.decode())  # an api_server answers UTF-8 (a bad byte: ValueError)
                 usage = parsed.get("usage") if isinstance(parsed, dict) else None
                 trace.usage = usage if isinstance(usage, dict) else None
             except ValueError:
                 pass
-        headers = {h: upstream.headers[h] for h in PASS_HEADERS if h in upstream.headers}
+        look = upstream.headers.lookup
+        headers = {h: value for h, low in _PASS if (value := look(low)) is not None}
         headers[ROUTE_HEADER] = reason
         headers[WORKER_HEADER] = worker
         return web.Response(status=status, body=data, headers=headers)
@@ -595,23 +606,3 @@ def _usage_from_sse_tail(tail: bytes) -> dict[str, Any] | None:
     usage = event.get("usage") if isinstance(event, dict) else None
     return usage if isinstance(usage, dict) else None
 
-
-def _int(usage: dict[str, Any] | None, key: str) -> int | None:
-    if not usage:
-        return None
-    v = usage.get(key)
-    return int(v) if isinstance(v, int | float) else None
-
-
-def _uncached(usage: dict[str, Any] | None) -> int | None:
-    prompt = _int(usage, "prompt_tokens")
-    return None if prompt is None else max(0, prompt - (_cached_tokens(usage) or 0))
-
-
-def _cached_tokens(usage: dict[str, Any] | None) -> int | None:
-    if not usage:
-        return None
-    details = usage.get("prompt_tokens_details")
-    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int | float):
-        return int(details["cached_tokens"])
-    return 0 if "prompt_tokens" in usage else None

@@ -189,3 +189,19 @@ def test_exposition_is_prometheus_clients_own() -> None:
     assert m.render() == generate_latest(ref).decode()
     assert m.counter_value("turbofleet_requests_total", route="/v1/chat/completions", model="m", status="429") == 2.5
     assert m.counter_value("turbofleet_ttft_seconds", worker="http://a") == 0.0  # not a counter
+
+
+def test_usage_tokens_are_read_once_with_json_number_rules() -> None:
+    """observe.tokens: what every consumer of a worker's usage (counters, the request log, the policy, the
+    backlog) gets. A count that is not a JSON number (bool, string, null) is None; cached is 0 when a prompt
+    count came without one; no usage at all is None."""
+    from turbofleet.proxy.observe import tokens
+
+    assert tokens(None) is None and tokens({}) is None
+    assert tokens({"prompt_tokens": 12, "completion_tokens": 3}) == (12, 0, 3)
+    assert tokens({"prompt_tokens": 12.0, "prompt_tokens_details": {"cached_tokens": 8},
+                   "completion_tokens": 3}) == (12, 8, 3)
+    assert tokens({"prompt_tokens": True, "completion_tokens": "3"}) == (None, None, None)
+    assert tokens({"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": False}}) == (5, 0, None)
+    assert tokens({"prompt_tokens": 5, "prompt_tokens_details": [4]}) == (5, 0, None)
+    assert tokens({"completion_tokens": 9, "prompt_tokens_details": {"cached_tokens": 2}}) == (None, 2, 9)

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import re
 import socket
 import ssl
 import time
@@ -30,6 +31,9 @@ import aiohttp
 #: a connection buffers at most this much unread body before it stops reading from the socket
 _HIGH_WATER = 1 << 20
 _MAX_HEAD = 64 * 1024
+#: one header field of a response head (the head decoded as latin-1): its name and value, blanks around
+#: either dropped; a line without a colon matches nothing, so a head whose line count differs is malformed
+_FIELD = re.compile(r"[ \t]*([^:\r\n]*?)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?:\r\n|\Z)")
 
 
 class UpstreamConnectError(aiohttp.ClientConnectionError):
@@ -59,6 +63,9 @@ class Headers(dict[str, str]):
 
     def get(self, key: str, default: Any = None) -> Any:
         return super().get(key.lower(), default)
+
+    #: `get` for a key already in lower case (dict's own, no Python frame: the relay's hot path)
+    lookup = dict.get
 
 
 class UpstreamResponse:
@@ -217,36 +224,39 @@ class _Conn(asyncio.Protocol):
             if len(self._head) > _MAX_HEAD:
                 raise UpstreamProtocolError("response head too large")
             return
-        head, rest = bytes(self._head[:end]), bytes(self._head[end + 4:])
+        text, rest = self._head[:end].decode("latin-1"), bytes(self._head[end + 4:])
         self._head.clear()
-        lines = head.split(b"\r\n")
+        status_line, _, fields = text.partition("\r\n")
         try:
-            version, code = lines[0].split(b" ", 2)[:2]
+            version, code = status_line.split(" ", 2)[:2]
             status = int(code)
         except ValueError:
-            raise UpstreamProtocolError(f"bad status line {lines[0][:80]!r}") from None
+            raise UpstreamProtocolError(f"bad status line {status_line[:80]!r}") from None
         if status < 200:  # 1xx: an interim answer; the real head follows
             if rest:
                 self._on_head(rest)
             return
         headers = Headers()
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
+        if fields:
+            pairs = _FIELD.findall(fields)
+            if len(pairs) != fields.count("\r\n") + 1:
                 raise UpstreamProtocolError("bad header line")
-            headers[name.strip().decode("latin-1").lower()] = value.strip().decode("latin-1")
-        conn_hdr = headers.get("connection", "").lower()
-        if (version == b"HTTP/1.0" and "keep-alive" not in conn_hdr) or "close" in conn_hdr:
+            for name, value in pairs:
+                headers[name.lower()] = value  # dict's own store: the keys are lower-case already
+        look = headers.lookup
+        conn_hdr = look("connection", "").lower()
+        if (version == "HTTP/1.0" and "keep-alive" not in conn_hdr) or "close" in conn_hdr:
             self.keep_alive = False
         resp = UpstreamResponse(self, status, headers)
         self._resp = resp
+        length = look("content-length")
         if status in (204, 304):
             self._mode, self._left = "length", 0
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
+        elif "chunked" in look("transfer-encoding", "").lower():
             self._mode = "chunked"
-        elif "content-length" in headers:
+        elif length is not None:
             try:
-                self._mode, self._left = "length", int(headers["content-length"])
+                self._mode, self._left = "length", int(length)
             except ValueError:
                 raise UpstreamProtocolError("bad Content-Length") from None
         else:

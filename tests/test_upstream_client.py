@@ -232,6 +232,64 @@ def test_chunk_parser_handles_any_split() -> None:
         loop.close()
 
 
+def _parse_head(raw: bytes) -> tuple[Any, BaseException | None, Any]:
+    """Feed one response head (and body) to a connection: (the response or None, the error it failed with,
+    the connection)."""
+    from turbofleet.proxy.upstream import _Conn
+
+    class FakePool:
+        def _forget(self, conn: object) -> None: ...
+
+    loop = asyncio.new_event_loop()
+    try:
+        conn = _Conn(FakePool(), ("http", "h", 1))  # type: ignore[arg-type]
+        fut = loop.create_future()
+        conn._head_waiter = fut
+        conn.transport = None
+        errors: list[BaseException] = []
+        conn._fail = errors.append  # type: ignore[method-assign,assignment]
+        conn.data_received(raw)
+        return (fut.result() if fut.done() else None), (errors[0] if errors else None), conn
+    finally:
+        loop.close()
+
+
+def test_response_head_fields_are_parsed_like_http_says() -> None:
+    """Names case-insensitive and trimmed, values trimmed but kept as sent (colons, inner blanks, empty), the
+    last of a repeated field wins, a 1xx head is skipped, HTTP/1.0 closes unless asked to keep alive."""
+    resp, err, conn = _parse_head(b"HTTP/1.1 100 Continue\r\n\r\n"
+                            b"HTTP/1.1 200 OK\r\nContent-Type:  application/json \r\nDate: Mon, 01 Dec 12:00:00\r\n"
+                            b"X-Empty:\r\nX-Dup: one\r\nx-dup: two\r\nRetry-After:\t7\t\r\n"
+                            b"Content-Length: 2\r\n\r\nok")
+    assert err is None and conn.keep_alive
+    h = resp.headers
+    assert resp.status == 200 and resp._done
+    assert h["content-type"] == h.get("CONTENT-TYPE") == "application/json" and "Content-Type" in h
+    assert h["Date"] == "Mon, 01 Dec 12:00:00" and h["x-empty"] == "" and h["X-Dup"] == "two"
+    assert h.lookup("retry-after") == "7" and h.lookup("Retry-After") is None  # lookup: lower-case keys only
+    assert sorted(h) == ["content-length", "content-type", "date", "retry-after", "x-dup", "x-empty"]
+
+    for head, keep in ((b"HTTP/1.0 200 OK\r\n", False), (b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\n", True),
+                       (b"HTTP/1.1 200 OK\r\nConnection:  close\r\n", False), (b"HTTP/1.1 200 OK\r\n", True)):
+        resp, err, conn = _parse_head(head + b"Content-Length: 0\r\n\r\n")
+        assert err is None and resp.status == 200 and conn.keep_alive is keep, head
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nContent-Type: a\r\nno colon here\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+    b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n",
+    b"garbage\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\n",
+])
+def test_malformed_response_heads_are_protocol_errors(raw: bytes) -> None:
+    from turbofleet.proxy.upstream import UpstreamProtocolError
+
+    resp, err, _ = _parse_head(raw)
+    assert resp is None or err is not None
+    assert isinstance(err, UpstreamProtocolError), err
+
+
 def test_under_uvloop() -> None:
     """The proxy runs on uvloop, whose transports differ from asyncio's: exercise the client there too."""
     uvloop = pytest.importorskip("uvloop")

@@ -288,9 +288,32 @@ class _Conn(asyncio.Protocol):
             resp._feed(data)
 
     def _on_chunked(self, data: bytes, resp: UpstreamResponse) -> None:
+        out: list[bytes] = []
+        if self._left == 0 and not self._chunk_buf:
+            # the common case (a streamed answer): each read holds whole chunks, one event each, so they are
+            # cut out of `data` in place; whatever is not a whole plain chunk goes on to the general parser
+            pos, n = 0, len(data)
+            while pos < n:
+                line_end = data.find(b"\r\n", pos, pos + 18)
+                if line_end < 0:
+                    break
+                try:
+                    size = int(data[pos:line_end], 16)
+                except ValueError:  # an extension, or a bad size line: the general parser says which
+                    break
+                end = line_end + 2 + size
+                if size <= 0 or data[end:end + 2] != b"\r\n":  # the last chunk, or one not whole yet
+                    break
+                out.append(data[line_end + 2:end])
+                pos = end + 2
+            if pos == n:
+                if out:
+                    resp._feed(out[0] if len(out) == 1 else b"".join(out))
+                return
+            if pos:
+                data = data[pos:]
         buf = self._chunk_buf
         buf += data
-        out: list[bytes] = []
         while True:
             if self._left > 0:  # inside a chunk's data
                 if not buf:

@@ -232,6 +232,41 @@ def test_chunk_parser_handles_any_split() -> None:
         loop.close()
 
 
+def test_chunked_streams_decode_whatever_the_reads() -> None:
+    """Random chunked bodies (sizes in either case of hex, sometimes an extension, sometimes a trailer), cut
+    into random reads, many chunks to a read or a chunk over many reads: the body comes out whole and ends
+    exactly at the last chunk (the per-read fast path and the general parser must agree)."""
+    import random
+
+    from turbofleet.proxy.upstream import _Conn
+
+    class FakePool:
+        def _forget(self, conn: object) -> None: ...
+
+    rng = random.Random(16)
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(300):
+            sizes = [rng.choice((1, 5, 17, 300)) for _ in range(rng.randrange(1, 12))]
+            parts = [bytes(rng.randrange(256) for _ in range(n)) for n in sizes]
+            raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            for p in parts:
+                size = f"{len(p):x}" if rng.random() < 0.5 else f"{len(p):X}"
+                raw += size.encode() + (b";x=1" if rng.random() < 0.1 else b"") + b"\r\n" + p + b"\r\n"
+            raw += b"0\r\n" + (b"X-T: 1\r\n" if rng.random() < 0.3 else b"") + b"\r\n"
+            cuts = sorted(rng.sample(range(1, len(raw)), min(len(raw) - 1, rng.randrange(0, 8))))
+            pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+            conn = _Conn(FakePool(), ("http", "h", 1))  # type: ignore[arg-type]
+            fut = loop.create_future()
+            conn._head_waiter = fut
+            for piece in pieces:
+                conn.data_received(piece)
+            assert loop.run_until_complete(fut.result().read()) == b"".join(parts), pieces
+            assert conn._resp is None and conn.keep_alive
+    finally:
+        loop.close()
+
+
 def _parse_head(raw: bytes) -> tuple[Any, BaseException | None, Any]:
     """Feed one response head (and body) to a connection: (the response or None, the error it failed with,
     the connection)."""

@@ -206,23 +206,29 @@ async def test_close_delimited_body() -> None:
         await srv.wait_closed()
 
 
-def test_chunk_parser_handles_any_split() -> None:
-    """Chunked framing split at every possible byte boundary (and byte by byte) decodes to the same body."""
+def _waiting_conn(loop: asyncio.AbstractEventLoop) -> tuple[Any, asyncio.Future[Any]]:
+    """A connection with no socket behind it, waiting for a response head (feed it with `data_received`), and
+    the future its response arrives on."""
     from turbofleet.proxy.upstream import _Conn
-
-    raw = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-           b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n")
 
     class FakePool:
         def _forget(self, conn: object) -> None: ...
 
+    conn = _Conn(FakePool(), ("http", "h", 1))  # type: ignore[arg-type]
+    fut: asyncio.Future[Any] = loop.create_future()
+    conn._head_waiter = fut
+    return conn, fut
+
+
+def test_chunk_parser_handles_any_split() -> None:
+    """Chunked framing split at every possible byte boundary (and byte by byte) decodes to the same body."""
+    raw = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n")
     loop = asyncio.new_event_loop()
     try:
         splits = [[raw[:cut], raw[cut:]] for cut in range(1, len(raw))] + [[bytes([b]) for b in raw]]
         for pieces in splits:
-            conn = _Conn(FakePool(), ("http", "h", 1))  # type: ignore[arg-type]
-            fut = loop.create_future()
-            conn._head_waiter = fut
+            conn, fut = _waiting_conn(loop)
             for piece in pieces:
                 conn.data_received(piece)
             resp = fut.result()
@@ -238,11 +244,6 @@ def test_chunked_streams_decode_whatever_the_reads() -> None:
     exactly at the last chunk (the per-read fast path and the general parser must agree)."""
     import random
 
-    from turbofleet.proxy.upstream import _Conn
-
-    class FakePool:
-        def _forget(self, conn: object) -> None: ...
-
     rng = random.Random(16)
     loop = asyncio.new_event_loop()
     try:
@@ -256,9 +257,7 @@ def test_chunked_streams_decode_whatever_the_reads() -> None:
             raw += b"0\r\n" + (b"X-T: 1\r\n" if rng.random() < 0.3 else b"") + b"\r\n"
             cuts = sorted(rng.sample(range(1, len(raw)), min(len(raw) - 1, rng.randrange(0, 8))))
             pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
-            conn = _Conn(FakePool(), ("http", "h", 1))  # type: ignore[arg-type]
-            fut = loop.create_future()
-            conn._head_waiter = fut
+            conn, fut = _waiting_conn(loop)
             for piece in pieces:
                 conn.data_received(piece)
             assert loop.run_until_complete(fut.result().read()) == b"".join(parts), pieces
@@ -270,19 +269,12 @@ def test_chunked_streams_decode_whatever_the_reads() -> None:
 def _parse_head(raw: bytes) -> tuple[Any, BaseException | None, Any]:
     """Feed one response head (and body) to a connection: (the response or None, the error it failed with,
     the connection)."""
-    from turbofleet.proxy.upstream import _Conn
-
-    class FakePool:
-        def _forget(self, conn: object) -> None: ...
-
     loop = asyncio.new_event_loop()
     try:
-        conn = _Conn(FakePool(), ("http", "h", 1))  # type: ignore[arg-type]
-        fut = loop.create_future()
-        conn._head_waiter = fut
+        conn, fut = _waiting_conn(loop)
         conn.transport = None
         errors: list[BaseException] = []
-        conn._fail = errors.append  # type: ignore[method-assign,assignment]
+        conn._fail = errors.append
         conn.data_received(raw)
         return (fut.result() if fut.done() else None), (errors[0] if errors else None), conn
     finally:

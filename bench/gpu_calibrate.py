@@ -10,6 +10,9 @@ What it measures, one server at a time unless said (every prompt is fresh random
 cached unless a step says so):
 - prefill: TTFT of one request (2 output tokens) on an idle server against prompt length;
 - cache hit: the same prompt again (full hit), and the prompt plus a fresh suffix (partial hit);
+- conversation turns: a chat's next turn as a multi-round client sends it (its first prompt, the answer the
+  server gave, a fresh question), a think time after the answer, alone and while the other servers decode
+  one stream each (a GPU kept busy, as in a fleet's run): what a hit of the previous turn really costs;
 - decode: the mean interval between tokens of B concurrent streams, against B;
 - mixing: TTFT of a long prompt that arrives while B streams decode, and the decoders' longest gap then
   (does a prefill stall the running batch, and by how much); several long prompts at once (are they batched);
@@ -56,12 +59,18 @@ class Prompts:
 
 
 async def one(
-    session: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int, t_origin: float
+    session: aiohttp.ClientSession,
+    url: str,
+    model: str,
+    prompt: str | list[dict[str, str]],
+    max_tokens: int,
+    t_origin: float,
 ) -> dict[str, Any]:
-    """One streamed chat request: chunk arrival times (s since t_origin), usage."""
+    """One streamed chat request (a user prompt, or whole messages): chunk arrival times (s since t_origin),
+    the answer's text, usage."""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -70,6 +79,7 @@ async def one(
     }
     t0 = time.perf_counter()
     times: list[float] = []
+    text: list[str] = []
     usage: dict[str, Any] = {}
     async with session.post(url + "/v1/chat/completions", json=body) as resp:
         if resp.status != 200:
@@ -90,13 +100,15 @@ async def one(
                 if obj.get("usage"):
                     usage = obj["usage"]
                 for ch in obj.get("choices") or []:
-                    if (ch.get("delta") or {}).get("content"):
+                    if piece := (ch.get("delta") or {}).get("content"):
                         times.append(now - t_origin)
+                        text.append(piece)
     details = usage.get("prompt_tokens_details") or {}
     return {
         "start": t0 - t_origin,
         "ttft": (times[0] - (t0 - t_origin)) if times else None,
         "times": times,
+        "text": "".join(text),
         "prompt_tokens": usage.get("prompt_tokens"),
         "cached_tokens": details.get("cached_tokens"),
         "completion_tokens": usage.get("completion_tokens"),
@@ -128,7 +140,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         T = time.perf_counter()
         u = args.url
 
-        async def req(url: str, n: int, m: int, prompt: str | None = None) -> dict[str, Any]:
+        async def req(url: str, n: int, m: int, prompt: str | list[dict[str, str]] | None = None) -> dict[str, Any]:
             return await one(s, url, args.model, prompt if prompt is not None else P.make(n), m, T)
 
         def log(*a: Any) -> None:
@@ -174,6 +186,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 },
             )
         out["hits"] = rows
+        save(args.out, out)  # partial results survive a timeout
+        out["conversation"] = await conversation(args, P, req, log)
         save(args.out, out)  # partial results survive a timeout
         # decode step vs batch size
         rows = []
@@ -263,6 +277,40 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+async def conversation(args: argparse.Namespace, P: Prompts, req: Any, log: Any) -> list[dict[str, Any]]:
+    """A chat's second turn: its first prompt, the server's answer and a fresh question, `--think` s after the
+    answer, as a multi-round client sends it. Alone on an idle GPU, then again while every other server
+    decodes one stream (`busy`: what a fleet run's GPU looks like). Each row: the turn's prompt and cached
+    tokens and TTFT, and its first turn's TTFT."""
+    urls = [args.url, *args.also]
+    rows: list[dict[str, Any]] = []
+    for busy in (False, True) if args.also else (False,):
+        async def keep_busy(url: str) -> None:
+            while True:  # one stream after another until the pass ends
+                await req(url, args.decode_prompt, args.conv_load_tokens)
+
+        load = [asyncio.create_task(keep_busy(x)) for x in urls[1:]] if busy else []
+        if busy:
+            await asyncio.sleep(0.3)
+        for n in args.conv_lengths:
+            for _ in range(args.conv_reps):
+                first = [{"role": "user", "content": P.make(n)}]
+                a = await req(args.url, 0, args.conv_answer, first)
+                await asyncio.sleep(args.think)
+                turn = [*first, {"role": "assistant", "content": a.get("text") or ""},
+                        {"role": "user", "content": P.make(args.conv_question)}]
+                b = await req(args.url, 0, 2, turn)
+                rows.append({"n": n, "busy": busy, "first_ttft": a.get("ttft"),
+                             **{k: b.get(k) for k in ("prompt_tokens", "cached_tokens", "ttft")}})
+            last = rows[-args.conv_reps :]
+            log("conversation", n, "busy" if busy else "idle", "turn 2 (cached, ttft ms)",
+                [(x["cached_tokens"], round(1000 * (x["ttft"] or 0), 1)) for x in last])
+        for t in load:
+            t.cancel()
+        await asyncio.gather(*load, return_exceptions=True)
+    return rows
+
+
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
@@ -293,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", type=ints, default=ints("128,512,1024,2048,4096,8192,16384,24576"))
     ap.add_argument("--hit-lengths", type=ints, default=ints("1024,4096,16384"))
     ap.add_argument("--suffix", type=int, default=512)
+    ap.add_argument("--conv-lengths", type=ints, default=ints("2048,4096,8192,16384"),
+                    help="first-turn prompt lengths of the conversation test")
+    ap.add_argument("--conv-reps", type=int, default=3)
+    ap.add_argument("--conv-answer", type=int, default=64, help="tokens of the first turn's answer")
+    ap.add_argument("--conv-question", type=int, default=200, help="tokens of the second turn's question")
+    ap.add_argument("--think", type=float, default=0.5, help="seconds between the answer and the next turn")
+    ap.add_argument("--conv-load-tokens", type=int, default=2000,
+                    help="tokens of each stream the other servers decode, one after another, in the busy pass")
     ap.add_argument("--batches", type=ints, default=ints("1,2,4,8,16,32,64,128,256"))
     ap.add_argument("--decode-prompt", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=128)

@@ -127,3 +127,36 @@ def test_fit_cli_writes_the_batched_cost_and_gpu_share_tables(tmp_path: Path) ->
                      "--gpu-share-requests", str(req), "--out", str(only_share)]) == 0
     prof_z = json.loads(only_share.read_text())
     assert prof_z["gpu_share"]["decode"][:2] == [1.0, 2.0] and "prefill_ms_per_token_batched" not in prof_z["engine"]
+
+
+def test_hit_cost_comes_from_conversation_turns_when_measured() -> None:
+    """fit.fit (issue 14): a chat's next turn (calibration's "conversation" rows) sets the cost of a cached token
+    when measured, the same-prompt-again hits otherwise; busy-GPU turns are checked, never fitted."""
+    a, b, step, base, per = 0.05, 0.002, 3.0, 8.0, 0.05
+
+    def ttft(p: int, c: int, hit: float) -> float:
+        u = p - c
+        return (step + a * u + b * u * p / 1000.0 + hit * c + base + per) / 1000.0
+
+    c = calib(a, b, step, base, per)
+    c["hits"][0]["full"]["ttft"] = ttft(4096, 4032, 0.006)  # same prompt again: 6 us a cached token
+    c["conversation"] = [
+        {"n": n, "busy": False, "first_ttft": 0.1, "prompt_tokens": n + 300, "cached_tokens": n,
+         "ttft": ttft(n + 300, n, 0.002)} for n in (2048, 8192)
+    ] + [{"n": 8192, "busy": True, "first_ttft": 0.1, "prompt_tokens": 8492, "cached_tokens": 8192, "ttft": 1.0}]
+
+    def hit_ms(**kw: Any) -> float:
+        prof = fit.fit(c, cache_tokens=1_000_000, token_scale=1.0, max_batch=None, block_size=64,
+                       max_prefill_tokens=8192, **kw)
+        return float(prof["fit"]["real_tokens"]["prefill_ms_per_cached_token"])
+
+    assert hit_ms() == pytest.approx(0.002, rel=1e-3)  # auto: the turns
+    assert hit_ms(hit_cost="full") == pytest.approx(0.006, rel=1e-3)
+    assert 0.002 < hit_ms(hit_cost="both") < 0.006
+    prof = fit.fit(c, cache_tokens=1_000_000, token_scale=1.0, max_batch=None, block_size=64, max_prefill_tokens=8192)
+    rows = prof["checks"]["conversation"]
+    assert len(rows) == 3 and prof["fit"]["real_tokens"]["hit_cost_from"] == "conversation"
+    idle = [r for r in rows if not r["busy"]]
+    assert all(r["model_ms"] == pytest.approx(r["real_ms"], rel=1e-3) for r in idle)
+    del c["conversation"]
+    assert hit_ms() == pytest.approx(0.006, rel=1e-3)  # no turns measured: the full hits

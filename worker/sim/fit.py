@@ -16,8 +16,11 @@ Fitted by least squares:
 - decode_ms_base, decode_ms_per_seq: the mean inter-token interval of B concurrent streams against B;
 - prefill_ms_step, prefill_ms_per_token, prefill_ms_per_token_ctx: an idle server's TTFT against the prompt
   length P (U = P), minus one decode step of one sequence;
-- prefill_ms_per_cached_token: a full cache hit's TTFT beyond the model's for its one uncached token, per
-  cached token (TurboMind's hits are not free: a 16k-token full hit took 37 % of a cold prefill on the H200);
+- prefill_ms_per_cached_token: a cache hit's TTFT beyond the model's for its uncached tokens, per cached
+  token (TurboMind's hits are not free: a 16k-token full hit took 37 % of a cold prefill on the H200). From
+  `--hit-cost`: `full` (the same prompt again), `conversation` (a chat's next turn on an idle GPU, the
+  calibration's "conversation" rows), `both` (all of them); default: conversation when the calibration has
+  those rows, else full;
 - max_batch: from the max-batch probe (the largest jump in the sorted TTFTs of more streams than the engine
   runs), or --max-batch (the engine's setting, e.g. TurboMind's max_batch_size from its log).
 
@@ -111,28 +114,38 @@ def fit(
     max_batch: int | None,
     block_size: int,
     max_prefill_tokens: int,
+    hit_cost: str = "auto",
 ) -> dict[str, Any]:
     base, per = fit_decode(calib["decode"])
     step_ms, a, b = fit_prefill(calib["prefill"], base + per)
     probe_batch = max_batch_from_probe(calib.get("max_batch_probe") or {})
     mb = max_batch or probe_batch or 256
 
-    # a cache hit's cost: what the full hits took beyond the model's TTFT of their one uncached token, per
-    # cached token (a least-squares slope through 0)
+    # a cache hit's cost: what the hits took beyond the model's TTFT of their uncached tokens, per cached
+    # token (a least-squares slope through 0); (prompt, cached, TTFT ms) per hit
     full = [
-        (x["full"]["cached_tokens"], 1000.0 * x["full"]["ttft"])
+        (x["full"]["prompt_tokens"], x["full"]["cached_tokens"], 1000.0 * x["full"]["ttft"])
         for x in calib.get("hits") or []
-        if x["full"].get("ttft") and x["full"].get("cached_tokens")
+        if x["full"].get("ttft") and x["full"].get("cached_tokens") and x["full"].get("prompt_tokens")
     ]
+    turns = [
+        (x["prompt_tokens"], x["cached_tokens"], 1000.0 * x["ttft"])
+        for x in calib.get("conversation") or []
+        if not x.get("busy") and x.get("ttft") and x.get("cached_tokens") and x.get("prompt_tokens")
+    ]
+    if hit_cost == "auto":
+        hit_cost = "conversation" if turns else "full"
+    pts = {"full": full, "conversation": turns, "both": full + turns}[hit_cost]
     hit_ms = 0.0
-    if full:
-        extra = [(n, y - (step_ms + a + b * n / 1000.0 + base + per)) for n, y in full]
-        hit_ms = max(0.0, sum(n * y for n, y in extra) / sum(n * n for n, _ in extra))
+    if pts:
+        extra = [(c, y - (step_ms + a * max(p - c, 1) + b * max(p - c, 1) * p / 1000.0 + base + per))
+                 for p, c, y in pts]
+        hit_ms = max(0.0, sum(c * y for c, y in extra) / sum(c * c for c, _ in extra))
 
     def ttft_model(u: float, p: float, running: int = 0) -> float:  # real tokens, ms
         return step_ms + a * u + b * u * p / 1000.0 + hit_ms * (p - u) + base + per * (running + 1)
 
-    checks: dict[str, Any] = {"prefill": [], "decode": [], "hits": [], "mix": []}
+    checks: dict[str, Any] = {"prefill": [], "decode": [], "hits": [], "conversation": [], "mix": []}
     for r in calib["prefill"]:
         if r.get("ttft") and r.get("prompt"):
             checks["prefill"].append(
@@ -165,6 +178,18 @@ def fit(
                         "model_ms": round(ttft_model(max(u, 1), x["prompt_tokens"]), 2),
                     }
                 )
+    for x in calib.get("conversation") or []:
+        if x.get("ttft") and x.get("prompt_tokens"):
+            u = x["prompt_tokens"] - (x.get("cached_tokens") or 0)
+            checks["conversation"].append(
+                {
+                    "n": x["n"],
+                    "busy": x.get("busy", False),
+                    "cached": x.get("cached_tokens"),
+                    "real_ms": round(1000 * x["ttft"], 2),
+                    "model_ms": round(ttft_model(max(u, 1), x["prompt_tokens"]), 2),
+                }
+            )
     for m in calib.get("mix") or []:
         if m.get("ttft") and m.get("prompt"):
             checks["mix"].append(
@@ -208,6 +233,7 @@ def fit(
                 "prefill_ms_per_token_ctx": b,
                 "prefill_ms_step": step_ms,
                 "prefill_ms_per_cached_token": hit_ms,
+                "hit_cost_from": hit_cost,
                 "decode_ms_base": base,
                 "decode_ms_per_seq": per,
                 "cache_tokens": cache_tokens,
@@ -383,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
         help="fit prefill_ms_per_token_batched from the calibration's several-prompts-at-once rows (the other "
         "prompts of a step cost that per token instead of prefill_ms_per_token)",
     )
+    ap.add_argument(
+        "--hit-cost",
+        choices=("auto", "full", "conversation", "both"),
+        default="auto",
+        help="which calibration hits set the cost of a cached token: the same prompt again (full), a chat's next "
+        "turn on an idle GPU (conversation), or all; auto: conversation when measured, else full",
+    )
     ap.add_argument("--gpu-share-workers", type=int, default=4, help="servers on the one GPU (4)")
     ap.add_argument("--out", help="where to write (default worker/sim/profiles/NAME.json)")
     args = ap.parse_args(argv)
@@ -400,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch=args.max_batch,
         block_size=args.block_size,
         max_prefill_tokens=args.max_prefill_tokens,
+        hit_cost=args.hit_cost,
     )
     prof = {
         "name": args.name,

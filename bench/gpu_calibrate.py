@@ -6,8 +6,11 @@ Run on the GPU machine against running api_servers; writes one JSON of raw measu
     python -m turbofleet.bench.gpu_calibrate --url http://127.0.0.1:23333 \
         [--also http://127.0.0.1:23334 ...] --tokenizer DIR --model m1b --out calib.json
 
-What it measures, one server at a time unless said (every prompt is fresh random tokens, so nothing is
-cached unless a step says so):
+What it measures, one server at a time unless said (every prompt is fresh, so nothing is cached unless a step
+says so; `--text words`, the default, makes prompts of the bench's own vocabulary words, the text every bench
+workload sends, cut to the token count; `--text random` decodes random token ids, whose odd pre-tokenized
+words the server's tokenizer takes about twice as long per token to encode, a cost that lands in every
+fitted per-token term and most in a cache hit's, where nothing else scales with the prompt):
 - prefill: TTFT of one request (2 output tokens) on an idle server against prompt length;
 - cache hit: the same prompt again (full hit), and the prompt plus a fresh suffix (partial hit);
 - conversation turns: a chat's next turn as a multi-round client sends it (its first prompt, the answer the
@@ -38,10 +41,12 @@ import aiohttp
 
 
 class Prompts:
-    """Fresh random prompts of about n real tokens (decoded random token ids)."""
+    """Fresh prompts of about n real tokens: the bench's vocabulary words cut to n tokens (`text="words"`), or
+    decoded random token ids (`text="random"`)."""
 
-    def __init__(self, tokenizer_dir: str | None, seed: int = 0) -> None:
+    def __init__(self, tokenizer_dir: str | None, seed: int = 0, text: str = "words") -> None:
         self.rng = random.Random(seed)
+        self.text = text
         self.tok: Any = None
         if tokenizer_dir:
             from tokenizers import Tokenizer  # type: ignore[import-not-found, unused-ignore]
@@ -49,6 +54,14 @@ class Prompts:
             self.tok = Tokenizer.from_file(f"{tokenizer_dir}/tokenizer.json")
 
     def make(self, n: int) -> str:
+        if self.text == "words":
+            from turbofleet.bench.workloads import words
+
+            text = words(self.rng, max(1, n // 2 + 8))  # ~2.9 real tokens a word: enough to cut n from
+            if self.tok is None:
+                return " ".join(text.split(" ")[: max(1, n // 3)])
+            cut: str = self.tok.decode(self.tok.encode(text).ids[:n])
+            return cut
         if self.tok is None:
             return " ".join(f"w{self.rng.randrange(1 << 30):x}" for _ in range(max(1, n // 4)))
         ids = [self.rng.randrange(300, 8000) for _ in range(n)]
@@ -131,9 +144,9 @@ def max_gap(rec: dict[str, Any], t_from: float, t_to: float) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    P = Prompts(args.tokenizer, args.seed)
+    P = Prompts(args.tokenizer, args.seed, args.text)
     urls = [args.url, *args.also]
-    out: dict[str, Any] = {"urls": urls, "model": args.model}
+    out: dict[str, Any] = {"urls": urls, "model": args.model, "text": args.text}
     conn = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
@@ -337,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", help="dir with tokenizer.json (exact token counts)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text", choices=("words", "random"), default="words",
+                    help="prompts of the bench's vocabulary words (what its workloads send) or of random token ids")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--lengths", type=ints, default=ints("128,512,1024,2048,4096,8192,16384,24576"))
     ap.add_argument("--hit-lengths", type=ints, default=ints("1024,4096,16384"))

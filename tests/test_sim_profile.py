@@ -160,3 +160,16 @@ def test_hit_cost_comes_from_conversation_turns_when_measured() -> None:
     assert all(r["model_ms"] == pytest.approx(r["real_ms"], rel=1e-3) for r in idle)
     del c["conversation"]
     assert hit_ms() == pytest.approx(0.006, rel=1e-3)  # no turns measured: the full hits
+
+
+def test_decode_fit_ignores_one_stalled_batch() -> None:
+    """fit.fit_decode: a batch whose interval is far off the line (a stall) does not tilt the fit; without one,
+    every point counts."""
+    rows = [{"batch": b, "itl_mean": (2.0 + 0.07 * b) / 1000.0} for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
+    assert fit.fit_decode(rows) == pytest.approx((2.0, 0.07), rel=1e-6)
+    rows[6]["itl_mean"] = 0.036  # batch 64: 36 ms instead of 6.5
+    assert fit.fit_decode(rows) == pytest.approx((2.0, 0.07), rel=1e-6)
+    noisy = [{"batch": b, "itl_mean": (2.0 + 0.07 * b + (0.3 if i % 2 else -0.3)) / 1000.0}
+             for i, b in enumerate((1, 2, 4, 8, 16, 32))]
+    base, per = fit.fit_decode(noisy)  # ordinary scatter: nothing dropped, the least-squares line of all six
+    assert base == pytest.approx(2.0, abs=0.5) and per == pytest.approx(0.07, abs=0.02)

@@ -141,7 +141,7 @@ class Relay:
         self._slow_client = _limit(settings.slow_client_timeout)
 
     # ------------------------------------------------------------------ routing
-    def _decide(self, route_req: RouteRequest, exclude: set[str]) -> Decision:
+    def _decide(self, route_req: RouteRequest, exclude: tuple[str, ...]) -> Decision:
         snapshot: Sequence[WorkerView] = self.outliers.apply(self.registry.snapshot())
         if exclude:
             rest = [w for w in snapshot if w.id not in exclude]
@@ -224,7 +224,9 @@ class Relay:
             pinned_worker=pin,
             prompt_tokens=facts.prompt_tokens,
         )
-        tried: set[str] = set()
+        # a tuple, not a set: it lives as long as the request (a stream's whole life), an empty set is 216 bytes
+        # and a request tries one or two workers (issue 16: memory per open stream)
+        tried: tuple[str, ...] = ()
         last: _Retry | None = None
         for attempt in range(max(1, self.settings.max_tries)):
             if attempt and not self._retry_allowed():
@@ -236,7 +238,7 @@ class Relay:
                 if last is not None:  # the first failure says more than "nobody left to try"
                     break
                 raise
-            tried.add(decision.worker_id)
+            tried += (decision.worker_id,)
             self._account(decision, facts)
             if last is not None:
                 self.metrics.inc("turbofleet_retries_total", reason=last.reason)

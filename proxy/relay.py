@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import aiohttp
 from aiohttp import web
@@ -298,7 +298,17 @@ class Relay:
         try:
             await self.registry.acquire(worker, facts.session_key, decision.pin)
             try:
-                resp = await self._exchange(request, path, body, facts, worker, decision.reason, trace)
+                got = await self._exchange(request, path, body, facts, worker, decision.reason, trace)
+                if isinstance(got, _Started):
+                    # relayed from here, not from inside _exchange: its frame (the request's headers, the
+                    # first-byte handling) is not held for the stream's whole life (issue 16)
+                    try:
+                        resp = await self._relay_stream(request, got.upstream, worker, decision.reason, path, trace,
+                                                        got.first, got.dl)
+                    finally:
+                        self._end_exchange(got.dl, got.upstream)
+                else:
+                    resp = got
                 if trace.ok:
                     self.outliers.success(worker)
                 return resp, trace.status
@@ -335,13 +345,15 @@ class Relay:
 
     async def _exchange(
         self, request: web.Request, path: str, body: bytes, facts: Facts, worker: str, reason: str, trace: _Trace
-    ) -> web.StreamResponse:
-        """Send the request and relay the answer, under one deadline."""
+    ) -> web.StreamResponse | _Started:
+        """Send the request, under one deadline, up to the answer's first byte. Returns the whole answer, or
+        the stream that started (the caller relays it and then calls `_end_exchange`)."""
         loop = asyncio.get_running_loop()
         budget = self._first_byte_budget(facts)
         dl = Deadline(loop, budget)
         self._live.add(dl)
         upstream: UpstreamResponse | None = None
+        started = False
         try:
             # ---- before the first byte reaches the client: every failure here may be retried (verdict.py)
             stream = facts.stream
@@ -382,13 +394,19 @@ class Relay:
                 trace.retry = False
                 self.retrying -= 1
             if facts.stream and status == 200:
-                return await self._relay_stream(request, upstream, worker, reason, path, trace, first, dl)
+                started = True  # no await between here and the caller's relay: nothing can cancel in between
+                return _Started(upstream, first, dl)
             return self._whole(upstream, data, worker, reason, trace)
         finally:
-            dl.close()
-            self._live.discard(dl)
-            if upstream is not None:
-                upstream.release()  # back to the pool when read to the end; closed otherwise
+            if not started:
+                self._end_exchange(dl, upstream)
+
+    def _end_exchange(self, dl: Deadline, upstream: UpstreamResponse | None) -> None:
+        """A try's deadline and upstream response are done with (once per `_exchange`, on every path)."""
+        dl.close()
+        self._live.discard(dl)
+        if upstream is not None:
+            upstream.release()  # back to the pool when read to the end; closed otherwise
 
     def _failed(self, worker: str, event: Event, cause: BaseException | None = None) -> NoReturn:
         """Act on a failure before the stream started: blame the worker if the verdict says so, then raise
@@ -543,6 +561,14 @@ class Relay:
 
 #: a write can only wait for the client when this much is queued (asyncio's default high-water mark)
 _MAY_BLOCK = 64 * 1024
+
+
+class _Started(NamedTuple):
+    """A stream whose first bytes came: what `_exchange` hands to the relay."""
+
+    upstream: UpstreamResponse
+    first: bytes
+    dl: Deadline
 
 
 @dataclass(slots=True)

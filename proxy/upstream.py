@@ -21,6 +21,7 @@ import errno
 import re
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any, cast
@@ -242,7 +243,9 @@ class _Conn(asyncio.Protocol):
             if len(pairs) != fields.count("\r\n") + 1:
                 raise UpstreamProtocolError("bad header line")
             for name, value in pairs:
-                headers[name.lower()] = value  # dict's own store: the keys are lower-case already
+                # dict's own store: the keys are lower-case already; interned, so the few names workers send
+                # exist once, not once per response held by an open stream (issue 16)
+                headers[sys.intern(name.lower())] = value
         look = headers.lookup
         conn_hdr = look("connection", "").lower()
         if (version == "HTTP/1.0" and "keep-alive" not in conn_hdr) or "close" in conn_hdr:

@@ -196,8 +196,39 @@ class Relay:
         try:
             ticket = await self.flow.admit(request, facts)
             observe.admitted(request, self.tracer, ticket)
-            resp, status = await self._forward_with_retries(request, path, body, facts)
-            return resp
+            # the tries run here, not in a coroutine of their own: this frame lives as long as the stream, and
+            # every frame in the chain is held per open stream and resumed per token (issue 16)
+            pin = await self.registry.get_pin(facts.session_key) if facts.session_key and self._uses_pins else None
+            route_req = RouteRequest(
+                model=facts.model,
+                session_key=facts.session_key,
+                prefix_hashes=facts.prefix_hashes,
+                pinned_worker=pin,
+                prompt_tokens=facts.prompt_tokens,
+            )
+            # a tuple, not a set: an empty set is 216 bytes, and a request tries one or two workers
+            tried: tuple[str, ...] = ()
+            last: _Retry | None = None
+            for attempt in range(max(1, self.settings.max_tries)):
+                decision = self._next_try(route_req, tried, last, attempt, path, facts)
+                if decision is None:
+                    break
+                tried += (decision.worker_id,)
+                try:
+                    resp, status = await self._try(request, path, body, facts, decision, route_req, attempt > 0)
+                    return resp
+                except _Retry as r:
+                    last = r
+                    if route_req.pinned_worker is not None:  # a pin to a failing worker must not hold the session
+                        route_req = RouteRequest(
+                            model=route_req.model,
+                            session_key=route_req.session_key,
+                            prefix_hashes=route_req.prefix_hashes,
+                            pinned_worker=None,
+                            prompt_tokens=route_req.prompt_tokens,
+                        )
+            assert last is not None
+            raise last.error
         except asyncio.CancelledError:
             status = 499
             self.metrics.inc("turbofleet_client_disconnects_total")
@@ -213,50 +244,27 @@ class Relay:
             self.flow.done(ticket)
             observe.request_done(self.metrics, request, self.tracer, path, facts.model, status, started)
 
-    async def _forward_with_retries(
-        self, request: web.Request, path: str, body: bytes, facts: Facts
-    ) -> tuple[web.StreamResponse, int]:
-        pin = await self.registry.get_pin(facts.session_key) if facts.session_key and self._uses_pins else None
-        route_req = RouteRequest(
-            model=facts.model,
-            session_key=facts.session_key,
-            prefix_hashes=facts.prefix_hashes,
-            pinned_worker=pin,
-            prompt_tokens=facts.prompt_tokens,
-        )
-        # a tuple, not a set: it lives as long as the request (a stream's whole life), an empty set is 216 bytes
-        # and a request tries one or two workers (issue 16: memory per open stream)
-        tried: tuple[str, ...] = ()
-        last: _Retry | None = None
-        for attempt in range(max(1, self.settings.max_tries)):
-            if attempt and not self._retry_allowed():
-                self.metrics.inc("turbofleet_retry_budget_exhausted_total")
-                break
-            try:
-                decision = self._decide(route_req, tried)
-            except (NoWorkerAvailable, RoutingError):
-                if last is not None:  # the first failure says more than "nobody left to try"
-                    break
-                raise
-            tried += (decision.worker_id,)
-            self._account(decision, facts)
+    def _next_try(
+        self, route_req: RouteRequest, tried: tuple[str, ...], last: _Retry | None, attempt: int, path: str,
+        facts: Facts,
+    ) -> Decision | None:
+        """The worker for try number `attempt` (0 first), accounted; None when no further try may be made: the
+        retry budget is spent, or a try failed and nobody is left (that first failure says more than "nobody
+        left to try")."""
+        if attempt and not self._retry_allowed():
+            self.metrics.inc("turbofleet_retry_budget_exhausted_total")
+            return None
+        try:
+            decision = self._decide(route_req, tried)
+        except (NoWorkerAvailable, RoutingError):
             if last is not None:
-                self.metrics.inc("turbofleet_retries_total", reason=last.reason)
-                log.info("retry %d of %s on %s after %s", attempt, path, decision.worker_id, last.reason)
-            try:
-                return await self._try(request, path, body, facts, decision, route_req, attempt > 0)
-            except _Retry as r:
-                last = r
-                if route_req.pinned_worker is not None:  # a pin to a failing worker must not hold the session
-                    route_req = RouteRequest(
-                        model=route_req.model,
-                        session_key=route_req.session_key,
-                        prefix_hashes=route_req.prefix_hashes,
-                        pinned_worker=None,
-                        prompt_tokens=route_req.prompt_tokens,
-                    )
-        assert last is not None
-        raise last.error
+                return None
+            raise
+        self._account(decision, facts)
+        if last is not None:
+            self.metrics.inc("turbofleet_retries_total", reason=last.reason)
+            log.info("retry %d of %s on %s after %s", attempt, path, decision.worker_id, last.reason)
+        return decision
 
     # ------------------------------------------------------------------ one try
     def _headers(self, request: web.Request) -> dict[str, str]:

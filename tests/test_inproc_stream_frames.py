@@ -1,9 +1,9 @@
 """What an open stream holds in the proxy (issue 16: memory per open stream), in process (tests/inproc_kit.py).
 
 A stream lives for minutes, so every object its await chain keeps alive counts once per open stream. These
-pin what the relay cut from that chain: no frame of the edge middleware or of `_exchange` (the try's headers,
-the first-byte handling), no parsed request body in the handler; and that the try's deadline and upstream
-response, handed from `_exchange` to the relay, are still ended on every path.
+pin what the relay cut from that chain: no frame of the edge middleware, of `_exchange` (the try's headers, the
+first-byte handling) or of a retry loop apart from `forward`, no parsed request body in the handler; and that
+the try's deadline and upstream response, handed from `_exchange` to the relay, are still ended on every path.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ async def test_an_open_stream_holds_no_edge_or_exchange_frame_and_no_parsed_body
         names = [c.cr_code.co_name for c in _relaying()]
         assert "_relay_stream" in names and "_try" in names and "handler" in names
         assert "edge_middleware" not in names and "_exchange" not in names, names
+        # the relay's part of the chain: the request (admission, tries, accounting), the try, the relay loop
+        assert names[names.index("handler") + 1:] == ["forward", "_try", "_relay_stream", "readany"], names
         handler = next(c for c in _relaying() if c.cr_code.co_name == "handler")
         assert "data" not in handler.cr_frame.f_locals  # the parsed JSON is gone; the bytes stay for retries
         assert len(client.app[RELAY]._live) == 1  # the try's deadline is live while the stream is relayed

@@ -18,7 +18,7 @@ from turbofleet.balancer.prefix import block_hashes
 from .edge import check_model
 from .errors import BadRequest, PayloadTooLarge, RequestTimeout
 from .keys import BLOCK_CHARS, OUTLIERS, REGISTRY, RELAY, SETTINGS
-from .relay import Facts
+from .relay import Body, Facts
 from .validate import check_inference, parse_json_object
 
 #: a session key longer than this is replaced by its digest: pins are then bounded in bytes, whatever the
@@ -144,8 +144,8 @@ def parse_facts(request: web.Request, body: bytes, require: tuple[str, ...] = ()
 
 def _inference(path: str, require: tuple[str, ...] = ()) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
-        body = await read_body(request)
-        facts = parse_facts(request, body, require)
+        body = Body(await read_body(request))  # the relay drops the bytes once a stream started
+        facts = parse_facts(request, body.data, require)
         return await request.app[RELAY].forward(request, path, body, facts)
 
     handler.__name__ = "forward_" + path.strip("/").replace("/", "_")

@@ -88,6 +88,17 @@ class Facts:
     user: str | None = None
 
 
+class Body:
+    """A request's bytes, as the relay sends them to a worker (the client's own bytes). Emptied once a stream
+    has started: nothing is retried after that, and a stream holds its request for minutes, with a prompt
+    that may be many kilobytes (issue 16: memory per open stream). Before that every try sends all of it."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
 class _Retry(Exception):
     """An upstream try failed before any byte reached the client; another worker may be tried."""
 
@@ -181,7 +192,7 @@ class Relay:
         return len(live)
 
     # ------------------------------------------------------------------ entry point
-    async def forward(self, request: web.Request, path: str, body: bytes, facts: Facts) -> web.StreamResponse:
+    async def forward(self, request: web.Request, path: str, body: Body, facts: Facts) -> web.StreamResponse:
         """Serve one inference request: route, forward, relay, and account for it exactly once."""
         limit = self.settings.max_concurrency
         if limit and self.active >= limit:
@@ -291,7 +302,7 @@ class Relay:
         self,
         request: web.Request,
         path: str,
-        body: bytes,
+        body: Body,
         facts: Facts,
         decision: Decision,
         route_req: RouteRequest,
@@ -306,8 +317,9 @@ class Relay:
         try:
             await self.registry.acquire(worker, facts.session_key, decision.pin)
             try:
-                got = await self._exchange(request, path, body, facts, worker, decision.reason, trace)
+                got = await self._exchange(request, path, body.data, facts, worker, decision.reason, trace)
                 if isinstance(got, _Started):
+                    body.data = b""  # the stream started: no further try will send it
                     # relayed from here, not from inside _exchange: its frame (the request's headers, the
                     # first-byte handling) is not held for the stream's whole life (issue 16)
                     try:

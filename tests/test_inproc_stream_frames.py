@@ -2,7 +2,7 @@
 
 A stream lives for minutes, so every object its await chain keeps alive counts once per open stream. These
 pin what the relay cut from that chain: no frame of the edge middleware, of `_exchange` (the try's headers, the
-first-byte handling) or of a retry loop apart from `forward`, no parsed request body in the handler; and that
+first-byte handling) or of a retry loop apart from `forward`, no request body, parsed or not; and that
 the try's deadline and upstream response, handed from `_exchange` to the relay, are still ended on every path.
 """
 
@@ -56,7 +56,8 @@ async def test_an_open_stream_holds_no_edge_or_exchange_frame_and_no_parsed_body
         # the relay's part of the chain: the request (admission, tries, accounting), the try, the relay loop
         assert names[names.index("handler") + 1:] == ["forward", "_try", "_relay_stream", "readany"], names
         handler = next(c for c in _relaying() if c.cr_code.co_name == "handler")
-        assert "data" not in handler.cr_frame.f_locals  # the parsed JSON is gone; the bytes stay for retries
+        assert "data" not in handler.cr_frame.f_locals  # the parsed JSON is gone
+        assert handler.cr_frame.f_locals["body"].data == b""  # and the request's bytes: no try will follow
         assert len(client.app[RELAY]._live) == 1  # the try's deadline is live while the stream is relayed
         resp.close()  # the client leaves mid-stream
         await asyncio.wait_for(w.closed.wait(), 10)  # the upstream connection was closed: generation stops

@@ -13,11 +13,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import re
 import time
+from collections.abc import Awaitable
 from math import ceil
 from typing import Any
 
@@ -50,7 +52,9 @@ def request_id(value: str | None) -> str:
     return os.urandom(12).hex()  # secrets.token_hex(12), without its two Python frames
 
 
+@functools.lru_cache(maxsize=16)
 def via_entry(via_id: str) -> str:
+    """This proxy's `Via` entry: one string for every request (it lives as long as the request)."""
     return f"1.1 {via_id}"
 
 
@@ -67,7 +71,11 @@ def is_inference(path: str) -> bool:
 
 
 @web.middleware
-async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def edge_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    """The edge's checks, then the handler. A plain function that returns the handler's awaitable (aiohttp
+    awaits what a middleware returns): a coroutine here would keep a frame of its own alive for as long as the
+    request runs, a stream's whole life (issue 16: memory per open stream). What it raises, it raises when
+    called, inside the error middleware's await, as a coroutine's first step would."""
     headers = request.headers
     rid = request_id(headers.get(REQUEST_ID_HEADER))
     request[REQUEST_ID] = rid
@@ -94,11 +102,11 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
                 raise Unauthorized("Incorrect API key.")
             request[IDENTITY] = tenant.identity()
             request[TENANT] = tenant
-            return await _limited(request, handler, tenant, tenant.ref)
+            return _limited(request, handler, tenant, tenant.ref)
         request[IDENTITY] = ANONYMOUS
         if app[SETTINGS].max_concurrency_per_client:
-            return await _limited(request, handler, None, address_ref(request.remote))
-    return await handler(request)
+            return _limited(request, handler, None, address_ref(request.remote))
+    return handler(request)
 
 
 async def _limited(request: web.Request, handler: Handler, tenant: Tenant | None, who: str) -> web.StreamResponse:
@@ -202,8 +210,13 @@ def _status_of(exc: BaseException | None, status: int) -> int:
 class EdgeRequestHandler(web_protocol.RequestHandler):
     """aiohttp's connection handler with JSON error answers and a header deadline."""
 
-    _header_timer: asyncio.TimerHandle | None = None
-    header_timeout: float = 10.0
+    # aiohttp's handler has __slots__; without ours every connection would carry a __dict__ too (issue 16)
+    __slots__ = ("_header_timer", "header_timeout")
+
+    def __init__(self, manager: web_server.Server, *, header_timeout: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self.header_timeout = header_timeout
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -261,9 +274,7 @@ class EdgeServer(web_server.Server):
     header_timeout = 10.0
 
     def __call__(self) -> web_protocol.RequestHandler:
-        handler = EdgeRequestHandler(self, loop=self._loop, **self._kwargs)
-        handler.header_timeout = self.header_timeout
-        return handler
+        return EdgeRequestHandler(self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs)
 
 
 class EdgeRunner(web.AppRunner):

@@ -18,7 +18,7 @@ from turbofleet.balancer.prefix import block_hashes
 from .edge import check_model
 from .errors import BadRequest, PayloadTooLarge, RequestTimeout
 from .keys import BLOCK_CHARS, OUTLIERS, REGISTRY, RELAY, SETTINGS
-from .relay import Facts
+from .relay import Body, Facts
 from .validate import check_inference, parse_json_object
 
 #: a session key longer than this is replaced by its digest: pins are then bounded in bytes, whatever the
@@ -129,16 +129,23 @@ def facts_of(request: web.Request, data: dict[str, Any], *, require: tuple[str, 
     )
 
 
+def parse_facts(request: web.Request, body: bytes, require: tuple[str, ...] = ()) -> Facts:
+    """The body parsed and checked, and what routing needs from it. The parsed JSON lives only in here: a
+    handler frame that kept it would hold it (a copy of the prompt, as Python objects) for a stream's whole
+    life (issue 16: memory per open stream); the relay sends the client's own bytes."""
+    data = parse_json_object(body)
+    # LMDeploy's own routes (/generate, ...) may omit the model: a fleet of one model still routes them
+    default = None
+    if not require and "model" not in data:
+        served = served_models(request.app)
+        default = served[0] if len(served) == 1 else None
+    return facts_of(request, data, require=require, default_model=default)
+
+
 def _inference(path: str, require: tuple[str, ...] = ()) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
-        body = await read_body(request)
-        data = parse_json_object(body)
-        # LMDeploy's own routes (/generate, ...) may omit the model: a fleet of one model still routes them
-        default = None
-        if not require and "model" not in data:
-            served = served_models(request.app)
-            default = served[0] if len(served) == 1 else None
-        facts = facts_of(request, data, require=require, default_model=default)
+        body = Body(await read_body(request))  # the relay drops the bytes once a stream started
+        facts = parse_facts(request, body.data, require)
         return await request.app[RELAY].forward(request, path, body, facts)
 
     handler.__name__ = "forward_" + path.strip("/").replace("/", "_")

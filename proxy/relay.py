@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import aiohttp
 from aiohttp import web
@@ -88,6 +88,17 @@ class Facts:
     user: str | None = None
 
 
+class Body:
+    """A request's bytes, as the relay sends them to a worker (the client's own bytes). Emptied once a stream
+    has started: nothing is retried after that, and a stream holds its request for minutes, with a prompt
+    that may be many kilobytes (issue 16: memory per open stream). Before that every try sends all of it."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
 class _Retry(Exception):
     """An upstream try failed before any byte reached the client; another worker may be tried."""
 
@@ -141,7 +152,7 @@ class Relay:
         self._slow_client = _limit(settings.slow_client_timeout)
 
     # ------------------------------------------------------------------ routing
-    def _decide(self, route_req: RouteRequest, exclude: set[str]) -> Decision:
+    def _decide(self, route_req: RouteRequest, exclude: tuple[str, ...]) -> Decision:
         snapshot: Sequence[WorkerView] = self.outliers.apply(self.registry.snapshot())
         if exclude:
             rest = [w for w in snapshot if w.id not in exclude]
@@ -181,7 +192,7 @@ class Relay:
         return len(live)
 
     # ------------------------------------------------------------------ entry point
-    async def forward(self, request: web.Request, path: str, body: bytes, facts: Facts) -> web.StreamResponse:
+    async def forward(self, request: web.Request, path: str, body: Body, facts: Facts) -> web.StreamResponse:
         """Serve one inference request: route, forward, relay, and account for it exactly once."""
         limit = self.settings.max_concurrency
         if limit and self.active >= limit:
@@ -196,8 +207,39 @@ class Relay:
         try:
             ticket = await self.flow.admit(request, facts)
             observe.admitted(request, self.tracer, ticket)
-            resp, status = await self._forward_with_retries(request, path, body, facts)
-            return resp
+            # the tries run here, not in a coroutine of their own: this frame lives as long as the stream, and
+            # every frame in the chain is held per open stream and resumed per token (issue 16)
+            pin = await self.registry.get_pin(facts.session_key) if facts.session_key and self._uses_pins else None
+            route_req = RouteRequest(
+                model=facts.model,
+                session_key=facts.session_key,
+                prefix_hashes=facts.prefix_hashes,
+                pinned_worker=pin,
+                prompt_tokens=facts.prompt_tokens,
+            )
+            # a tuple, not a set: an empty set is 216 bytes, and a request tries one or two workers
+            tried: tuple[str, ...] = ()
+            last: _Retry | None = None
+            for attempt in range(max(1, self.settings.max_tries)):
+                decision = self._next_try(route_req, tried, last, attempt, path, facts)
+                if decision is None:
+                    break
+                tried += (decision.worker_id,)
+                try:
+                    resp, status = await self._try(request, path, body, facts, decision, route_req, attempt > 0)
+                    return resp
+                except _Retry as r:
+                    last = r
+                    if route_req.pinned_worker is not None:  # a pin to a failing worker must not hold the session
+                        route_req = RouteRequest(
+                            model=route_req.model,
+                            session_key=route_req.session_key,
+                            prefix_hashes=route_req.prefix_hashes,
+                            pinned_worker=None,
+                            prompt_tokens=route_req.prompt_tokens,
+                        )
+            assert last is not None
+            raise last.error
         except asyncio.CancelledError:
             status = 499
             self.metrics.inc("turbofleet_client_disconnects_total")
@@ -213,48 +255,27 @@ class Relay:
             self.flow.done(ticket)
             observe.request_done(self.metrics, request, self.tracer, path, facts.model, status, started)
 
-    async def _forward_with_retries(
-        self, request: web.Request, path: str, body: bytes, facts: Facts
-    ) -> tuple[web.StreamResponse, int]:
-        pin = await self.registry.get_pin(facts.session_key) if facts.session_key and self._uses_pins else None
-        route_req = RouteRequest(
-            model=facts.model,
-            session_key=facts.session_key,
-            prefix_hashes=facts.prefix_hashes,
-            pinned_worker=pin,
-            prompt_tokens=facts.prompt_tokens,
-        )
-        tried: set[str] = set()
-        last: _Retry | None = None
-        for attempt in range(max(1, self.settings.max_tries)):
-            if attempt and not self._retry_allowed():
-                self.metrics.inc("turbofleet_retry_budget_exhausted_total")
-                break
-            try:
-                decision = self._decide(route_req, tried)
-            except (NoWorkerAvailable, RoutingError):
-                if last is not None:  # the first failure says more than "nobody left to try"
-                    break
-                raise
-            tried.add(decision.worker_id)
-            self._account(decision, facts)
+    def _next_try(
+        self, route_req: RouteRequest, tried: tuple[str, ...], last: _Retry | None, attempt: int, path: str,
+        facts: Facts,
+    ) -> Decision | None:
+        """The worker for try number `attempt` (0 first), accounted; None when no further try may be made: the
+        retry budget is spent, or a try failed and nobody is left (that first failure says more than "nobody
+        left to try")."""
+        if attempt and not self._retry_allowed():
+            self.metrics.inc("turbofleet_retry_budget_exhausted_total")
+            return None
+        try:
+            decision = self._decide(route_req, tried)
+        except (NoWorkerAvailable, RoutingError):
             if last is not None:
-                self.metrics.inc("turbofleet_retries_total", reason=last.reason)
-                log.info("retry %d of %s on %s after %s", attempt, path, decision.worker_id, last.reason)
-            try:
-                return await self._try(request, path, body, facts, decision, route_req, attempt > 0)
-            except _Retry as r:
-                last = r
-                if route_req.pinned_worker is not None:  # a pin to a failing worker must not hold the session
-                    route_req = RouteRequest(
-                        model=route_req.model,
-                        session_key=route_req.session_key,
-                        prefix_hashes=route_req.prefix_hashes,
-                        pinned_worker=None,
-                        prompt_tokens=route_req.prompt_tokens,
-                    )
-        assert last is not None
-        raise last.error
+                return None
+            raise
+        self._account(decision, facts)
+        if last is not None:
+            self.metrics.inc("turbofleet_retries_total", reason=last.reason)
+            log.info("retry %d of %s on %s after %s", attempt, path, decision.worker_id, last.reason)
+        return decision
 
     # ------------------------------------------------------------------ one try
     def _headers(self, request: web.Request) -> dict[str, str]:
@@ -281,7 +302,7 @@ class Relay:
         self,
         request: web.Request,
         path: str,
-        body: bytes,
+        body: Body,
         facts: Facts,
         decision: Decision,
         route_req: RouteRequest,
@@ -296,7 +317,18 @@ class Relay:
         try:
             await self.registry.acquire(worker, facts.session_key, decision.pin)
             try:
-                resp = await self._exchange(request, path, body, facts, worker, decision.reason, trace)
+                got = await self._exchange(request, path, body.data, facts, worker, decision.reason, trace)
+                if isinstance(got, _Started):
+                    body.data = b""  # the stream started: no further try will send it
+                    # relayed from here, not from inside _exchange: its frame (the request's headers, the
+                    # first-byte handling) is not held for the stream's whole life (issue 16)
+                    try:
+                        resp = await self._relay_stream(request, got.upstream, worker, decision.reason, path, trace,
+                                                        got.first, got.dl)
+                    finally:
+                        self._end_exchange(got.dl, got.upstream)
+                else:
+                    resp = got
                 if trace.ok:
                     self.outliers.success(worker)
                 return resp, trace.status
@@ -333,13 +365,15 @@ class Relay:
 
     async def _exchange(
         self, request: web.Request, path: str, body: bytes, facts: Facts, worker: str, reason: str, trace: _Trace
-    ) -> web.StreamResponse:
-        """Send the request and relay the answer, under one deadline."""
+    ) -> web.StreamResponse | _Started:
+        """Send the request, under one deadline, up to the answer's first byte. Returns the whole answer, or
+        the stream that started (the caller relays it and then calls `_end_exchange`)."""
         loop = asyncio.get_running_loop()
         budget = self._first_byte_budget(facts)
         dl = Deadline(loop, budget)
         self._live.add(dl)
         upstream: UpstreamResponse | None = None
+        started = False
         try:
             # ---- before the first byte reaches the client: every failure here may be retried (verdict.py)
             stream = facts.stream
@@ -380,13 +414,19 @@ class Relay:
                 trace.retry = False
                 self.retrying -= 1
             if facts.stream and status == 200:
-                return await self._relay_stream(request, upstream, worker, reason, path, trace, first, dl)
+                started = True  # no await between here and the caller's relay: nothing can cancel in between
+                return _Started(upstream, first, dl)
             return self._whole(upstream, data, worker, reason, trace)
         finally:
-            dl.close()
-            self._live.discard(dl)
-            if upstream is not None:
-                upstream.release()  # back to the pool when read to the end; closed otherwise
+            if not started:
+                self._end_exchange(dl, upstream)
+
+    def _end_exchange(self, dl: Deadline, upstream: UpstreamResponse | None) -> None:
+        """A try's deadline and upstream response are done with (once per `_exchange`, on every path)."""
+        dl.close()
+        self._live.discard(dl)
+        if upstream is not None:
+            upstream.release()  # back to the pool when read to the end; closed otherwise
 
     def _failed(self, worker: str, event: Event, cause: BaseException | None = None) -> NoReturn:
         """Act on a failure before the stream started: blame the worker if the verdict says so, then raise
@@ -541,6 +581,14 @@ class Relay:
 
 #: a write can only wait for the client when this much is queued (asyncio's default high-water mark)
 _MAY_BLOCK = 64 * 1024
+
+
+class _Started(NamedTuple):
+    """A stream whose first bytes came: what `_exchange` hands to the relay."""
+
+    upstream: UpstreamResponse
+    first: bytes
+    dl: Deadline
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ import errno
 import re
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any, cast
@@ -77,7 +78,9 @@ class UpstreamResponse:
         self._conn: _Conn | None = conn
         self.status = status
         self.headers = headers
-        self._chunks: collections.deque[bytes] = collections.deque()
+        # a list, not a deque: an empty deque is 760 bytes (a 64-slot block), a list 56; a stream's response
+        # holds at most a few chunks between reads (issue 16: memory per open stream)
+        self._chunks: list[bytes] = []
         self._buffered = 0
         self._done = False
         self._error: BaseException | None = None
@@ -118,11 +121,9 @@ class UpstreamResponse:
                 await self._waiter
             finally:
                 self._waiter = None
-        if len(self._chunks) == 1:
-            data = self._chunks.popleft()
-        else:
-            data = b"".join(self._chunks)
-            self._chunks.clear()
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
         if self._buffered > _HIGH_WATER and self._conn is not None:
             self._conn.resume()
         self._buffered = 0
@@ -140,7 +141,7 @@ class UpstreamResponse:
             size += len(chunk)
         data = b"".join(parts)
         if n >= 0 and len(data) > n:
-            self._chunks.appendleft(data[n:])
+            self._chunks.insert(0, data[n:])
             self._buffered += len(data) - n
             data = data[:n]
         return data
@@ -242,7 +243,9 @@ class _Conn(asyncio.Protocol):
             if len(pairs) != fields.count("\r\n") + 1:
                 raise UpstreamProtocolError("bad header line")
             for name, value in pairs:
-                headers[name.lower()] = value  # dict's own store: the keys are lower-case already
+                # dict's own store: the keys are lower-case already; interned, so the few names workers send
+                # exist once, not once per response held by an open stream (issue 16)
+                headers[sys.intern(name.lower())] = value
         look = headers.lookup
         conn_hdr = look("connection", "").lower()
         if (version == "HTTP/1.0" and "keep-alive" not in conn_hdr) or "close" in conn_hdr:

@@ -79,6 +79,22 @@ async def test_a_retryable_status_is_retried_on_another_worker_and_blamed() -> N
         await _settled(client)
 
 
+async def test_a_retry_before_the_first_byte_sends_the_whole_body_again() -> None:
+    """The relay drops a request's bytes once its stream started (issue 16), never before: a try that failed
+    before the first byte is retried with the client's whole body, small or past the pool's 64 KB split."""
+    async with fake_workers(2) as [bad, good], proxy_client([bad, good]) as client:
+        bad.behave(STATUS, 503, b'{"error": {"message": "overloaded"}}')
+        for size in (10, 100_000):
+            bad.bodies.clear()
+            good.bodies.clear()
+            body = {**CHAT, "messages": [{"role": "user", "content": "x" * size}], "stream": True}
+            for _ in range(2):  # round robin: one of the two requests starts on the bad worker
+                status, text, _ = await _chat(client, True, messages=body["messages"])
+                assert status == 200 and sse_events(text)[-1] == "[DONE]"
+            assert bad.bodies == [body] and good.bodies == [body, body]
+        await _settled(client)
+
+
 async def test_429_is_retried_but_not_blamed() -> None:
     async with fake_workers(2) as [busy, good], proxy_client([busy, good]) as client:
         busy.behave(STATUS, 429)

@@ -350,3 +350,21 @@ def test_under_uvloop() -> None:
             await srv.wait_closed()
 
     assert uvloop.run(go()) == b"abcabcabc"
+
+
+def test_a_bounded_read_leaves_the_rest_for_the_next_read() -> None:
+    """read(n) returns at most n bytes of what arrived and keeps the rest, in order, for the next read (the
+    relay reads a retryable error's body this way); the connection is reusable once it was all read."""
+    loop = asyncio.new_event_loop()
+    try:
+        conn, fut = _waiting_conn(loop)
+        conn.data_received(b"HTTP/1.1 503 Busy\r\nContent-Length: 10\r\n\r\n0123")
+        resp = fut.result()
+        conn.data_received(b"456")
+        conn.data_received(b"789")
+        assert loop.run_until_complete(resp.read(5)) == b"01234"
+        assert loop.run_until_complete(resp.readany()) == b"56789"
+        assert loop.run_until_complete(resp.readany()) == b""
+        assert resp._done and not resp._chunks
+    finally:
+        loop.close()

@@ -57,10 +57,10 @@ class Prompts:
         if self.text == "words":
             from turbofleet.bench.workloads import words
 
-            text = words(self.rng, max(1, n // 2 + 8))  # ~2.9 real tokens a word: enough to cut n from
+            plain = words(self.rng, max(1, n // 2 + 8))  # ~2.9 real tokens a word: enough to cut n from
             if self.tok is None:
-                return " ".join(text.split(" ")[: max(1, n // 3)])
-            cut: str = self.tok.decode(self.tok.encode(text).ids[:n])
+                return " ".join(plain.split(" ")[: max(1, n // 3)])
+            cut: str = self.tok.decode(self.tok.encode(plain).ids[:n])
             return cut
         if self.tok is None:
             return " ".join(f"w{self.rng.randrange(1 << 30):x}" for _ in range(max(1, n // 4)))

@@ -495,9 +495,14 @@ class Relay:
             await resp.prepare(request)
             if not await self._send(request, resp, first, trace):
                 return resp
+            # per chunk (a token, at a human rate): take what came, else await the upstream's waiter itself, and
+            # write a small chunk straight to the response; no coroutine of ours in between (issue 16: each
+            # level of the await chain is a frame held per open stream and resumed per token)
+            take, wait = content.take, content.wait
             while True:
                 try:
-                    chunk = await content.readany()
+                    while (chunk := take()) is None:
+                        await wait()
                 except UPSTREAM_ERRORS as e:
                     failed = e
                     break
@@ -505,7 +510,10 @@ class Relay:
                     break
                 dl.last = loop.time()
                 prev, last = last, chunk
-                if not await self._send(request, resp, chunk, trace):
+                transport = request.transport
+                if transport is None or transport.get_write_buffer_size() + len(chunk) < _MAY_BLOCK:
+                    await resp.write(chunk)  # _send's common case, inline
+                elif not await self._send(request, resp, chunk, trace):
                     return resp
             if failed is not None:
                 v = judge(Event(Stage.STREAM, Kind.BROKEN, True, error=type(failed).__name__))

@@ -368,3 +368,33 @@ def test_a_bounded_read_leaves_the_rest_for_the_next_read() -> None:
         assert resp._done and not resp._chunks
     finally:
         loop.close()
+
+
+def test_take_and_wait_say_what_readany_would() -> None:
+    """take() (the relay's per-chunk read): None while nothing came, then everything buffered, b"" at the end;
+    wait()'s future is done by the next bytes or the end, and a fresh one replaces a cancelled one."""
+    loop = asyncio.new_event_loop()
+    try:
+        conn, fut = _waiting_conn(loop)
+        conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        resp = fut.result()
+        assert resp.take() is None
+        w = loop.run_until_complete(_make_waiter(resp))
+        assert not w.done()
+        conn.data_received(b"3\r\nabc\r\n")
+        assert w.done() and resp.take() == b"abc" and resp.take() is None
+        stale = loop.run_until_complete(_make_waiter(resp))
+        stale.cancel()
+        w = loop.run_until_complete(_make_waiter(resp))  # replaces the cancelled one
+        conn.data_received(b"2\r\nde\r\n")
+        conn.data_received(b"1\r\nf\r\n")
+        assert w.done() and resp.take() == b"def"
+        w = loop.run_until_complete(_make_waiter(resp))
+        conn.data_received(b"0\r\n\r\n")
+        assert w.done() and resp.take() == b"" and resp.take() == b""
+    finally:
+        loop.close()
+
+
+async def _make_waiter(resp: Any) -> asyncio.Future[None]:
+    return resp.wait()  # type: ignore[no-any-return]

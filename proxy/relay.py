@@ -26,7 +26,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, NoReturn
 
 import aiohttp
@@ -231,13 +231,7 @@ class Relay:
                 except _Retry as r:
                     last = r
                     if route_req.pinned_worker is not None:  # a pin to a failing worker must not hold the session
-                        route_req = RouteRequest(
-                            model=route_req.model,
-                            session_key=route_req.session_key,
-                            prefix_hashes=route_req.prefix_hashes,
-                            pinned_worker=None,
-                            prompt_tokens=route_req.prompt_tokens,
-                        )
+                        route_req = replace(route_req, pinned_worker=None)
             assert last is not None
             raise last.error
         except asyncio.CancelledError:

@@ -507,7 +507,7 @@ class Relay:
                 transport = request.transport
                 if transport is None or transport.get_write_buffer_size() + len(chunk) < _MAY_BLOCK:
                     await resp.write(chunk)  # _send's common case, inline
-                elif not await self._send(request, resp, chunk, trace):
+                elif not await self._send_blocking(transport, resp, chunk, trace):
                     return resp
             if failed is not None:
                 v = judge(Event(Stage.STREAM, Kind.BROKEN, True, error=type(failed).__name__))
@@ -570,6 +570,12 @@ class Relay:
         if transport is None or transport.get_write_buffer_size() + len(chunk) < _MAY_BLOCK:
             await resp.write(chunk)  # the common case: small events, nothing queued; no timer
             return True
+        return await self._send_blocking(transport, resp, chunk, trace)
+
+    async def _send_blocking(
+        self, transport: asyncio.Transport, resp: web.StreamResponse, chunk: bytes, trace: _Trace
+    ) -> bool:
+        """`_send` for a write that may block: under slow_client_timeout; False when the client was dropped."""
         try:
             async with asyncio.timeout(self._slow_client):
                 await resp.write(chunk)

@@ -295,14 +295,14 @@ async def conversation(args: argparse.Namespace, P: Prompts, req: Any, log: Any)
     answer, as a multi-round client sends it. Alone on an idle GPU, then again while every other server
     decodes one stream (`busy`: what a fleet run's GPU looks like). Each row: the turn's prompt and cached
     tokens and TTFT, and its first turn's TTFT."""
-    urls = [args.url, *args.also]
     rows: list[dict[str, Any]] = []
-    for busy in (False, True) if args.also else (False,):
-        async def keep_busy(url: str) -> None:
-            while True:  # one stream after another until the pass ends
-                await req(url, args.decode_prompt, args.conv_load_tokens)
 
-        load = [asyncio.create_task(keep_busy(x)) for x in urls[1:]] if busy else []
+    async def keep_busy(url: str) -> None:
+        while True:  # one stream after another until the pass ends
+            await req(url, args.decode_prompt, args.conv_load_tokens)
+
+    for busy in (False, True) if args.also else (False,):
+        load = [asyncio.create_task(keep_busy(x)) for x in args.also] if busy else []
         if busy:
             await asyncio.sleep(0.3)
         for n in args.conv_lengths:

@@ -149,14 +149,26 @@ def fit(
     if hit_cost == "auto":
         hit_cost = "conversation" if turns else "full"
     pts = {"full": full, "conversation": turns, "both": full + turns}[hit_cost]
+
+    def uncached_ms(u: float, p: float, running: int = 0) -> float:  # real tokens, ms; what cached ones add aside
+        return step_ms + a * u + b * u * p / 1000.0 + base + per * (running + 1)
+
     hit_ms = 0.0
     if pts:
-        extra = [(c, y - (step_ms + a * max(p - c, 1) + b * max(p - c, 1) * p / 1000.0 + base + per))
-                 for p, c, y in pts]
+        extra = [(c, y - uncached_ms(max(p - c, 1), p)) for p, c, y in pts]
         hit_ms = max(0.0, sum(c * y for c, y in extra) / sum(c * c for c, _ in extra))
 
     def ttft_model(u: float, p: float, running: int = 0) -> float:  # real tokens, ms
-        return step_ms + a * u + b * u * p / 1000.0 + hit_ms * (p - u) + base + per * (running + 1)
+        return uncached_ms(u, p, running) + hit_ms * (p - u)
+
+    def hit_check(x: dict[str, Any]) -> dict[str, Any]:
+        """A measured hit (or cold prompt) against the model: its cached tokens, real and model TTFT."""
+        u = x["prompt_tokens"] - (x.get("cached_tokens") or 0)
+        return {
+            "cached": x.get("cached_tokens"),
+            "real_ms": round(1000 * x["ttft"], 2),
+            "model_ms": round(ttft_model(max(u, 1), x["prompt_tokens"]), 2),
+        }
 
     checks: dict[str, Any] = {"prefill": [], "decode": [], "hits": [], "conversation": [], "mix": []}
     for r in calib["prefill"]:
@@ -181,28 +193,10 @@ def fit(
         for k in ("cold", "full", "partial"):
             x = h[k]
             if x.get("ttft") and x.get("prompt_tokens"):
-                u = x["prompt_tokens"] - (x.get("cached_tokens") or 0)
-                checks["hits"].append(
-                    {
-                        "n": h["n"],
-                        "kind": k,
-                        "cached": x.get("cached_tokens"),
-                        "real_ms": round(1000 * x["ttft"], 2),
-                        "model_ms": round(ttft_model(max(u, 1), x["prompt_tokens"]), 2),
-                    }
-                )
+                checks["hits"].append({"n": h["n"], "kind": k, **hit_check(x)})
     for x in calib.get("conversation") or []:
         if x.get("ttft") and x.get("prompt_tokens"):
-            u = x["prompt_tokens"] - (x.get("cached_tokens") or 0)
-            checks["conversation"].append(
-                {
-                    "n": x["n"],
-                    "busy": x.get("busy", False),
-                    "cached": x.get("cached_tokens"),
-                    "real_ms": round(1000 * x["ttft"], 2),
-                    "model_ms": round(ttft_model(max(u, 1), x["prompt_tokens"]), 2),
-                }
-            )
+            checks["conversation"].append({"n": x["n"], "busy": x.get("busy", False), **hit_check(x)})
     for m in calib.get("mix") or []:
         if m.get("ttft") and m.get("prompt"):
             checks["mix"].append(

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from tests.inproc_kit import MIDWAY_HANG, MODEL, OK, STATUS, fake_workers, proxy_client, sse_events
+from tests.inproc_kit import MIDWAY_HANG, MODEL, fake_workers, proxy_client, sse_events
 from turbofleet.proxy.keys import POOL, RELAY
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "stream": True}
@@ -90,21 +90,3 @@ async def test_shutdown_still_ends_a_stream_being_relayed() -> None:
         await asyncio.wait_for(w.closed.wait(), 10)
         resp.close()
 
-
-async def test_a_retry_moves_the_session_off_its_failing_pinned_worker() -> None:
-    """A session pinned to a worker that answers 503 is retried elsewhere, whole, and the pin moves there: the
-    next request of the session goes to the worker that served it, not back to the failing one."""
-    async with fake_workers(2) as ws, proxy_client(ws, policy="kv_aware") as client:
-        hdr = {"X-Session-ID": "s-1"}
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 3000}]}
-        first = await client.post("/v1/chat/completions", json=body, headers=hdr)
-        assert first.status == 200
-        pinned = next(w for w in ws if w.hits == 1)
-        other = next(w for w in ws if w is not pinned)
-        pinned.behave(STATUS, status=503, body=b'{"error": "busy"}')
-        again = await client.post("/v1/chat/completions", json=body, headers=hdr)
-        assert again.status == 200 and (pinned.hits, other.hits) == (2, 1)
-        assert other.bodies[-1] == pinned.bodies[-1] == body  # the retry sent the same request
-        pinned.behave(OK)
-        third = await client.post("/v1/chat/completions", json=body, headers=hdr)
-        assert third.status == 200 and (pinned.hits, other.hits) == (2, 2)

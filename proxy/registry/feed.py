@@ -85,7 +85,7 @@ class Feed:
                     self.subscribed.clear()
                 with contextlib.suppress(*IO_ERRORS):
                     async with asyncio.timeout(self._op_timeout):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # untyped before redis-py 8
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, K.RECONNECT_MAX)
 

@@ -198,19 +198,30 @@ IDLE_SHARE = 0.05
 #: a request may join a worker while the backlog there with its own prefill stays within this many times the
 #: class's target (`fits_backlog`): a request already waiting there is delayed by at most that much
 JOIN = 1.5
+#: a request is a cache hit on a worker that holds at least this share of its prompt (`fits_backlog`); SGLang's
+#: gateway routes by its cache from the same share on (cache_threshold 0.3)
+HIT_SHARE = 0.3
 
 
-def fits_backlog(backlog_s: float, own_s: float, cap: float) -> bool:
-    """Whether a request whose own prefill takes `own_s` may join a worker with `backlog_s` of prefill queued,
-    under the class's backlog target `cap` (0: no target). The backlog must be under the target, and with the
-    request's own prefill within `JOIN` x the target, unless the worker has next to nothing queued: a prompt
-    that alone takes longer gets an empty worker, where it delays no other request's first token (an engine
-    prefills what is waiting in one batch, so a short prompt queued with a long one waits for both)."""
-    if cap <= 0:
+def fits_backlog(backlog_s: float, own_s: float | None, cap: float, cached: bool = False) -> bool:
+    """Whether a request whose own prefill takes `own_s` (None: not known) may join a worker with `backlog_s`
+    of prefill queued, under the class's backlog target `cap` (0: no target); `cached`: the worker holds most
+    of its prompt (see `HIT_SHARE`).
+
+    Under the target, the backlog with the request's own prefill must stay within `JOIN` x the target, unless
+    the worker has next to nothing queued: a prompt that alone takes longer gets an empty worker, where it
+    delays no other request's first token (an engine prefills what is waiting in one batch, so a short prompt
+    queued with a long one waits for both). At the target or over it, only a cache hit (`cached`) may join,
+    within the same bound: the prompt it would otherwise prefill again elsewhere costs the fleet's GPUs as
+    much as it costs the request, so whether it should wait here is the policy's cost to weigh (kv_aware's
+    work_weight), not admission's (issue 14: a gateway that takes every cache hit); the bound still keeps
+    what it adds to the requests queued there within JOIN x the target. Any other prompt, however short,
+    waits in the proxy's queue, where the classes keep their order."""
+    if cap <= 0 or backlog_s <= cap * IDLE_SHARE:
         return True
-    if backlog_s >= cap:
-        return False
-    return backlog_s <= cap * IDLE_SHARE or backlog_s + own_s <= cap * JOIN
+    if backlog_s < cap:
+        return own_s is None or backlog_s + own_s <= cap * JOIN
+    return cached and own_s is not None and backlog_s + own_s <= cap * JOIN
 
 
 def class_limit(limit: int, share: float) -> int:
@@ -228,6 +239,7 @@ def free_slots(
     backlog_s: Callable[[str], float] | None = None,
     backlog_max: float = 0.0,
     own_s: Callable[[WorkerView], float] | None = None,
+    cached: Callable[[WorkerView], bool] | None = None,
 ) -> dict[str, int]:
     """Ready workers serving `model` that can take more requests now -> how many more. `reserved`: requests
     this proxy admitted to a worker that the registry does not count yet. A model none of whose ready workers
@@ -237,13 +249,14 @@ def free_slots(
     is kept for the interactive class). `backlog_s(worker)`: seconds of prefill queued on the worker ahead of a
     new request; a worker whose backlog is at `backlog_max` x `share` or more is full whatever its count (its
     engine's FIFO prefill queue is where a new request would wait); 0 turns that limit off. `own_s(worker)`:
-    the asking request's own prefill there, when it is known: the worker must also fit it (`fits_backlog`)."""
+    the asking request's own prefill there, when it is known: the worker must also fit it (`fits_backlog`);
+    `cached(worker)`: whether the worker holds most of the request's prompt (a hit may join over the target)."""
     out: dict[str, int] = {}
     cap = _backlog_cap(share, backlog_s, backlog_max)
     for w in workers:
         if w.state != READY or model not in w.models:
             continue
-        free = _worker_free(w, limits, reserved, share, cap, backlog_s, own_s)
+        free = _worker_free(w, limits, reserved, share, cap, backlog_s, own_s, cached)
         if free > 0:
             out[w.id] = free
     return out
@@ -260,6 +273,7 @@ def free_beyond(
     backlog_s: Callable[[str], float] | None = None,
     backlog_max: float = 0.0,
     own_s: Callable[[WorkerView], float] | None = None,
+    cached: Callable[[WorkerView], bool] | None = None,
 ) -> bool | None:
     """Whether `model` has more free slots than `taken` (the sum of `free_slots` above it, same arguments);
     None when no ready worker serves it. Stops at the first workers that settle it: admission's question on
@@ -270,7 +284,7 @@ def free_beyond(
         if w.state != READY or model not in w.models:
             continue
         ready = True
-        free = _worker_free(w, limits, reserved, share, cap, backlog_s, own_s)
+        free = _worker_free(w, limits, reserved, share, cap, backlog_s, own_s, cached)
         if free > 0:
             taken -= free
             if taken < 0:
@@ -290,13 +304,17 @@ def _worker_free(
     cap: float,
     backlog_s: Callable[[str], float] | None,
     own_s: Callable[[WorkerView], float] | None,
+    cached: Callable[[WorkerView], bool] | None = None,
 ) -> int:
     """The requests `w` can take now (0 or less: none), see `free_slots`."""
     free = class_limit(limits.limit(w.id), share) - w.in_flight - (reserved.get(w.id, 0) if reserved else 0)
     if free > 0 and cap and backlog_s is not None:
         b = backlog_s(w.id)
-        own = own_s(w) if own_s is not None and cap * IDLE_SHARE < b < cap else 0.0
-        if not fits_backlog(b, own, cap):
+        over = b >= cap
+        if over and (cached is None or b >= cap * JOIN or not cached(w)):
+            return 0
+        own = own_s(w) if own_s is not None and cap * IDLE_SHARE < b else None
+        if not fits_backlog(b, own, cap, over):
             return 0
     return free
 

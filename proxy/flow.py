@@ -37,7 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from turbofleet.balancer.policy import READY, Decision, Policy, RouteRequest, WorkerView
-from turbofleet.balancer.saturation import ConcurrencyLimits, fits_backlog, free_beyond, free_slots
+from turbofleet.balancer.saturation import HIT_SHARE, ConcurrencyLimits, fits_backlog, free_beyond, free_slots
 
 from .admission import (
     BUDGET_HEADER,
@@ -65,6 +65,8 @@ TICK_S = 0.02
 RECHECK_TICKS = 10
 #: weight of a new request's time in the mean time a request holds a slot
 SERVICE_LEARN = 0.05
+#: a worker the prefix index lists nothing on: what a prompt costs where none of it is cached (`_cached`)
+_NOWHERE = WorkerView("", frozenset())
 
 _CURRENT: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("turbofleet_ticket", default=None)
 
@@ -223,7 +225,7 @@ class Flow:
                 if w.id == placed_on and w.state == READY and model in w.models:
                     return [w]
         free = free_slots(model, snapshot, self.limits, self._reserved, **self._fit(t.priority),
-                          own_s=self._own(t.route))
+                          own_s=self._own(t.route), cached=self._cached(t.route))
         if not free:
             return snapshot  # another replica took the slot meanwhile: the policy's cap decides (overshoot)
         if len(free) == len(snapshot):
@@ -304,11 +306,20 @@ class Flow:
             return None
         return lambda w: uncached(route, w) * self.limits.assumed_seconds_per_token(w.id)
 
+    def _cached(self, route: RouteRequest) -> Callable[[WorkerView], bool] | None:
+        """Whether a worker holds at least HIT_SHARE of the request's prompt, by the policy's prefix index (a
+        cache hit may join a worker over its class's backlog target: `fits_backlog`); None when it cannot tell."""
+        uncached = self._uncached
+        if uncached is None or not self.backlog_max or not route.prefix_hashes:
+            return None
+        most = (1.0 - HIT_SHARE) * uncached(route, _NOWHERE)  # the whole prompt: a worker the index lists nothing on
+        return lambda w: uncached(route, w) <= most
+
     def _room(self, model: str, views: Sequence[WorkerView], priority: str, route: RouteRequest) -> bool | None:
         """Whether `model` has a free slot after reservations for a request of `priority`; None when it has no
         ready worker (routing answers)."""
         return free_beyond(model, views, self.limits, self._reserved, self._unplaced.get(model, 0),
-                           **self._fit(priority), own_s=self._own(route))
+                           **self._fit(priority), own_s=self._own(route), cached=self._cached(route))
 
     def _pump(self, model: str) -> None:
         """Place queued requests on workers with room for the class at the head of the queue (strict
@@ -358,7 +369,7 @@ class Flow:
         """Whether a queued request fits `view`'s prefill backlog with its own prefill (`fits_backlog`)."""
         backlog = self._backlog_s(view.id)
         own = self._own
-        return lambda t: fits_backlog(backlog, (f(view) if (f := own(t.route)) else 0.0), cap)
+        return lambda t: fits_backlog(backlog, (f(view) if (f := own(t.route)) else None), cap)
 
     def _drain(self, model: str) -> float | None:
         views = [w for w in self._views() if w.state == READY and model in w.models]

@@ -410,7 +410,8 @@ def test_a_prompt_joins_a_worker_only_if_its_own_prefill_fits_the_backlog_target
     assert fits_backlog(0.3, 0.5, 1.0)
     assert fits_backlog(0.3, JOIN - 0.31, 1.0)
     assert not fits_backlog(0.3, JOIN - 0.29, 1.0)
-    assert not fits_backlog(1.0, 0.0, 1.0)  # the backlog alone is at the target
+    assert not fits_backlog(1.0, 0.2, 1.0)  # the backlog alone is at the target
+    assert not fits_backlog(1.0, None, 1.0)  # and what the request brings is not known
     assert fits_backlog(0.0, 3.0, 1.0) and fits_backlog(0.04, 3.0, 1.0)  # an empty worker takes a long prompt
     assert not fits_backlog(0.06, 3.0, 1.0)
     assert fits_backlog(5.0, 5.0, 0.0)  # no target
@@ -422,6 +423,35 @@ def test_a_prompt_joins_a_worker_only_if_its_own_prefill_fits_the_backlog_target
     assert got == {"b": 8, "c": 8}
     # without its own prefill (the class's room, not one request's), a stays open
     assert free_slots("m", ws, lim, backlog_s=backlog.__getitem__, backlog_max=1.0) == {"a": 8, "b": 8, "c": 8}
+
+
+def test_a_cache_hit_may_join_a_worker_over_the_backlog_target_within_join() -> None:
+    """Issue 14: a request whose prompt the worker holds (`cached`) may join a worker at or over its class's
+    target while the backlog with its own prefill stays within JOIN x the target (whether it waits there is
+    the policy's choice). A prompt that is short but not cached there, or whose own prefill is unknown, may
+    not: it waits in the queue with its class."""
+    assert fits_backlog(1.0, 0.0, 1.0, cached=True) and fits_backlog(1.2, 0.3, 1.0, cached=True)
+    assert not fits_backlog(1.0, 0.0, 1.0)  # as short, but not a cache hit there
+    assert not fits_backlog(1.2, 0.31, 1.0, cached=True)  # with it, past JOIN x the target
+    assert not fits_backlog(JOIN + 0.01, 0.0, 1.0, cached=True) and not fits_backlog(1.2, None, 1.0, cached=True)
+    lim = ConcurrencyLimits(fixed=8)
+    ws = [WorkerView(x, frozenset({"m"})) for x in "abcd"]
+    backlog = {"a": 1.3, "b": 1.1, "c": 0.0, "d": 1.2}
+    own = {"a": 0.1, "b": 0.9, "c": 0.9, "d": 0.01}  # a holds the prompt; b would prefill it all; d: short, cold
+    hit = {"a": True, "b": False, "c": False, "d": False}
+    got = free_slots("m", ws, lim, backlog_s=backlog.__getitem__, backlog_max=1.0, own_s=lambda w: own[w.id],
+                     cached=lambda w: hit[w.id])
+    assert got == {"a": 8, "c": 8}
+    assert free_beyond("m", ws, lim, None, 15, backlog_s=backlog.__getitem__, backlog_max=1.0,
+                       own_s=lambda w: own[w.id], cached=lambda w: hit[w.id])
+    # without the hit test, or for the class's room (no request's own prefill): the workers over it are full
+    assert free_slots("m", ws, lim, backlog_s=backlog.__getitem__, backlog_max=1.0, own_s=lambda w: own[w.id]) == {
+        "c": 8}
+    assert free_slots("m", ws, lim, backlog_s=backlog.__getitem__, backlog_max=1.0) == {"c": 8}
+    # a class below interactive fills (1 - reserve) of the target: 0.8 here, so a at 1.3 is past JOIN x 0.8
+    got = free_slots("m", ws, lim, share=0.8, backlog_s=backlog.__getitem__, backlog_max=1.0,
+                     own_s=lambda w: own[w.id], cached=lambda w: hit[w.id])
+    assert got == {"c": 6}
 
 
 def test_placement_passes_over_what_does_not_fit_and_a_due_head_holds_a_worker() -> None:

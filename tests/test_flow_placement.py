@@ -135,3 +135,42 @@ async def test_a_cold_worker_is_priced_at_the_prior() -> None:
     with pytest.raises(ProxyError):
         await waiting
     await flow.close()
+
+
+class HitPolicy(Policy):
+    """A policy whose prefix index lists the prompt on `holder`: 10 of its tokens are left to prefill there."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__()
+        self.holder = holder
+
+    def uncached_tokens(self, request: RouteRequest, worker: WorkerView) -> float:
+        return 10.0 if worker.id == self.holder and request.prefix_hashes else float(request.prompt_tokens or 0)
+
+
+async def test_a_cache_hit_is_admitted_to_its_holder_over_the_class_target() -> None:
+    """Issue 14: both workers are over the default class's 0.8 s target (0.9 s at the prior). A default
+    request whose prompt `a` holds (2 ms of prefill left there) is admitted at once, and `a` is its only
+    candidate (the policy then weighs the wait against the prefill it saves); the same prompt with no cached
+    prefix anywhere waits in the queue with its class (and once it does, newcomers of its class queue behind
+    it, hits included: the queue keeps its order)."""
+    policy = HitPolicy("a")
+    policy.backlog.update(a=4500.0, b=4500.0)
+    views = [WorkerView("a", frozenset({"m"})), WorkerView("b", frozenset({"m"}))]
+    flow = make_flow(policy, views)
+    hdr = {"X-Priority": "default", "X-Queue-Timeout": "5"}
+    # awaited here, not in a task: the admitted request's ticket is this context's, as in the relay
+    hit = await flow.admit(Request(hdr), Facts(prompt_tokens=1000, prefix_hashes=(1, 2, 3)))  # type: ignore[arg-type]
+    assert hit is not None and queued(flow) == 0
+    assert [w.id for w in flow.candidates(views, "m")] == ["a"]
+    cold = asyncio.create_task(flow.admit(Request(hdr), Facts(prompt_tokens=1000)))  # type: ignore[arg-type]
+    await eventually(lambda: queued(flow) == 1)
+    later = asyncio.create_task(flow.admit(Request(hdr),  # type: ignore[arg-type]
+                                           Facts(prompt_tokens=1000, prefix_hashes=(1, 2, 3))))
+    await eventually(lambda: queued(flow) == 2)
+    assert not cold.done() and not later.done()
+    flow.shutdown()
+    for t in (cold, later):
+        with pytest.raises(ProxyError):
+            await t
+    await flow.close()

@@ -15,6 +15,8 @@
 # api_servers on the one GPU (prefix caching on), measures the engine for the simulator's fit
 # (bench/gpu_calibrate.py), then `turbofleet bench compare --fleet-url x4` on the trace, multiround and
 # shared-prefix with every router in front of the same 4 servers.
+# PARTS may add `sim`: once the servers are stopped, the same multiround (SIM_MULTI times) and, with SIM_TR_ROUTERS,
+# the trace on 4 sim workers of SIM_PROFILE, on this machine's CPUs: sim against real in one call, one box.
 set -u
 T0=$(date +%s); ts() { echo; echo "=== [+$(( $(date +%s) - T0 ))s] $*"; }
 W=$PWD/.gpuwork
@@ -114,4 +116,20 @@ sleep 2
 cp $L/server-23333.log $R/ 2>/dev/null
 tar -czf $OUT/logs.tgz -C /tmp tf-logs 2>/dev/null
 save
+if has sim; then  # the calibrated sim on this machine's CPUs, same workloads, once the GPU servers are gone
+  SP="--workers 4 --model m1b --quiet --sim-args=--profile=${SIM_PROFILE:-turbomind-h200-1b5-x4gpu-words} --log-dir $L/sim"
+  for k in $(seq 1 ${SIM_MULTI:-2}); do
+    ts "sim multiround $k: ${SIM_PROFILE:-turbomind-h200-1b5-x4gpu-words}"
+    timeout $(lim ${MULTI_TO:-130}) $BC multiround $SP --users ${USERS:-24} --rounds ${ROUNDS:-4} --first-doc-tokens 2000 \
+      --answer-tokens 64 --think-time 1 --rate ${USER_RATE:-3} --routers ${SIM_MR_ROUTERS:-turbofleet:kv_aware} \
+      --json $R/sim-multi-$k.json --requests-out $R/req-sim-multi-$k.jsonl
+  done
+  if [ -n "${SIM_TR_ROUTERS:-}" ]; then
+    ts "sim trace: $SIM_TR_ROUTERS"
+    timeout $(lim ${TRACE_TO:-260}) $BC trace /tmp/mooncake_head.jsonl $SP --max-requests ${TRACE_N:-400} \
+      --time-scale ${TRACE_TS:-0.2} --token-scale ${TRACE_TOK:-0.1} --routers $SIM_TR_ROUTERS --json $R/sim-trace.json \
+      --requests-out $R/req-sim-trace.jsonl
+  fi
+  save
+fi
 ts "done"

@@ -37,7 +37,14 @@ from typing import Any
 from aiohttp import web
 
 from turbofleet.balancer.policy import READY, Decision, Policy, RouteRequest, WorkerView
-from turbofleet.balancer.saturation import HIT_SHARE, ConcurrencyLimits, fits_backlog, free_beyond, free_slots
+from turbofleet.balancer.saturation import (
+    HIT_SHARE,
+    JOIN,
+    ConcurrencyLimits,
+    fits_backlog,
+    free_beyond,
+    free_slots,
+)
 
 from .admission import (
     BUDGET_HEADER,
@@ -363,7 +370,41 @@ class Flow:
                 else:
                     del slots[wid]
             if not q or q.head_priority() == prio:
-                return  # the queue is empty, or its head's class has no room left
+                # the queue is empty, or its head's class has no room left but where a cache hit may join
+                self._place_hits(q, model, views, fit, cap)
+                return
+
+    def _place_hits(self, q: FairQueue, model: str, views: Sequence[WorkerView], fit: dict[str, Any],
+                    cap: float) -> None:
+        """Issue 14: a worker at or over the head class's backlog target (within JOIN x it) takes one queued
+        request that is a cache hit there (`fits_backlog`), as a request arriving now would, behind the head
+        (backfilling: it takes no room any other queued request could use now)."""
+        if not q or not cap or self._uncached is None:
+            return
+        for view in views:
+            if view.state != READY or model not in view.models:
+                continue
+            b = self._backlog_s(view.id)
+            if not cap <= b < cap * JOIN or not free_slots(model, [view], self.limits, self._reserved,
+                                                           share=fit["share"]):
+                continue
+            t = q.pick(None, self._hit_fits(view, b, cap), past_head=True)
+            if t is None or t.waiter is None or t.waiter.done():
+                continue
+            t.tokens = float(self._uncached(t.route, view))
+            self._admitted(t, view.id, queued=True)
+            t.waiter.set_result(None)
+            if not q:
+                return
+
+    def _hit_fits(self, view: WorkerView, backlog: float, cap: float) -> Callable[[Ticket], bool]:
+        """Whether a queued request is a cache hit on `view` that fits its backlog over the target."""
+        def fits(t: Ticket) -> bool:
+            hit = self._cached(t.route)
+            own = self._own(t.route)
+            return (hit is not None and own is not None and hit(view)
+                    and fits_backlog(backlog, own(view), cap, cached=True))
+        return fits
 
     def _fits(self, view: WorkerView, cap: float) -> Callable[[Ticket], bool]:
         """Whether a queued request fits `view`'s prefill backlog with its own prefill (`fits_backlog`)."""

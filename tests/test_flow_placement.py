@@ -152,8 +152,8 @@ async def test_a_cache_hit_is_admitted_to_its_holder_over_the_class_target() -> 
     """Issue 14: both workers are over the default class's 0.8 s target (0.9 s at the prior). A default
     request whose prompt `a` holds (2 ms of prefill left there) is admitted at once, and `a` is its only
     candidate (the policy then weighs the wait against the prefill it saves); the same prompt with no cached
-    prefix anywhere waits in the queue with its class (and once it does, newcomers of its class queue behind
-    it, hits included: the queue keeps its order)."""
+    prefix anywhere waits in the queue with its class. A hit that arrives behind it queues too (the queue
+    keeps its order for arrivals), and the queue then places it on `a`, behind the cold head, which waits."""
     policy = HitPolicy("a")
     policy.backlog.update(a=4500.0, b=4500.0)
     views = [WorkerView("a", frozenset({"m"})), WorkerView("b", frozenset({"m"}))]
@@ -167,10 +167,18 @@ async def test_a_cache_hit_is_admitted_to_its_holder_over_the_class_target() -> 
     await eventually(lambda: queued(flow) == 1)
     later = asyncio.create_task(flow.admit(Request(hdr),  # type: ignore[arg-type]
                                            Facts(prompt_tokens=1000, prefix_hashes=(1, 2, 3))))
+    placed = await asyncio.wait_for(later, 5)
+    assert placed is not None and placed.worker == "a" and placed.tokens == 10.0
+    assert queued(flow) == 1 and not cold.done()
+    policy.backlog["a"] = 6000.0  # 1.2 s: JOIN x the class's 0.8 s reached, a takes no hit either now
+    late = asyncio.create_task(flow.admit(Request(hdr),  # type: ignore[arg-type]
+                                          Facts(prompt_tokens=1000, prefix_hashes=(1, 2, 3))))
     await eventually(lambda: queued(flow) == 2)
-    assert not cold.done() and not later.done()
+    for _ in range(3):
+        flow._pump("m")
+    assert not late.done() and not cold.done()
     flow.shutdown()
-    for t in (cold, later):
+    for t in (cold, late):
         with pytest.raises(ProxyError):
             await t
     await flow.close()

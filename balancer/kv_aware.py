@@ -97,7 +97,11 @@ SHARED_CREDIT = 0.5
 #: what a token of prefill a request adds to a worker costs, in tokens of queue: this request waits for it,
 #: and so do the requests that reach the worker while it is computed. On the bench's workloads (simulated
 #: fleet) 1 loses a tenth of the Mooncake trace's reusable prefix to slightly shorter queues, 2-4 keep 94-98%
-#: of it, and no value between 1 and 4 changed TTFT or any other workload by more than noise
+#: of it, and no value between 1 and 4 changed TTFT or any other workload by more than noise. Servers time-sharing
+#: one GPU are another matter: there a prefill anywhere delays every server, and 200 (take every hit the load
+#: cap and admission's backlog target allow) cached more of the trace than SGLang's gateway on 4 TurboMind
+#: servers on one H200 at 0.76-0.84x its mean TTFT, while on separate simulated GPUs it cost 9-17 % mean TTFT
+#: (docs/GPU.md, "Stop 28")
 WORK_WEIGHT = 3.0
 #: members of one prefix group scored at most (a group is every worker holding that many blocks)
 GROUP_SCAN = 16

@@ -72,6 +72,9 @@ TICK_S = 0.02
 RECHECK_TICKS = 10
 #: weight of a new request's time in the mean time a request holds a slot
 SERVICE_LEARN = 0.05
+#: over-target workers offered a queued cache hit per pump at most (`_place_hits`), in turn across pumps: each
+#: offer looks at the placement window's requests, one prefix-index lookup each
+HIT_SCAN = 8
 #: a worker the prefix index lists nothing on: what a prompt costs where none of it is cached (`_cached`)
 _NOWHERE = WorkerView("", frozenset())
 
@@ -115,6 +118,7 @@ class Flow:
         self._uncached: Callable[[RouteRequest, WorkerView], float] | None = getattr(policy, "uncached_tokens", None)
         self.backlog_max = max(0.0, settings.prefill_backlog_max)
         self._queues: dict[str, FairQueue] = {}
+        self._hit_turn = 0  # where `_place_hits` starts looking next
         #: worker -> requests the queue placed there that the registry does not count yet
         self._reserved: dict[str, int] = {}
         #: worker -> their uncached prompt tokens (the policy's backlog counts them once they are routed)
@@ -379,15 +383,23 @@ class Flow:
         """Issue 14: a worker at or over the head class's backlog target (within JOIN x it) takes one queued
         request that is a cache hit there (`fits_backlog`), as a request arriving now would, behind the head
         (backfilling: it takes no room any other queued request could use now)."""
-        if not q or not cap or self._uncached is None:
+        if not q or not cap or self._uncached is None or not views:
             return
-        for view in views:
+        n = len(views)
+        start = self._hit_turn % n
+        self._hit_turn += 1
+        offered = 0
+        for k in range(n):
+            view = views[(start + k) % n]
             if view.state != READY or model not in view.models:
                 continue
             b = self._backlog_s(view.id)
             if not cap <= b < cap * JOIN or not free_slots(model, [view], self.limits, self._reserved,
                                                            share=fit["share"]):
                 continue
+            offered += 1
+            if offered > HIT_SCAN:  # bounded work per pump at overload, when every worker is over the target
+                return
             t = q.pick(None, self._hit_fits(view, b, cap), past_head=True)
             if t is None or t.waiter is None or t.waiter.done():
                 continue

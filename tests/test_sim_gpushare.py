@@ -166,6 +166,27 @@ async def test_a_long_step_speeds_up_when_the_other_worker_goes_idle(tmp_path: P
         other.close()
 
 
+async def test_a_prefill_steps_own_cost_stretches_by_its_own_table(tmp_path: Path, make_engine: MakeEngine) -> None:
+    """Issue 14, stop 28: a prefill step's own cost (prefill_ms_step) runs at the "step" table's factor, by
+    default the prefill table's; with a step table of 1.0 it costs the same whether the other worker is busy."""
+    base = dict(prefill_ms_per_token=0.0, prefill_ms_step=200.0, decode_ms_base=1.0, decode_ms_per_seq=0.0,
+                gpu_slowdown_prefill=(1.0, 3.0), gpu_slowdown_decode=(1.0, 1.0))
+    stretched = make_engine(EngineConfig(gpu_share=str(tmp_path / "g1"), **base))  # type: ignore[arg-type]
+    unshared = make_engine(EngineConfig(gpu_share=str(tmp_path / "g2"), gpu_slowdown_step=(1.0, 1.0),
+                                        **base))  # type: ignore[arg-type]
+    assert stretched.step_factors(2) == (3.0, 3.0, 1.0, 3.0) and unshared.step_factors(2) == (3.0, 3.0, 1.0, 1.0)
+    others = [GpuShare(str(tmp_path / "g1")), GpuShare(str(tmp_path / "g2"))]
+    try:
+        for o in others:
+            o.set_busy()
+        slow, fast = await asyncio.gather(_decode(stretched, 1, "s"), _decode(unshared, 1, "u"))
+        assert slow >= 0.55  # 200 ms x 3
+        assert 0.19 <= fast < 0.4  # 200 ms, whatever the other worker does
+    finally:
+        for o in others:
+            o.close()
+
+
 def _args(*argv: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -227,3 +248,29 @@ def test_fit_reads_the_slowdown_per_busy_count_from_request_lines() -> None:
     assert share["decode"] == [1.0, 2.0, 2.0]  # k = 3 never seen: the last factor carries on
     assert share["prefill"] == [1.0, 1.5, 1.5]
     assert share["samples"]["prefill"] == {"1": 6, "2": 12}
+
+
+def test_fit_leaves_an_unshared_step_out_of_the_ratios() -> None:
+    """--unshared-step: the step's own cost is taken off both the TTFT and the model before the ratio, and the
+    tables get a step table of 1.0."""
+    rt = {
+        "prefill_ms_step": 50.0,
+        "prefill_ms_per_token": 0.1,
+        "prefill_ms_per_token_ctx": 0.0,
+        "prefill_ms_per_cached_token": 0.0,
+        "decode_ms_base": 2.0,
+        "decode_ms_per_seq": 0.0,
+    }
+    alone = 50.0 + 0.1 * 1000 + 2.0
+    rows: list[dict[str, Any]] = []
+    t = 0.0
+    for _ in range(6):
+        rows.append(_req("r", t, alone + 64 * 2.0, alone, "w0"))
+        t += 10
+    for _ in range(6):  # both busy: the 102 ms of GPU work x2, the 50 ms step as it was
+        ttft = 50.0 + 2 * (alone - 50.0)
+        rows += [_req("r", t, ttft + 64 * 4.0, ttft, "w0"), _req("r", t, ttft + 64 * 4.0, ttft, "w1")]
+        t += 10
+    assert fit.gpu_share_from_requests(rows, rt, workers=2)["prefill"] == [1.0, 1.67]  # the whole TTFT: 254/152
+    share = fit.gpu_share_from_requests(rows, rt, workers=2, unshared_step=True)
+    assert share["prefill"] == [1.0, 2.0] and share["step"] == [1.0, 1.0]

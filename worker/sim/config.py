@@ -37,9 +37,10 @@ class EngineConfig:
     # sim workers time-sharing one GPU (issue 14, worker/sim/gpushare.py): the group (a name or a path) and
     # the factor each part of a step is stretched by with 1, 2, ... workers of the group busy at once
     gpu_share: str | None = None
-    gpu_slowdown_prefill: tuple[float, ...] = ()  # uncached tokens, their attention, a prefill step's own cost
+    gpu_slowdown_prefill: tuple[float, ...] = ()  # uncached tokens, their attention
     gpu_slowdown_cached: tuple[float, ...] = ()  # the cached-token cost of a hit
     gpu_slowdown_decode: tuple[float, ...] = ()  # decode_ms_base + decode_ms_per_seq * running
+    gpu_slowdown_step: tuple[float, ...] = ()  # a prefill step's own cost (prefill_ms_step); () = the prefill table
 
 
 @dataclass(frozen=True)

@@ -144,12 +144,13 @@ class Engine:
         self.share: GpuShare | None = GpuShare(cfg.gpu_share) if cfg.gpu_share else None
         if self.share is not None:
             log.info(
-                "sharing a GPU: %s slot %d, slowdown prefill %s cached %s decode %s",
+                "sharing a GPU: %s slot %d, slowdown prefill %s cached %s decode %s step %s",
                 self.share.path,
                 self.share.slot,
                 cfg.gpu_slowdown_prefill,
                 cfg.gpu_slowdown_cached or cfg.gpu_slowdown_prefill,
                 cfg.gpu_slowdown_decode,
+                cfg.gpu_slowdown_step or cfg.gpu_slowdown_prefill,
             )
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -307,19 +308,21 @@ class Engine:
                 longest = max(s.prompt_len - s.cached_tokens for s in admitted)
                 prefill_ms = longest * cfg.prefill_ms_per_token + (prefill - longest) * cfg.prefill_ms_per_token_batched
             cached_ms = 0.0
+            step_ms = 0.0
             if admitted and (cfg.prefill_ms_per_token_ctx or cfg.prefill_ms_step or cfg.prefill_ms_per_cached_token):
                 # a fitted profile (issue 14): attention over the context, a prefill step's own cost, cache hits
                 ctx = sum((s.prompt_len - s.cached_tokens) * s.prompt_len for s in admitted) / 1000.0
                 hit = sum(s.cached_tokens for s in admitted)
-                prefill_ms += cfg.prefill_ms_step + cfg.prefill_ms_per_token_ctx * ctx
+                prefill_ms += cfg.prefill_ms_per_token_ctx * ctx
+                step_ms = cfg.prefill_ms_step
                 cached_ms = cfg.prefill_ms_per_cached_token * hit
             scale = cfg.speed * self.slow_factor() / 1000.0
             if self.share is None:
-                deadline = start + (prefill_ms + cached_ms + decode_ms) * scale
+                deadline = start + (prefill_ms + step_ms + cached_ms + decode_ms) * scale
                 ended = await self._sleep_until(deadline)
             else:
                 deadline, ended = await self._shared_step(
-                    start, prefill_ms * scale, cached_ms * scale, decode_ms * scale
+                    start, prefill_ms * scale, cached_ms * scale, decode_ms * scale, step_ms * scale
                 )
             if not ended:  # every sequence of this step left: nothing to finish, start afresh
                 deadline = 0.0
@@ -338,17 +341,18 @@ class Engine:
                 await asyncio.wait_for(self._emptied.wait(), delay)
         return bool(self.running)
 
-    def step_factors(self, n_busy: int) -> tuple[float, float, float]:
-        """The (prefill, cached, decode) slowdowns with n_busy workers of the GPU group busy."""
+    def step_factors(self, n_busy: int) -> tuple[float, float, float, float]:
+        """The (prefill, cached, decode, prefill step) slowdowns with n_busy workers of the GPU group busy."""
         cfg = self.cfg
         return (
             slowdown(cfg.gpu_slowdown_prefill, n_busy),
             slowdown(cfg.gpu_slowdown_cached or cfg.gpu_slowdown_prefill, n_busy),
             slowdown(cfg.gpu_slowdown_decode, n_busy),
+            slowdown(cfg.gpu_slowdown_step or cfg.gpu_slowdown_prefill, n_busy),
         )
 
-    async def _shared_step(self, start: float, p: float, c: float, d: float) -> tuple[float, bool]:
-        """Run a step of p + c + d seconds (alone) on the shared GPU: every tick, count the busy workers and
+    async def _shared_step(self, start: float, p: float, c: float, d: float, s: float = 0.0) -> tuple[float, bool]:
+        """Run a step of p + c + d + s seconds (alone) on the shared GPU: every tick, count the busy workers and
         advance the step at that rate. Returns the step's end on the step clock and whether it ended."""
         share = self.share
         assert share is not None
@@ -356,8 +360,8 @@ class Engine:
         t = start
         left = 1.0  # the fraction of the step still to run
         while left > 1e-9:
-            fp, fc, fd = self.step_factors(share.n_busy())
-            need = left * (p * fp + c * fc + d * fd)  # seconds to finish at the current rate
+            fp, fc, fd, fs = self.step_factors(share.n_busy())
+            need = left * (p * fp + c * fc + d * fd + s * fs)  # seconds to finish at the current rate
             dt = min(need, SHARE_TICK_S)
             t += dt
             if not await self._sleep_until(t):

@@ -314,7 +314,7 @@ def _median(xs: list[float]) -> float:
 
 
 def gpu_share_from_requests(
-    rows: list[dict[str, Any]], rt: dict[str, float], workers: int, samples: int = 10
+    rows: list[dict[str, Any]], rt: dict[str, float], workers: int, samples: int = 10, unshared_step: bool = False
 ) -> dict[str, Any]:
     """Slowdown tables for `sim-worker --gpu-share` from per-request lines (bench --requests-out) of servers
     time-sharing one GPU, against the fitted model `rt` (the profile's fit.real_tokens, real tokens, ms).
@@ -329,7 +329,12 @@ def gpu_share_from_requests(
       mostly cached ones the cached table.
     Rows are grouped by their "router" (and "_run", which tells several files' runs apart). Each table is
     the median ratio per k, 1.0 for k = 1 (the calibration is the alone cost), never below 1
-    and never falling as k grows; a k with fewer than 5 requests takes the previous k's factor."""
+    and never falling as k grows; a k with fewer than 5 requests takes the previous k's factor.
+
+    `unshared_step`: a prefill step's own cost (prefill_ms_step) does not stretch with the GPU's other users
+    (the server's own work around the kernels): the prefill and cached ratios leave it out of both sides, and
+    the tables get a "step" table of 1.0. The calibration's conversation turns say so: a 2 k-token turn took
+    about as long with the other three servers decoding as alone, an 8 k one about twice as long."""
     by: dict[Any, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("status") == 200 and r.get("worker") and r.get("ttft_ms") is not None:
@@ -359,8 +364,9 @@ def gpu_share_from_requests(
                 continue  # queued behind a prefill on its own server
             p = float(r["prompt_tokens"])
             u = p - cached
+            step = rt["prefill_ms_step"] if unshared_step else 0.0
             model = (
-                rt["prefill_ms_step"]
+                rt["prefill_ms_step"] - step
                 + rt["prefill_ms_per_token"] * u
                 + rt["prefill_ms_per_token_ctx"] * u * p / 1000.0
                 + rt["prefill_ms_per_cached_token"] * cached
@@ -370,7 +376,7 @@ def gpu_share_from_requests(
             ts = [s0 + (first - s0) * (i + 0.5) / samples for i in range(samples)]
             k = round(sum(len(set(busy(t)) | {w}) for t in ts) / samples)
             part = "prefill" if u >= p / 2 else "cached"
-            ratios[part].setdefault(k, []).append(r["ttft_ms"] / model)
+            ratios[part].setdefault(k, []).append(max(r["ttft_ms"] - step, 0.0) / model)
     out: dict[str, Any] = {}
     for part, per_k in ratios.items():
         table = [1.0]
@@ -379,6 +385,8 @@ def gpu_share_from_requests(
             f = _median(xs) if len(xs) >= 5 else table[-1]
             table.append(round(max(table[-1], f), 2))
         out[part] = table
+    if unshared_step:
+        out["step"] = [1.0] * workers
     out["samples"] = {part: {str(k): len(v) for k, v in sorted(per_k.items())} for part, per_k in ratios.items()}
     return out
 
@@ -424,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         "turn on an idle GPU (conversation), or all; auto: conversation when measured, else full",
     )
     ap.add_argument("--gpu-share-workers", type=int, default=4, help="servers on the one GPU (4)")
+    ap.add_argument("--unshared-step", action="store_true",
+                    help="with --gpu-share-requests: a prefill step's own cost does not stretch with the GPU's other "
+                    "users (see gpu_share_from_requests)")
     ap.add_argument("--out", help="where to write (default worker/sim/profiles/NAME.json)")
     args = ap.parse_args(argv)
     calib = json.loads(Path(args.calib).read_text())
@@ -466,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             for line in Path(f).read_text().splitlines()
             if line
         ]
-        share = gpu_share_from_requests(rows, prof["fit"]["real_tokens"], args.gpu_share_workers)
+        share = gpu_share_from_requests(rows, prof["fit"]["real_tokens"], args.gpu_share_workers,
+                                        unshared_step=args.unshared_step)
         prof["fit"]["gpu_share_samples"] = share.pop("samples")
         prof["fit"]["gpu_share_requests"] = args.gpu_share_requests
         prof["gpu_share"] = share

@@ -101,6 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("prefill", "uncached prefill"),
         ("cached", "the cached-token cost (default: the prefill table)"),
         ("decode", "decode"),
+        ("step", "a prefill step's own cost (default: the prefill table)"),
     ):
         g.add_argument(
             f"--gpu-slowdown-{part}",
@@ -166,7 +167,7 @@ def _apply_profile(args: argparse.Namespace) -> None:
 
 def _gpu_share(
     args: argparse.Namespace,
-) -> tuple[str | None, tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+) -> tuple[str | None, tuple[float, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
     """The EngineConfig fields of the shared GPU: the group to join and its slowdown tables (issue 14)."""
     import os
 
@@ -191,14 +192,14 @@ def _gpu_share(
         group = None
     if group and not tables:
         raise SystemExit("--gpu-share: no slowdown tables (a profile with gpu_share, or --gpu-slowdown-*)")
-    return group, tables.get("prefill", ()), tables.get("cached", ()), tables.get("decode", ())
+    return group, tables.get("prefill", ()), tables.get("cached", ()), tables.get("decode", ()), tables.get("step", ())
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     from .config import EngineConfig, SimConfig
 
     _apply_profile(args)
-    group, slow_prefill, slow_cached, slow_decode = _gpu_share(args)
+    group, slow_prefill, slow_cached, slow_decode, slow_step = _gpu_share(args)
     engine = EngineConfig(
         max_batch=args.max_batch,
         prefill_ms_per_token=args.prefill_ms_per_token,
@@ -217,6 +218,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         gpu_slowdown_prefill=slow_prefill,
         gpu_slowdown_cached=slow_cached,
         gpu_slowdown_decode=slow_decode,
+        gpu_slowdown_step=slow_step,
     )
     return SimConfig(
         model=args.model,

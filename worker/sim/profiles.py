@@ -33,7 +33,7 @@ FIELDS = {
 
 
 #: a profile's optional "gpu_share" object: slowdown tables of workers time-sharing one GPU (--gpu-share)
-SHARE_PARTS = ("prefill", "cached", "decode")
+SHARE_PARTS = ("prefill", "cached", "decode", "step")
 
 
 def names() -> list[str]:

@@ -361,11 +361,8 @@ class Flow:
                     held = True
                     del slots[wid]
                     continue
-                if t.waiter is None or t.waiter.done():  # its client left, or its budget ran out, this very moment
+                if not self._place(t, view):
                     continue
-                t.tokens = float(self._uncached(t.route, view)) if self._uncached is not None else 0.0
-                self._admitted(t, wid, queued=True)
-                t.waiter.set_result(None)
                 total -= 1
                 # the worker's room after this one: its count, and its backlog with this request's tokens
                 left = free_slots(model, [view], self.limits, self._reserved, **fit).get(wid, 0)
@@ -401,13 +398,18 @@ class Flow:
             if offered > HIT_SCAN:  # bounded work per pump at overload, when every worker is over the target
                 return
             t = q.pick(None, self._hit_fits(view, b, cap), past_head=True)
-            if t is None or t.waiter is None or t.waiter.done():
-                continue
-            t.tokens = float(self._uncached(t.route, view))
-            self._admitted(t, view.id, queued=True)
-            t.waiter.set_result(None)
-            if not q:
+            if t is not None and self._place(t, view) and not q:
                 return
+
+    def _place(self, t: Ticket, view: WorkerView) -> bool:
+        """Admit a queued ticket the queue picked for `view`; False when its client left, or its budget ran
+        out, this very moment."""
+        if t.waiter is None or t.waiter.done():
+            return False
+        t.tokens = float(self._uncached(t.route, view)) if self._uncached is not None else 0.0
+        self._admitted(t, view.id, queued=True)
+        t.waiter.set_result(None)
+        return True
 
     def _hit_fits(self, view: WorkerView, backlog: float, cap: float) -> Callable[[Ticket], bool]:
         """Whether a queued request is a cache hit on `view` that fits its backlog over the target."""

@@ -274,3 +274,32 @@ def test_fit_leaves_an_unshared_step_out_of_the_ratios() -> None:
     assert fit.gpu_share_from_requests(rows, rt, workers=2)["prefill"] == [1.0, 1.67]  # the whole TTFT: 254/152
     share = fit.gpu_share_from_requests(rows, rt, workers=2, unshared_step=True)
     assert share["prefill"] == [1.0, 2.0] and share["step"] == [1.0, 1.0]
+
+
+def test_fit_leaves_time_that_is_not_the_gpus_out_of_the_ratios() -> None:
+    """--ttft-offset (stop 29): requests alone took 20 ms beyond the model (a proxy and HTTP, say) and that time
+    did not stretch when both servers were busy; the ratio of what did stretch is 2, not the whole TTFT's."""
+    rt = {
+        "prefill_ms_step": 0.0,
+        "prefill_ms_per_token": 0.1,
+        "prefill_ms_per_token_ctx": 0.0,
+        "prefill_ms_per_cached_token": 0.0,
+        "decode_ms_base": 2.0,
+        "decode_ms_per_seq": 0.0,
+    }
+    model = 0.1 * 1000 + 2.0
+    rows: list[dict[str, Any]] = []
+    t = 0.0
+    for _ in range(6):
+        rows.append(_req("r", t, 20.0 + model + 64 * 2.0, 20.0 + model, "w0"))
+        t += 10
+    for _ in range(6):  # both busy: the GPU's 102 ms x2, the 20 ms beside it as it was
+        ttft = 20.0 + 2 * model
+        rows += [_req("r", t, ttft + 64 * 4.0, ttft, "w0"), _req("r", t, ttft + 64 * 4.0, ttft, "w1")]
+        t += 10
+    assert fit.gpu_share_from_requests(rows, rt, workers=2)["prefill"] == [1.0, 2.2]  # 224 / 102
+    share = fit.gpu_share_from_requests(rows, rt, workers=2, ttft_offset=True)
+    assert share["prefill"] == [1.0, 2.0] and share["offset_ms"]["prefill"] == 20.0
+    assert share["decode"] == [1.0, 2.0]  # an inter-token interval holds no such time: untouched
+    few = fit.gpu_share_from_requests(rows[2:], rt, workers=2, ttft_offset=True)  # 4 alone: too few to tell
+    assert few["offset_ms"]["prefill"] == 0.0 and few["prefill"] == [1.0, 2.2]

@@ -30,6 +30,9 @@ class EngineConfig:
     prefill_ms_step: float = 0.0
     # a cache hit is not free on TurboMind: each cached prompt token of an admitted prompt costs this many ms
     prefill_ms_per_cached_token: float = 0.0
+    # or a curve of the hit's cached tokens (worker/sim/hitcost.py): ((tokens, ms), ...) knots through (0, 0);
+    # when given, it replaces prefill_ms_per_cached_token
+    prefill_cached_ms_curve: tuple[tuple[float, float], ...] = ()
     # batched prefill (TurboMind runs several prompts of one step far cheaper than one after another): the
     # uncached tokens of a step's prompts other than its longest cost this many ms each; < 0: the same as
     # prefill_ms_per_token

@@ -35,6 +35,7 @@ from typing import Any
 from .cache import PrefixCache, block_hashes
 from .config import EngineConfig
 from .gpushare import GpuShare, slowdown
+from .hitcost import curve_ms
 from .stats import REASON_CANCEL, REASON_FINISH, SimStats
 from .tokens import VOCAB
 
@@ -309,13 +310,18 @@ class Engine:
                 prefill_ms = longest * cfg.prefill_ms_per_token + (prefill - longest) * cfg.prefill_ms_per_token_batched
             cached_ms = 0.0
             step_ms = 0.0
-            if admitted and (cfg.prefill_ms_per_token_ctx or cfg.prefill_ms_step or cfg.prefill_ms_per_cached_token):
+            curve = cfg.prefill_cached_ms_curve
+            if admitted and (
+                cfg.prefill_ms_per_token_ctx or cfg.prefill_ms_step or cfg.prefill_ms_per_cached_token or curve
+            ):
                 # a fitted profile (issue 14): attention over the context, a prefill step's own cost, cache hits
                 ctx = sum((s.prompt_len - s.cached_tokens) * s.prompt_len for s in admitted) / 1000.0
-                hit = sum(s.cached_tokens for s in admitted)
                 prefill_ms += cfg.prefill_ms_per_token_ctx * ctx
                 step_ms = cfg.prefill_ms_step
-                cached_ms = cfg.prefill_ms_per_cached_token * hit
+                if curve:
+                    cached_ms = sum(curve_ms(curve, s.cached_tokens) for s in admitted)
+                else:
+                    cached_ms = cfg.prefill_ms_per_cached_token * sum(s.cached_tokens for s in admitted)
             scale = cfg.speed * self.slow_factor() / 1000.0
             if self.share is None:
                 deadline = start + (prefill_ms + step_ms + cached_ms + decode_ms) * scale

@@ -20,7 +20,8 @@ Fitted by least squares:
   token (TurboMind's hits are not free: a 16k-token full hit took 37 % of a cold prefill on the H200). From
   `--hit-cost`: `full` (the same prompt again), `conversation` (a chat's next turn on an idle GPU, the
   calibration's "conversation" rows), `both` (all of them); default: conversation when the calibration has
-  those rows, else full;
+  those rows, else full. With `--hit-curve`, a curve of the cached tokens instead of one slope: the median of
+  each measured size, never falling (prefill_cached_ms_curve, worker/sim/hitcost.py);
 - max_batch: from the max-batch probe (the largest jump in the sorted TTFTs of more streams than the engine
   runs), or --max-batch (the engine's setting, e.g. TurboMind's max_batch_size from its log).
 
@@ -32,7 +33,9 @@ same workload's per-request lines on the real fleet and on the sim (mean prompt 
 Two optional terms (issue 14): `--batched-prefill` fits prefill_ms_per_token_batched (the prompts of a step
 other than its longest cost that per token) from the calibration's several-prompts-at-once rows;
 `--gpu-share-requests REQ.jsonl` (per-request lines of the real servers time-sharing one GPU) fits the
-profile's "gpu_share" slowdown tables for `sim-worker --gpu-share` (gpu_share_from_requests below).
+profile's "gpu_share" slowdown tables for `sim-worker --gpu-share` (gpu_share_from_requests below);
+`--unshared-step` and `--ttft-offset` leave out of those ratios what does not stretch with the GPU's other
+users (a prefill step's own cost; the time a TTFT spends off the GPU).
 
 The fit's checks (printed, and stored in the profile): each measurement against what the fitted model
 predicts for it, including the cache-hit and prefill-during-decode measurements, which the fit did not use.
@@ -47,7 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import profiles
+from . import hitcost, profiles
 
 
 def lstsq(xs: list[list[float]], ys: list[float]) -> list[float]:
@@ -128,6 +131,7 @@ def fit(
     block_size: int,
     max_prefill_tokens: int,
     hit_cost: str = "auto",
+    hit_curve: bool = False,
 ) -> dict[str, Any]:
     base, per = fit_decode(calib["decode"])
     step_ms, a, b = fit_prefill(calib["prefill"], base + per)
@@ -135,14 +139,16 @@ def fit(
     mb = max_batch or probe_batch or 256
 
     # a cache hit's cost: what the hits took beyond the model's TTFT of their uncached tokens, per cached
-    # token (a least-squares slope through 0); (prompt, cached, TTFT ms) per hit
+    # token (a least-squares slope through 0), or with `hit_curve` a curve of its cached tokens (the median
+    # of each measured size, worker/sim/hitcost.py); ((kind, size), prompt, cached, TTFT ms) per hit
     full = [
-        (x["full"]["prompt_tokens"], x["full"]["cached_tokens"], 1000.0 * x["full"]["ttft"])
-        for x in calib.get("hits") or []
-        if x["full"].get("ttft") and x["full"].get("cached_tokens") and x["full"].get("prompt_tokens")
+        (("full", h["n"]), x["prompt_tokens"], x["cached_tokens"], 1000.0 * x["ttft"])
+        for h in calib.get("hits") or []
+        for x in (h["full"],)
+        if x.get("ttft") and x.get("cached_tokens") and x.get("prompt_tokens")
     ]
     turns = [
-        (x["prompt_tokens"], x["cached_tokens"], 1000.0 * x["ttft"])
+        (("conversation", x["n"]), x["prompt_tokens"], x["cached_tokens"], 1000.0 * x["ttft"])
         for x in calib.get("conversation") or []
         if not x.get("busy") and x.get("ttft") and x.get("cached_tokens") and x.get("prompt_tokens")
     ]
@@ -154,12 +160,23 @@ def fit(
         return step_ms + a * u + b * u * p / 1000.0 + base + per * (running + 1)
 
     hit_ms = 0.0
+    curve: hitcost.Curve = ()
     if pts:
-        extra = [(c, y - uncached_ms(max(p - c, 1), p)) for p, c, y in pts]
-        hit_ms = max(0.0, sum(c * y for c, y in extra) / sum(c * c for c, _ in extra))
+        extra = [(n, c, y - uncached_ms(max(p - c, 1), p)) for n, p, c, y in pts]
+        hit_ms = max(0.0, sum(c * y for _, c, y in extra) / sum(c * c for _, c, _ in extra))
+        if hit_curve:
+            sizes: dict[tuple[str, int], list[tuple[float, float]]] = {}
+            for n, c, y in extra:
+                sizes.setdefault(n, []).append((c, y))
+            curve = hitcost.fit_curve(
+                [(_median([c for c, _ in v]), _median([y for _, y in v])) for v in sizes.values()]
+            )
+
+    def hit_cost_ms(cached: float) -> float:  # real tokens
+        return hitcost.curve_ms(curve, cached) if curve else hit_ms * cached
 
     def ttft_model(u: float, p: float, running: int = 0) -> float:  # real tokens, ms
-        return uncached_ms(u, p, running) + hit_ms * (p - u)
+        return uncached_ms(u, p, running) + hit_cost_ms(p - u)
 
     def hit_check(x: dict[str, Any]) -> dict[str, Any]:
         """A measured hit (or cold prompt) against the model: its cached tokens, real and model TTFT."""
@@ -220,7 +237,7 @@ def fit(
                 }
             )
     r = token_scale
-    engine = {
+    engine: dict[str, Any] = {
         "max_batch": int(mb),
         "prefill_ms_per_token": round(a * r, 6),
         "prefill_ms_per_token_ctx": round(b * r * r, 8),
@@ -232,6 +249,8 @@ def fit(
         "block_size": block_size,
         "cache_blocks": max(1, round(cache_tokens / r / block_size)),
     }
+    if curve:
+        engine["prefill_cached_ms_curve"] = [[round(t / r, 1), m] for t, m in curve]
     return {
         "engine": engine,
         "fit": {
@@ -240,6 +259,7 @@ def fit(
                 "prefill_ms_per_token_ctx": b,
                 "prefill_ms_step": step_ms,
                 "prefill_ms_per_cached_token": hit_ms,
+                **({"prefill_cached_ms_curve": [list(k) for k in curve]} if curve else {}),
                 "hit_cost_from": hit_cost,
                 "decode_ms_base": base,
                 "decode_ms_per_seq": per,
@@ -314,7 +334,12 @@ def _median(xs: list[float]) -> float:
 
 
 def gpu_share_from_requests(
-    rows: list[dict[str, Any]], rt: dict[str, float], workers: int, samples: int = 10, unshared_step: bool = False
+    rows: list[dict[str, Any]],
+    rt: dict[str, Any],
+    workers: int,
+    samples: int = 10,
+    unshared_step: bool = False,
+    ttft_offset: bool = False,
 ) -> dict[str, Any]:
     """Slowdown tables for `sim-worker --gpu-share` from per-request lines (bench --requests-out) of servers
     time-sharing one GPU, against the fitted model `rt` (the profile's fit.real_tokens, real tokens, ms).
@@ -334,12 +359,21 @@ def gpu_share_from_requests(
     `unshared_step`: a prefill step's own cost (prefill_ms_step) does not stretch with the GPU's other users
     (the server's own work around the kernels): the prefill and cached ratios leave it out of both sides, and
     the tables get a "step" table of 1.0. The calibration's conversation turns say so: a 2 k-token turn took
-    about as long with the other three servers decoding as alone, an 8 k one about twice as long."""
+    about as long with the other three servers decoding as alone, an 8 k one about twice as long.
+
+    `ttft_offset`: a TTFT holds time that is not the GPU's (the proxy, HTTP, the tokenizer), which sharing does
+    not stretch and the model does not hold. Per part, the median of what the requests alone on the GPU (k = 1,
+    at least 5 of them) took beyond the model is left out of every ratio of that part (never below 0). The sim
+    pays its own such time as it runs. Without it, that time is stretched with the rest: stop 29 found the
+    -step profile's multiround hits with all four servers busy 1.12-1.29x what six real runs took, alone
+    1.00x."""
     by: dict[Any, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("status") == 200 and r.get("worker") and r.get("ttft_ms") is not None:
             by.setdefault((r.get("_run"), r.get("router")), []).append(r)
     ratios: dict[str, dict[int, list[float]]] = {"prefill": {}, "cached": {}, "decode": {}}
+    ttfts: dict[str, dict[int, list[tuple[float, float]]]] = {"prefill": {}, "cached": {}}  # (TTFT, model) ms
+    curve = hitcost.check_curve(rt["prefill_cached_ms_curve"]) if rt.get("prefill_cached_ms_curve") else ()
     for rs in by.values():
         iv = [(r["start_s"], r["start_s"] + r["e2e_ms"] / 1000.0, r["worker"], r) for r in rs]
 
@@ -365,18 +399,26 @@ def gpu_share_from_requests(
             p = float(r["prompt_tokens"])
             u = p - cached
             step = rt["prefill_ms_step"] if unshared_step else 0.0
+            hit = hitcost.curve_ms(curve, cached) if curve else rt["prefill_ms_per_cached_token"] * cached
             model = (
                 rt["prefill_ms_step"] - step
                 + rt["prefill_ms_per_token"] * u
                 + rt["prefill_ms_per_token_ctx"] * u * p / 1000.0
-                + rt["prefill_ms_per_cached_token"] * cached
+                + hit
                 + rt["decode_ms_base"]
                 + rt["decode_ms_per_seq"]
             )
             ts = [s0 + (first - s0) * (i + 0.5) / samples for i in range(samples)]
             k = round(sum(len(set(busy(t)) | {w}) for t in ts) / samples)
             part = "prefill" if u >= p / 2 else "cached"
-            ratios[part].setdefault(k, []).append(max(r["ttft_ms"] - step, 0.0) / model)
+            ttfts[part].setdefault(k, []).append((r["ttft_ms"] - step, model))
+    offsets: dict[str, float] = {}
+    for part, by_k in ttfts.items():
+        alone = by_k.get(1, [])
+        off = max(0.0, _median([y - m for y, m in alone])) if ttft_offset and len(alone) >= 5 else 0.0
+        offsets[part] = round(off, 3)
+        for k, ys in by_k.items():
+            ratios[part][k] = [max(y - off, 0.0) / m for y, m in ys]
     out: dict[str, Any] = {}
     for part, per_k in ratios.items():
         table = [1.0]
@@ -387,6 +429,8 @@ def gpu_share_from_requests(
         out[part] = table
     if unshared_step:
         out["step"] = [1.0] * workers
+    if ttft_offset:
+        out["offset_ms"] = offsets
     out["samples"] = {part: {str(k): len(v) for k, v in sorted(per_k.items())} for part, per_k in ratios.items()}
     return out
 
@@ -431,10 +475,19 @@ def main(argv: list[str] | None = None) -> int:
         help="which calibration hits set the cost of a cached token: the same prompt again (full), a chat's next "
         "turn on an idle GPU (conversation), or all; auto: conversation when measured, else full",
     )
+    ap.add_argument(
+        "--hit-curve",
+        action="store_true",
+        help="fit a hit's cost as a curve of its cached tokens (the median of each measured size, never falling; "
+        "prefill_cached_ms_curve) instead of one slope through 0",
+    )
     ap.add_argument("--gpu-share-workers", type=int, default=4, help="servers on the one GPU (4)")
     ap.add_argument("--unshared-step", action="store_true",
                     help="with --gpu-share-requests: a prefill step's own cost does not stretch with the GPU's other "
                     "users (see gpu_share_from_requests)")
+    ap.add_argument("--ttft-offset", action="store_true",
+                    help="with --gpu-share-requests: leave what requests alone on the GPU took beyond the model (time "
+                    "not the GPU's) out of the prefill and cached ratios (see gpu_share_from_requests)")
     ap.add_argument("--out", help="where to write (default worker/sim/profiles/NAME.json)")
     args = ap.parse_args(argv)
     calib = json.loads(Path(args.calib).read_text())
@@ -452,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         block_size=args.block_size,
         max_prefill_tokens=args.max_prefill_tokens,
         hit_cost=args.hit_cost,
+        hit_curve=args.hit_curve,
     )
     prof = {
         "name": args.name,
@@ -463,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("prefill_ms_per_token", "prefill_ms_per_token_ctx", "prefill_ms_step", "prefill_ms_per_cached_token",
                   "decode_ms_base", "decode_ms_per_seq"):
             prof["engine"][k] = round(prof["engine"][k] * args.slowdown, 8)
+        if "prefill_cached_ms_curve" in prof["engine"]:
+            prof["engine"]["prefill_cached_ms_curve"] = [
+                [t, round(m * args.slowdown, 3)] for t, m in prof["engine"]["prefill_cached_ms_curve"]
+            ]
         prof["fit"]["slowdown_applied"] = args.slowdown
     if args.batched_prefill:
         rt = prof["fit"]["real_tokens"]
@@ -478,8 +536,10 @@ def main(argv: list[str] | None = None) -> int:
             if line
         ]
         share = gpu_share_from_requests(rows, prof["fit"]["real_tokens"], args.gpu_share_workers,
-                                        unshared_step=args.unshared_step)
+                                        unshared_step=args.unshared_step, ttft_offset=args.ttft_offset)
         prof["fit"]["gpu_share_samples"] = share.pop("samples")
+        if "offset_ms" in share:
+            prof["fit"]["gpu_share_ttft_offset_ms"] = share.pop("offset_ms")
         prof["fit"]["gpu_share_requests"] = args.gpu_share_requests
         prof["gpu_share"] = share
     out = Path(args.out) if args.out else profiles.DIR / f"{args.name}.json"

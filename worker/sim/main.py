@@ -89,6 +89,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="ms per cached prompt token of an admitted prompt (a hit is not free on TurboMind; default 0)",
     )
     g.add_argument(
+        "--prefill-cached-ms-curve",
+        default="",
+        metavar="TOKENS:MS,...",
+        help="a hit's cost as a curve of its cached tokens instead: knots through (0, 0), past the last at its "
+        "ms per token (worker/sim/hitcost.py; default none)",
+    )
+    g.add_argument(
         "--gpu-share",
         default=None,
         metavar="NAME_OR_PATH",
@@ -149,7 +156,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _apply_profile(args: argparse.Namespace) -> None:
     """--profile: the profile's values replace the flags still at their defaults (issue 14)."""
-    from . import profiles
+    from . import hitcost, profiles
 
     if not getattr(args, "profile", None):
         return
@@ -161,6 +168,8 @@ def _apply_profile(args: argparse.Namespace) -> None:
     add_arguments(parser)
     for key, value in data["engine"].items():
         dest = profiles.FIELDS[key]
+        if key == "prefill_cached_ms_curve":
+            value = hitcost.format_curve(hitcost.check_curve(value))
         if getattr(args, dest) == parser.get_default(dest):
             setattr(args, dest, type(parser.get_default(dest))(value))
 
@@ -197,9 +206,14 @@ def _gpu_share(
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     from .config import EngineConfig, SimConfig
+    from .hitcost import parse_curve
 
     _apply_profile(args)
     group, slow_prefill, slow_cached, slow_decode, slow_step = _gpu_share(args)
+    try:
+        curve = parse_curve(args.prefill_cached_ms_curve) if args.prefill_cached_ms_curve else ()
+    except ValueError as e:
+        raise SystemExit(f"--prefill-cached-ms-curve: {e}") from None
     engine = EngineConfig(
         max_batch=args.max_batch,
         prefill_ms_per_token=args.prefill_ms_per_token,
@@ -213,6 +227,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         prefill_ms_per_token_ctx=args.prefill_ms_per_token_ctx,
         prefill_ms_step=args.prefill_ms_step,
         prefill_ms_per_cached_token=args.prefill_ms_per_cached_token,
+        prefill_cached_ms_curve=curve,
         prefill_ms_per_token_batched=args.prefill_ms_per_token_batched,
         gpu_share=group,
         gpu_slowdown_prefill=slow_prefill,

@@ -29,6 +29,7 @@ FIELDS = {
     "prefill_ms_step": "prefill_ms_step",
     "prefill_ms_per_cached_token": "prefill_ms_per_cached_token",
     "prefill_ms_per_token_batched": "prefill_ms_per_token_batched",
+    "prefill_cached_ms_curve": "prefill_cached_ms_curve",  # [[tokens, ms], ...] in the profile, TOKENS:MS,... as a flag
 }
 
 
@@ -55,6 +56,14 @@ def load(name: str) -> dict[str, Any]:
     engine = data.get("engine")
     if not isinstance(engine, dict) or not set(engine) <= set(FIELDS):
         raise ValueError(f"profile {p}: 'engine' must be an object with keys among {', '.join(FIELDS)}")
+    curve = engine.get("prefill_cached_ms_curve")
+    if curve is not None:
+        from .hitcost import check_curve
+
+        try:
+            check_curve(curve)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"profile {p}: 'prefill_cached_ms_curve' must be [[tokens, ms], ...]: {e}") from None
     share = data.get("gpu_share")
     if share is not None and not (
         isinstance(share, dict)

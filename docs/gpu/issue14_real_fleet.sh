@@ -117,9 +117,9 @@ cp $L/server-23333.log $R/ 2>/dev/null
 tar -czf $OUT/logs.tgz -C /tmp tf-logs 2>/dev/null
 save
 if has sim; then  # the calibrated sim on this machine's CPUs, same workloads, once the GPU servers are gone
-  SP="--workers 4 --model m1b --quiet --sim-args=--profile=${SIM_PROFILE:-turbomind-h200-1b5-x4gpu-words} --log-dir $L/sim"
+  SP="--workers 4 --model m1b --quiet --sim-args=--profile=${SIM_PROFILE:-turbomind-h200-1b5-x4gpu-words-curve} --log-dir $L/sim"
   for k in $(seq 1 ${SIM_MULTI:-2}); do
-    ts "sim multiround $k: ${SIM_PROFILE:-turbomind-h200-1b5-x4gpu-words}"
+    ts "sim multiround $k: ${SIM_PROFILE:-turbomind-h200-1b5-x4gpu-words-curve}"
     timeout $(lim ${MULTI_TO:-130}) $BC multiround $SP --users ${USERS:-24} --rounds ${ROUNDS:-4} --first-doc-tokens 2000 \
       --answer-tokens 64 --think-time 1 --rate ${USER_RATE:-3} --routers ${SIM_MR_ROUTERS:-turbofleet:kv_aware} \
       --json $R/sim-multi-$k.json --requests-out $R/req-sim-multi-$k.jsonl

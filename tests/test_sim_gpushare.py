@@ -225,15 +225,20 @@ def _req(router: str, start: float, e2e: float, ttft: float, worker: str, **kw: 
     }
 
 
-def test_fit_reads_the_slowdown_per_busy_count_from_request_lines() -> None:
-    rt = {
-        "prefill_ms_step": 0.0,
+def _rt(step: float = 0.0) -> dict[str, float]:
+    """A fitted model (real tokens, ms): 0.1 ms a prompt token, 2 ms a decode step, the step cost as given."""
+    return {
+        "prefill_ms_step": step,
         "prefill_ms_per_token": 0.1,
         "prefill_ms_per_token_ctx": 0.0,
         "prefill_ms_per_cached_token": 0.0,
         "decode_ms_base": 2.0,
         "decode_ms_per_seq": 0.0,
     }
+
+
+def test_fit_reads_the_slowdown_per_busy_count_from_request_lines() -> None:
+    rt = _rt()
     alone_ttft = 0.1 * 1000 + 2.0  # ms, the model's TTFT of a 1000-token cold prompt
     rows: list[dict[str, Any]] = []
     t = 0.0
@@ -253,14 +258,7 @@ def test_fit_reads_the_slowdown_per_busy_count_from_request_lines() -> None:
 def test_fit_leaves_an_unshared_step_out_of_the_ratios() -> None:
     """--unshared-step: the step's own cost is taken off both the TTFT and the model before the ratio, and the
     tables get a step table of 1.0."""
-    rt = {
-        "prefill_ms_step": 50.0,
-        "prefill_ms_per_token": 0.1,
-        "prefill_ms_per_token_ctx": 0.0,
-        "prefill_ms_per_cached_token": 0.0,
-        "decode_ms_base": 2.0,
-        "decode_ms_per_seq": 0.0,
-    }
+    rt = _rt(step=50.0)
     alone = 50.0 + 0.1 * 1000 + 2.0
     rows: list[dict[str, Any]] = []
     t = 0.0
@@ -279,14 +277,7 @@ def test_fit_leaves_an_unshared_step_out_of_the_ratios() -> None:
 def test_fit_leaves_time_that_is_not_the_gpus_out_of_the_ratios() -> None:
     """--ttft-offset (stop 29): requests alone took 20 ms beyond the model (a proxy and HTTP, say) and that time
     did not stretch when both servers were busy; the ratio of what did stretch is 2, not the whole TTFT's."""
-    rt = {
-        "prefill_ms_step": 0.0,
-        "prefill_ms_per_token": 0.1,
-        "prefill_ms_per_token_ctx": 0.0,
-        "prefill_ms_per_cached_token": 0.0,
-        "decode_ms_base": 2.0,
-        "decode_ms_per_seq": 0.0,
-    }
+    rt = _rt()
     model = 0.1 * 1000 + 2.0
     rows: list[dict[str, Any]] = []
     t = 0.0
